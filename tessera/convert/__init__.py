@@ -1,0 +1,1 @@
+"""tessera.convert: checkpoint interop with Hugging Face transformers and Meta Chameleon formats."""
