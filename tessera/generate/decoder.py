@@ -1,0 +1,270 @@
+"""KV-cached incremental decoding over a megatron-core ``GPTModel`` (single process, TP=1, PP=1).
+
+Megatron's full forward recomputes the whole prefix every call, so generation runs through this lean
+path instead. It reuses the GPTModel's own parameters and norm modules, never a second copy of the
+architecture's maths written from a paper:
+
+* token embedding ``embedding.word_embeddings.weight``,
+* per layer: ``input_layernorm``, ``self_attention.linear_qkv`` (megatron's grouped
+  ``[q_g..., k_g, v_g]`` layout), ``q_layernorm`` / ``k_layernorm`` (whatever module the layer spec
+  plugged in: Chameleon's per-head LayerNorm, megatron's shared one, or none), RoPE with the
+  model's own ``rotary_pos_emb`` frequencies, ``linear_proj``, ``pre_mlp_layernorm``, ``mlp``
+  (SwiGLU: ``linear_fc1`` = [gate; up]), and the Swin-style norm placement when the model uses it,
+* ``decoder.final_layernorm`` and ``output_layer``.
+
+The cache is one preallocated tensor ``[layers, 2, batch, kv_heads, max_len, head_dim]``. Prompts are
+LEFT-padded so every row writes the same cache column at every step; each row has its own rotary
+position (``column - pad``) and padded keys are masked out of attention.
+
+Numerics: with ``dtype=float32`` the logits equal the GPTModel full forward to fp32 rounding (tested).
+``bfloat16`` is the fast path on CPUs with AMX/AVX512-bf16 and on GPUs; norms and softmax still run in
+float32 inside torch's kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DecoderError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Layer:
+    ln_attn: nn.Module | None  # applied to the branch input (pre-norm)
+    post_attn: nn.Module | None  # applied to the branch output (Swin-style norm, Chameleon-34B)
+    qkv: torch.Tensor  # [ng * (np/ng + 2) * hd, hidden]
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    proj: torch.Tensor  # [hidden, np * hd]
+    ln_mlp: nn.Module | None
+    post_mlp: nn.Module | None
+    fc1: torch.Tensor  # [2 * ffn, hidden] ([gate; up]) or [ffn, hidden]
+    fc2: torch.Tensor  # [hidden, ffn]
+
+
+def _is_identity(module: nn.Module | None) -> bool:
+    return module is None or type(module).__name__ in ("IdentityOp", "IdentityFuncOp", "Identity")
+
+
+def _cast_module(module: nn.Module | None, dtype: torch.dtype, device: torch.device) -> nn.Module | None:
+    """A private copy of a (small) norm module in the decoding dtype; the model is left untouched."""
+    if _is_identity(module):
+        return None
+    return copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+
+
+def _weight(linear: nn.Module, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    w = getattr(linear, "weight", None)
+    if w is None:
+        raise DecoderError(f"{name}: expected a linear layer with .weight, got {type(linear).__name__}")
+    if getattr(linear, "bias", None) is not None and linear.bias.numel():
+        raise DecoderError(f"{name}: linear biases are not supported (Chameleon uses none)")
+    # Shares storage with the model when dtype/device already match (no copy in fp32).
+    return w.detach().to(device=device, dtype=dtype)
+
+
+class KVCacheDecoder:
+    """Prefill once, then one token per step, for a batch of left-padded sequences.
+
+    Each branch is ``x + post(f(pre(x)))`` with whichever of the layer's norms exist: pre-norm layers
+    have ``input_layernorm`` / ``pre_mlp_layernorm``; Swin-norm layers (Chameleon-34B,
+    ``h = x + norm(attn(x)); out = h + norm(mlp(h))``) have ``post_self_attn_layernorm`` /
+    ``post_mlp_layernorm``, or, with ``swin_norm=True``, the usual two norms moved to the outputs.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        swin_norm: bool | None = None,
+    ) -> None:
+        gpt = getattr(module, "module", module)  # accept a DDP/Float16 wrapper too
+        for attr in ("embedding", "decoder", "output_layer", "rotary_pos_emb"):
+            if getattr(gpt, attr, None) is None:
+                raise DecoderError(
+                    f"model has no .{attr}: KV-cached decoding needs a single-stage GPTModel with RoPE "
+                    "(pre_process and post_process both on, position_embedding_type='rope')"
+                )
+        cfg = gpt.config
+        if getattr(cfg, "tensor_model_parallel_size", 1) != 1 or getattr(cfg, "pipeline_model_parallel_size", 1) != 1:
+            raise DecoderError("KV-cached decoding runs with TP=1 and PP=1; load the checkpoint in one process")
+        if getattr(gpt, "share_embeddings_and_output_weights", False):
+            out_w = gpt.shared_embedding_or_output_weight()
+        else:
+            out_w = gpt.output_layer.weight
+        first = gpt.embedding.word_embeddings.weight
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype or first.dtype
+        dt, dev = self.dtype, self.device
+
+        self.config = cfg
+        self.num_layers = len(gpt.decoder.layers)
+        self.hidden = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.num_groups = cfg.num_query_groups or cfg.num_attention_heads
+        self.head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+        self.swin_norm = bool(swin_norm if swin_norm is not None else getattr(cfg, "swin_norm", False))
+        self.gated = bool(cfg.gated_linear_unit)
+        self.activation = cfg.activation_func
+        self.vocab_size = out_w.shape[0]
+
+        self.embedding = first.detach().to(device=dev, dtype=dt)
+        self.output = out_w.detach().to(device=dev, dtype=dt)
+        self.final_norm = _cast_module(gpt.decoder.final_layernorm, dt, dev)
+        self.layers: list[_Layer] = []
+        for i, layer in enumerate(gpt.decoder.layers):
+            attn = layer.self_attention
+            pre_attn, pre_mlp = layer.input_layernorm, layer.pre_mlp_layernorm
+            post_attn = getattr(layer, "post_self_attn_layernorm", None)
+            post_mlp = getattr(layer, "post_mlp_layernorm", None)
+            if self.swin_norm and _is_identity(post_attn):
+                # Swin ordering expressed with the usual names: the two norms move to the branch outputs.
+                pre_attn, pre_mlp, post_attn, post_mlp = None, None, pre_attn, pre_mlp
+            self.layers.append(
+                _Layer(
+                    ln_attn=_cast_module(pre_attn, dt, dev),
+                    post_attn=_cast_module(post_attn, dt, dev),
+                    qkv=_weight(attn.linear_qkv, f"layer {i} linear_qkv", dt, dev),
+                    q_norm=_cast_module(getattr(attn, "q_layernorm", None), dt, dev),
+                    k_norm=_cast_module(getattr(attn, "k_layernorm", None), dt, dev),
+                    proj=_weight(attn.linear_proj, f"layer {i} linear_proj", dt, dev),
+                    ln_mlp=_cast_module(pre_mlp, dt, dev),
+                    post_mlp=_cast_module(post_mlp, dt, dev),
+                    fc1=_weight(layer.mlp.linear_fc1, f"layer {i} linear_fc1", dt, dev),
+                    fc2=_weight(layer.mlp.linear_fc2, f"layer {i} linear_fc2", dt, dev),
+                )
+            )
+        self.softmax_scale = float(layer.self_attention.core_attention.softmax_scale)
+        rope = gpt.rotary_pos_emb
+        if getattr(rope, "rotary_interleaved", False):
+            raise DecoderError("interleaved RoPE is not supported by the KV-cached decoder")
+        self._rope = rope
+        self._rope_len = 0
+        self.cache: torch.Tensor | None = None
+        self.length = 0  # columns of the cache filled so far (same for every row)
+
+    # ---- rotary ----------------------------------------------------------------------------
+    def _rope_tables(self, max_len: int) -> None:
+        if max_len <= self._rope_len:
+            return
+        freqs = self._rope.get_freqs_non_repeated(max_len).to(self.device).float()  # [max_len, rot/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos = emb.cos().to(self.dtype)
+        self._sin = emb.sin().to(self.dtype)
+        self._rope_len = max_len
+
+    def _apply_rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """t [b, heads, s, hd]; pos [b, s] (rotary positions)."""
+        cos = self._cos[pos].unsqueeze(1)  # [b, 1, s, rot]
+        sin = self._sin[pos].unsqueeze(1)
+        rot = cos.shape[-1]
+        t_rot, t_pass = t[..., :rot], t[..., rot:]
+        x1, x2 = t_rot.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        out = t_rot * cos + rotated * sin
+        return torch.cat((out, t_pass), dim=-1) if t_pass.shape[-1] else out
+
+    # ---- cache -----------------------------------------------------------------------------
+    def allocate(self, batch: int, max_len: int) -> None:
+        """Preallocate the cache for ``batch`` rows of at most ``max_len`` tokens."""
+        shape = (self.num_layers, 2, batch, self.num_groups, max_len, self.head_dim)
+        if self.cache is None or self.cache.shape != shape:
+            self.cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._rope_tables(max_len)
+        self.length = 0
+        self.batch, self.max_len = batch, max_len
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _attention_block(self, li: int, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [b, s, h] (already normed for pre-norm); writes k/v of the s new columns; returns [b, s, h]."""
+        lw = self.layers[li]
+        b, s, _ = x.shape
+        ng, hd = self.num_groups, self.head_dim
+        qpg = self.num_heads // ng
+        mixed = F.linear(x, lw.qkv).view(b, s, ng, (qpg + 2) * hd)
+        q, k, v = torch.split(mixed, [qpg * hd, hd, hd], dim=-1)
+        q = q.reshape(b, s, self.num_heads, hd)
+        # The norm modules expect megatron's [s, b, heads, hd]; per-head norms broadcast over s, b.
+        if lw.q_norm is not None:
+            q = lw.q_norm(q)
+        if lw.k_norm is not None:
+            k = lw.k_norm(k)
+        q = self._apply_rope(q.transpose(1, 2), pos)  # [b, np, s, hd]
+        k = self._apply_rope(k.transpose(1, 2), pos)  # [b, ng, s, hd]
+        start, end = self.length, self.length + s
+        self.cache[li, 0, :, :, start:end] = k
+        self.cache[li, 1, :, :, start:end] = v.transpose(1, 2)
+        keys = self.cache[li, 0, :, :, :end]
+        values = self.cache[li, 1, :, :, :end]
+        ctx = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=self.softmax_scale, enable_gqa=ng != self.num_heads
+        )
+        ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * hd)
+        return F.linear(ctx, lw.proj)
+
+    def _mlp(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        lw = self.layers[li]
+        h = F.linear(x, lw.fc1)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.activation(gate) * up
+        else:
+            h = self.activation(h)
+        return F.linear(h, lw.fc2)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, last_only: bool) -> torch.Tensor:
+        if self.cache is None:
+            raise DecoderError("call allocate(batch, max_len) before decoding")
+        s = ids.shape[1]
+        if self.length + s > self.max_len:
+            raise DecoderError(f"cache full: {self.length} + {s} tokens > max_len {self.max_len}")
+        x = F.embedding(ids, self.embedding)
+        for li, lw in enumerate(self.layers):
+            h = self._attention_block(li, lw.ln_attn(x) if lw.ln_attn is not None else x, pos, mask)
+            x = x + (lw.post_attn(h) if lw.post_attn is not None else h)
+            h = self._mlp(li, lw.ln_mlp(x) if lw.ln_mlp is not None else x)
+            x = x + (lw.post_mlp(h) if lw.post_mlp is not None else h)
+        self.length += s
+        if last_only:
+            x = x[:, -1]
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return F.linear(x, self.output)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, pad: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """ids [b, L] left-padded (``pad[i]`` leading pad tokens in row i). Fills the first L cache
+        columns and returns the logits of the last position [b, V] (or of every position [b, L, V])."""
+        b, L = ids.shape
+        if b != self.batch:
+            raise DecoderError(f"prefill batch {b} != allocated batch {self.batch}")
+        self.length = 0
+        pad = pad.to(self.device)
+        self.pad = pad
+        col = torch.arange(L, device=self.device)
+        pos = (col[None, :] - pad[:, None]).clamp(min=0)
+        valid = col[None, :] >= pad[:, None]  # [b, L] key is a real token
+        causal = col[None, :] <= col[:, None]  # [q, k]
+        # A padded query attends only to itself (its output is never used) so softmax never sees an
+        # all-masked row.
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=self.device)[None]
+        self._key_valid = torch.zeros(b, self.max_len, dtype=torch.bool, device=self.device)
+        self._key_valid[:, :L] = valid
+        return self._forward(ids.to(self.device), pos, mask[:, None], last_only=not all_logits)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row ([b]) and return the next-token logits [b, V]."""
+        col = self.length
+        pos = (col - self.pad).clamp(min=0)[:, None]
+        self._key_valid[:, col] = True
+        mask = self._key_valid[:, None, None, : col + 1]
+        return self._forward(tokens.to(self.device).view(-1, 1), pos, mask, last_only=True)
