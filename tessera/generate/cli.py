@@ -1,0 +1,162 @@
+"""``tessera generate``: continue an interleaved prompt with a checkpoint and write the document.
+
+    tessera generate --checkpoint RUN_OR_CKPT --prompt "a small red circle" --mode image --out out/gen
+    tessera generate --checkpoint CKPT --image in.png --prompt "This picture shows" --mode text --out out/cap
+
+``--prompt`` and ``--image`` may repeat; their order on the command line is the prompt's order.
+Any ``GenerationConfig`` field can also be set as ``--text.top_k 50`` / ``--image.temperature 0.9``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tessera.config import ConfigError, load_config, parse_overrides
+from tessera.generate.config import GenerationConfig
+from tessera.progress import Progress
+
+
+class _Ordered(argparse.Action):
+    """Collect --prompt / --image into one list that keeps their command-line order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        parts = getattr(namespace, "parts", None) or []
+        parts.append((self.dest, values))
+        namespace.parts = parts
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    p = parser
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (uses checkpoints/latest)")
+    p.add_argument("--prompt", dest="text", action=_Ordered, metavar="TEXT", help="prompt text (repeatable)")
+    p.add_argument("--image", dest="image", action=_Ordered, metavar="PNG", help="prompt image file (repeatable)")
+    p.add_argument("--mode", choices=("interleaved", "text", "image"), default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--cfg-scale", type=float, default=None, help="image guidance by the prompt text (g_txt)")
+    p.add_argument("--cfg-image-scale", type=float, default=None, help="image guidance by prompt images (g_img)")
+    p.add_argument("--temperature", type=float, default=None, help="text temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="text top-p")
+    p.add_argument("--top-k", type=int, default=None, help="text top-k (0 = off)")
+    p.add_argument("--image-temperature", type=float, default=None)
+    p.add_argument("--image-top-p", type=float, default=None)
+    p.add_argument("--image-top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--config", default=None, help="YAML file with GenerationConfig fields")
+    p.add_argument("--text-tokenizer", default=None, help="sentencepiece model (default: CKPT/tokenizers/text.model)")
+    p.add_argument("--image-tokenizer", default=None, help="VQ tokenizer dir (default: CKPT/tokenizers/image/)")
+    p.add_argument("--stream", action="store_true", help="print the generated text as it is produced")
+    p.add_argument("--out", required=True, help="output directory (document.json, *.png, document.html)")
+    p.set_defaults(func=main, accepts_overrides=True, parts=None)
+
+
+def _config(args: argparse.Namespace) -> GenerationConfig:
+    flags = {
+        "mode": args.mode, "max_new_tokens": args.max_new_tokens, "cfg_scale": args.cfg_scale,
+        "cfg_image_scale": args.cfg_image_scale, "seed": args.seed, "dtype": args.dtype, "device": args.device,
+        "text.temperature": args.temperature, "text.top_p": args.top_p, "text.top_k": args.top_k,
+        "image.temperature": args.image_temperature, "image.top_p": args.image_top_p,
+        "image.top_k": args.image_top_k,
+    }
+    overrides = {k: str(v) for k, v in flags.items() if v is not None}
+    overrides.update(parse_overrides(list(getattr(args, "overrides", None) or [])))
+    return load_config(GenerationConfig, args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> Path:
+    import torch
+
+    import tessera.model
+    from tessera.generate.document import Generator
+    from tessera.generate.engine import GenerationError
+    from tessera.generate.tokenizers import load_tokenizers
+    from tessera.tokenizers.image import load_image
+
+    cfg = _config(args)
+    cfg.check()
+    parts_in = args.parts or []
+    if not parts_in:
+        raise GenerationError("give a prompt: --prompt TEXT and/or --image FILE")
+    # Read every image before loading the model, so a bad file fails fast and is named.
+    parts: list = [load_image(v) if kind == "image" else v for kind, v in parts_in]
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.device = device
+    model = tessera.model.load(args.checkpoint, device=device)
+    if getattr(model, "vocab", None) is None:
+        raise GenerationError(f"{args.checkpoint}: checkpoint has no vocabulary (vocab.json)")
+    has_images = any(kind == "image" for kind, _ in parts_in)
+    tokenizers = load_tokenizers(
+        getattr(model, "path", None) or tessera.model.resolve_checkpoint(args.checkpoint),
+        text=args.text_tokenizer, image=args.image_tokenizer,
+        need_image=has_images or cfg.mode != "text", device=device,
+    )
+    gen = Generator(model, tokenizers, cfg)
+
+    progress = Progress("generate", total=cfg.max_new_tokens, unit="tok")
+    on_token = None
+    if args.stream:
+        on_token = _Streamer(gen.vocab, tokenizers.text).on_token
+    doc = gen.generate([parts], cfg, on_token=on_token, progress=progress.update)[0]
+    progress.close()
+    if args.stream:
+        sys.stdout.write("\n")
+    out = doc.save(args.out, extra={"checkpoint": str(args.checkpoint), "config": _plain(cfg)})
+    s = doc.stats
+    print(
+        f"wrote {out}/document.json, document.html and {len(doc.images)} image(s): "
+        f"{len(doc.new_ids)} new tokens ({doc.finish_reason}), {s['tokens_per_s']:.1f} tokens/s, "
+        f"first token after {s['time_to_first_token_s'] * 1000:.0f} ms"
+    )
+    return out
+
+
+def _plain(cfg: GenerationConfig) -> dict:
+    from tessera.config import to_dict
+
+    return to_dict(cfg)
+
+
+class _Streamer:
+    """Print generated text as it grows (decoded whole each time: byte-fallback pieces join correctly)."""
+
+    def __init__(self, vocab, text_tokenizer) -> None:  # noqa: ANN001
+        self.vocab, self.tok = vocab, text_tokenizer
+        self.pieces: list[int] = []
+        self.shown = ""
+
+    def on_token(self, seq: int, token: int) -> None:
+        v = self.vocab
+        if v.text_offset <= token < v.image_offset:
+            self.pieces.append(token - v.text_offset)
+            text = self.tok.decode(self.pieces)
+            sys.stdout.write(text[len(self.shown) :] if text.startswith(self.shown) else text)
+            self.shown = text
+        elif token == v.boi_id:
+            self.pieces, self.shown = [], ""
+            sys.stdout.write(" [image ")
+        elif token == v.eoi_id:
+            sys.stdout.write("] ")
+        sys.stdout.flush()
+
+
+def main(args: argparse.Namespace) -> int:
+    from tessera.generate.engine import GenerationError
+    from tessera.tokenizers.vocab import VocabularyError
+
+    errors: tuple[type[BaseException], ...] = (GenerationError, ConfigError, VocabularyError, FileNotFoundError)
+    try:
+        from tessera.tokenizers.image import ImageTokenizerError
+        from tessera.tokenizers.text import TextTokenizerError
+
+        errors += (ImageTokenizerError, TextTokenizerError)
+    except ImportError:
+        pass
+    try:
+        run(args)
+    except errors as exc:
+        print(f"tessera generate: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

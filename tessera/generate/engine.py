@@ -1,0 +1,322 @@
+"""Batched, KV-cached, modality-aware decoding of token ids.
+
+One step for the whole batch: the decoder's next-token logits for every row go through the
+modality-masked sampling kernel (``tessera.kernels.sampling``), which applies the decoding state
+machine (text / inside an image with k codes written; ``<boi>`` only where a whole image fits;
+exactly ``image_tokens_per_image`` codes then a forced ``<eoi>``), classifier-free guidance for image
+tokens, per-modality temperature / top-k / top-p, and writes the next token and the new state in
+place. The engine only builds the rows, feeds tokens back into the cache and decides when a row is
+finished.
+
+Row layout with guidance (what the kernel expects): ``n`` groups, rows ``[0, n)`` conditional,
+``[n, 2n)`` unconditional, ``[2n, 3n)`` image-only (three-stream guidance only). Every row of a group
+receives the group's token, so the streams stay in lock step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tessera.generate.config import GenerationConfig
+from tessera.generate.decoder import KVCacheDecoder
+from tessera.kernels.sampling import DecodeState, ModalitySampling, SamplingParams, TokenRules, sample_step
+from tessera.tokenizers.vocab import Vocabulary
+
+# on_token(sequence_index, token_id): called once per generated token of each prompt, in order.
+TokenCallback = Callable[[int, int], None]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class GenerationError(ValueError):
+    pass
+
+
+@dataclass
+class GeneratedSequence:
+    prompt_ids: list[int]
+    new_ids: list[int]
+    finish_reason: str  # "eos" | "length" | "image" (image mode: the forced image is complete)
+    # Tokens of an image still open at the end of the prompt (image mode: the forced <boi>); the
+    # generated ids continue it, so decode ``open_prefix + new_ids``.
+    open_prefix: list[int]
+
+
+@dataclass
+class GenerationStats:
+    prompts: int = 0
+    rows: int = 0  # decoded rows (prompts x guidance streams)
+    prompt_tokens: int = 0
+    new_tokens: int = 0  # generated tokens over all prompts (guidance rows not counted)
+    steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.prefill_s + self.decode_s
+        return self.new_tokens / total if total > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["tokens_per_s"] = self.tokens_per_s
+        return d
+
+
+@dataclass
+class _Plan:
+    """Rows to decode: ids per row, the group count and the guidance mode (1, 2 or 3 streams)."""
+
+    rows: list[list[int]]
+    groups: int
+    streams: int
+    limits: list[int]  # per group: the total length (prompt + generated) the row may reach
+    initial_mode: list[int]
+    initial_codes: list[int]
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise GenerationError(f"unknown dtype {name!r}; use auto|float32|bfloat16|float16") from None
+
+
+class GenerationEngine:
+    """``GenerationEngine(gpt_module, vocab, context_length).generate(prompt_ids, cfg)``.
+
+    ``context_length`` is the model's trained sequence length: no row ever exceeds it.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        vocab: Vocabulary,
+        context_length: int,
+        dtype: torch.dtype | str = "auto",
+        device: torch.device | str | None = None,
+        swin_norm: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if vocab is None:
+            raise GenerationError("generation needs the checkpoint's vocabulary (vocab.json)")
+        first = next(module.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = resolve_dtype(dtype, self.device) if isinstance(dtype, str) else dtype
+        self.decoder = KVCacheDecoder(module, dtype=self.dtype, device=self.device, swin_norm=swin_norm)
+        if self.decoder.vocab_size < vocab.size:
+            raise GenerationError(
+                f"model output has {self.decoder.vocab_size} ids but the vocabulary has {vocab.size}"
+            )
+        self.vocab = vocab
+        self.backend = backend  # sampling kernel: Triton on CUDA, the PyTorch reference elsewhere
+        self.context_length = int(context_length)
+        table = vocab.modality_table(padded=True)
+        if table.numel() < self.decoder.vocab_size:  # output wider than the vocabulary: extra ids are special
+            table = torch.cat([table, torch.full((self.decoder.vocab_size - table.numel(),), 2, dtype=torch.int8)])
+        self.modality_table = table[: self.decoder.vocab_size].to(self.device)
+
+    # ---- prompt analysis ---------------------------------------------------------------------
+    def _check_prompt(self, ids: Sequence[int], index: int) -> None:
+        if not ids:
+            raise GenerationError(f"prompt {index} is empty (it needs at least <bos>)")
+        bad = [i for i in ids if not 0 <= int(i) < self.vocab.size]
+        if bad:
+            raise GenerationError(f"prompt {index}: ids outside the vocabulary [0, {self.vocab.size}): {bad[:5]}")
+
+    def _open_image(self, ids: Sequence[int]) -> int | None:
+        """Codes already written when the prompt ends inside an image, else None."""
+        v = self.vocab
+        last_boi = max((k for k, t in enumerate(ids) if t == v.boi_id), default=None)
+        if last_boi is None or any(t == v.eoi_id for t in ids[last_boi:]):
+            return None
+        return len(ids) - last_boi - 1
+
+    def _image_only(self, ids: Sequence[int]) -> list[int]:
+        """The prompt with its text dropped: <bos> and the complete <boi> codes <eoi> spans."""
+        v = self.vocab
+        out = [v.bos_id]
+        inside = False
+        for t in ids:
+            if t == v.boi_id:
+                inside = True
+            if inside:
+                out.append(t)
+            if t == v.eoi_id:
+                inside = False
+        return out
+
+    def plan(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> _Plan:
+        v = self.vocab
+        conds: list[list[int]] = []
+        for n, p in enumerate(prompts):
+            p = [int(t) for t in p]
+            self._check_prompt(p, n)
+            if cfg.mode == "image" and self._open_image(p) is None:
+                p = p + [v.boi_id]  # text-to-image: force the image to start right after the prompt
+            conds.append(p)
+        # Three streams only pay off when some prompt holds a complete image to condition on.
+        has_images = any(v.boi_id in self._image_only(p) for p in conds)
+        guidance = cfg.mode != "text"
+        three = guidance and cfg.cfg_image_scale is not None and has_images
+        if three:
+            streams = 3
+        elif guidance and (cfg.cfg_scale != 1.0 or cfg.cfg_force):
+            streams = 2
+        else:
+            streams = 1
+        rows = list(conds)
+        if streams >= 2:
+            # Unconditional: <bos> (+ the open image's tokens so far, e.g. the forced <boi>).
+            for p in conds:
+                k = self._open_image(p)
+                rows.append([v.bos_id] + (p[len(p) - k - 1 :] if k is not None else []))
+        if streams == 3:
+            for p in conds:
+                k = self._open_image(p)
+                head = p[: len(p) - k - 1] if k is not None else p
+                rows.append(self._image_only(head) + (p[len(p) - k - 1 :] if k is not None else []))
+        limits = []
+        for n, p in enumerate(conds):
+            if len(p) >= self.context_length:
+                raise GenerationError(
+                    f"prompt {n} has {len(p)} tokens; the model's context is {self.context_length} "
+                    "(leave room for at least one new token)"
+                )
+            limits.append(min(self.context_length, len(p) + cfg.max_new_tokens))
+            k = self._open_image(p)
+            if cfg.mode == "image" and limits[-1] - len(p) < v.image_tokens_per_image - (k or 0) + 1:
+                raise GenerationError(
+                    f"prompt {n}: an image needs {v.image_tokens_per_image + 1 - (k or 0)} more tokens but only "
+                    f"{limits[-1] - len(p)} fit (max_new_tokens {cfg.max_new_tokens}, context {self.context_length})"
+                )
+        modes, codes = [], []
+        for p in conds:
+            k = self._open_image(p)
+            modes.append(0 if k is None else 1)
+            codes.append(0 if k is None else k)
+            if k is not None and k > v.image_tokens_per_image:
+                raise GenerationError(f"prompt ends inside an image that already has {k} codes")
+        return _Plan(rows, len(conds), streams, limits, modes, codes)
+
+    # ---- decoding ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        cfg: GenerationConfig,
+        on_token: TokenCallback | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[list[GeneratedSequence], GenerationStats]:
+        """Decode every prompt (lists of vocabulary ids, normally starting with ``<bos>``)."""
+        cfg.check()
+        v = self.vocab
+        plan = self.plan(prompts, cfg)
+        n, streams = plan.groups, plan.streams
+        rows = plan.rows
+        dev = self.device
+        stats = GenerationStats(prompts=n, rows=len(rows), prompt_tokens=sum(len(r) for r in rows[:n]))
+
+        width = max(len(r) for r in rows)
+        budget = max(lim - len(p) for lim, p in zip(plan.limits, rows[:n], strict=True))
+        ids = torch.full((len(rows), width), v.pad_id, dtype=torch.long)
+        pad = torch.empty(len(rows), dtype=torch.long)
+        for r, seq in enumerate(rows):
+            ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            pad[r] = width - len(seq)
+        self.decoder.allocate(len(rows), width + budget)
+
+        # Decoding state per row (the kernel reads the conditional rows and writes every row of a
+        # group). ``position`` is expressed against one shared limit K so that each prompt's own limit
+        # holds: position = K - (limit - length); the kernel marks a row done when it reaches K.
+        K = self.context_length
+        rules = TokenRules(
+            modality_table=self.modality_table, boi_id=v.boi_id, eoi_id=v.eoi_id, eos_id=v.eos_id,
+            pad_id=v.pad_id, image_tokens_per_image=v.image_tokens_per_image, max_seq_len=K,
+        )
+        params = SamplingParams(
+            text=ModalitySampling(cfg.text.temperature, cfg.text.top_k, cfg.text.top_p),
+            image=ModalitySampling(cfg.image.temperature, cfg.image.top_k, cfg.image.top_p),
+            cfg_groups=streams,
+            cfg_scale=(cfg.cfg_image_scale if streams == 3 else cfg.cfg_scale),
+            cfg_scale_text=cfg.cfg_scale,
+        )
+        lengths = [len(p) for p in rows[:n]]
+        state = DecodeState(
+            mode=torch.tensor(plan.initial_mode * streams, dtype=torch.int32, device=dev),
+            codes_written=torch.tensor(plan.initial_codes * streams, dtype=torch.int32, device=dev),
+            position=torch.tensor(
+                [K - (lim - ln) for lim, ln in zip(plan.limits, lengths, strict=True)] * streams,
+                dtype=torch.int32, device=dev,
+            ),
+            done=torch.zeros(n * streams, dtype=torch.int32, device=dev),
+        )
+        images_done = [0] * n
+        out: list[list[int]] = [[] for _ in range(n)]
+        reason = ["length"] * n
+        finished = [False] * n
+
+        t0 = time.perf_counter()
+        logits = self.decoder.prefill(ids, pad)
+        stats.prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        step = 0
+        while True:
+            self._mask_boi(logits, cfg, images_done, n)
+            tokens = sample_step(logits, state, rules, params, seed=cfg.seed, offset=step, backend=self.backend)
+            if step == 0:
+                stats.time_to_first_token_s = stats.prefill_s + time.perf_counter() - t1
+            step += 1
+            new = tokens[:n].tolist()
+            done_now = state.done[:n].tolist()
+            produced = 0
+            for g in range(n):
+                if finished[g]:
+                    continue
+                t = new[g]
+                out[g].append(t)
+                produced += 1
+                if on_token is not None:
+                    on_token(g, t)
+                if t == v.eoi_id:
+                    images_done[g] += 1
+                if t == v.eos_id:
+                    reason[g] = "eos"
+                elif t == v.eoi_id and cfg.mode == "image":
+                    reason[g] = "image"
+                    state.done[g::n] = 1  # text-to-image: one image, then stop
+                elif not done_now[g]:
+                    continue
+                finished[g] = True
+            stats.new_tokens += produced
+            if progress is not None:
+                progress(produced)
+            if all(finished):
+                break
+            logits = self.decoder.step(tokens)
+        stats.decode_s = time.perf_counter() - t1
+        stats.steps = step
+        result = []
+        for g in range(n):
+            k = plan.initial_codes[g] if plan.initial_mode[g] else None
+            prefix = rows[g][len(rows[g]) - k - 1 :] if k is not None else []
+            result.append(GeneratedSequence([int(t) for t in prompts[g]], out[g], reason[g], prefix))
+        return result, stats
+
+    def _mask_boi(self, logits: torch.Tensor, cfg: GenerationConfig, images_done: list[int], n: int) -> None:
+        """What the kernel's state machine does not know: ``text`` mode and ``max_images``. The kernel
+        reads text-mode logits from the conditional row, so masking there is enough."""
+        boi = self.vocab.boi_id
+        if cfg.mode == "text":
+            logits[:n, boi] = float("-inf")
+        elif cfg.max_images:
+            for g in range(n):
+                if images_done[g] >= cfg.max_images:
+                    logits[g, boi] = float("-inf")
