@@ -1,0 +1,178 @@
+"""Checkpoint directories: save (atomic, any TP/PP layout) and locate.
+
+Layout of one checkpoint ``CKPT/``::
+
+    tessera.json   {"format": 1, "step": N, "model_config": {...}}
+    config.yaml    the resolved run config; its ``model:`` section is a ModelConfig
+    vocab.json     the unified Vocabulary (optional)
+    dist/          megatron dist_checkpointing save of {"model": model.sharded_state_dict(), ...}
+
+A run directory holds ``RUN/checkpoints/step_0000100/`` and ``RUN/checkpoints/latest`` (the dir name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import yaml
+
+from tessera.config import to_dict
+from tessera.model.config import ModelConfig
+
+FORMAT = 1
+META_FILE = "tessera.json"
+CONFIG_FILE = "config.yaml"
+VOCAB_FILE = "vocab.json"
+DIST_DIR = "dist"
+LATEST_FILE = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint path is missing, incomplete or of an unknown format; the message names the path."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def model_sharded_state_dict(model: Any) -> dict:
+    """``{"model": ...}`` for a GPTModel (or a DDP/Float16Module wrapper, or a list of virtual-pipeline chunks)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    sds = [c.sharded_state_dict() for c in chunks]  # wrappers forward sharded_state_dict to the GPTModel
+    if len(sds) == 1:
+        return {"model": sds[0]}
+    # ShardedTensor keys are global (layer offsets included), so the nesting here does not affect loading.
+    return {"model": {f"chunk{i}": sd for i, sd in enumerate(sds)}}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _shared_tmp_name(ckpt_dir: Path) -> Path:
+    """Every rank must write into the same temporary directory: rank 0's pid names it."""
+    pid = [os.getpid()]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(pid, src=0)
+    return ckpt_dir.with_name(f"{ckpt_dir.name}.tmp-{pid[0]}")
+
+
+def save_model_checkpoint(
+    model: Any,
+    model_cfg: ModelConfig,
+    ckpt_dir: str | Path,
+    vocab: Any = None,
+    extra_config: Any = None,
+    step: int = 0,
+    extra_state: dict | None = None,
+) -> Path:
+    """Save ``model`` (collective: every rank of the layout calls it) to ``ckpt_dir``.
+
+    Everything is written to ``ckpt_dir.tmp-<pid>`` and renamed at the end, so a crash never leaves a
+    directory that looks complete. ``extra_config`` is the resolved run config (dataclass or dict); its
+    ``model`` section is replaced by ``model_cfg``. ``extra_state`` (optimizer, scheduler, rng, ...)
+    goes into the same dist_checkpointing save under its own keys.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    tmp = _shared_tmp_name(ckpt_dir)
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / DIST_DIR).mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    state = model_sharded_state_dict(model)
+    if extra_state:
+        clash = set(extra_state) & set(state)
+        if clash:
+            raise CheckpointError(f"extra_state keys {sorted(clash)} clash with the model's")
+        state.update(extra_state)
+    dist_checkpointing.save(state, str(tmp / DIST_DIR))
+    if _rank() == 0:
+        run_cfg = extra_config
+        if dataclasses.is_dataclass(run_cfg) and not isinstance(run_cfg, type):
+            run_cfg = to_dict(run_cfg)
+        run_cfg = dict(run_cfg or {})
+        run_cfg["model"] = to_dict(model_cfg)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(run_cfg, sort_keys=False))
+        if vocab is not None:
+            vocab.save(tmp / VOCAB_FILE)
+        meta = {"format": FORMAT, "step": int(step), "model_config": to_dict(model_cfg)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks the save complete
+        if ckpt_dir.exists():
+            old = ckpt_dir.with_name(f"{ckpt_dir.name}.old-{os.getpid()}")
+            ckpt_dir.rename(old)
+            tmp.rename(ckpt_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(ckpt_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return ckpt_dir
+
+
+def write_latest(checkpoints_dir: str | Path, ckpt_name: str) -> None:
+    """Point ``checkpoints_dir/latest`` at ``ckpt_name`` (atomic replace)."""
+    checkpoints_dir = Path(checkpoints_dir)
+    tmp = checkpoints_dir / f"{LATEST_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(ckpt_name + "\n")
+    tmp.replace(checkpoints_dir / LATEST_FILE)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / META_FILE).is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir itself, or a run dir / its ``checkpoints`` dir resolved through ``latest``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if _is_checkpoint(path):
+        return path
+    for checkpoints in (path, path / "checkpoints"):
+        latest = checkpoints / LATEST_FILE
+        if latest.is_file():
+            name = latest.read_text().strip()
+            target = checkpoints / name
+            if not name or not _is_checkpoint(target):
+                raise CheckpointError(f"{latest}: points at {name!r}, which is not a complete checkpoint ({META_FILE} missing)")
+            return target
+    raise CheckpointError(
+        f"{path}: not a checkpoint (no {META_FILE}) and no checkpoints/{LATEST_FILE} or {LATEST_FILE} file to follow"
+    )
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint metadata: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not supported (expected {FORMAT})")
+    return meta
+
+
+def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
+    """The ModelConfig from ``config.yaml``'s ``model:`` section."""
+    from tessera.config import ConfigError, from_dict
+
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path}: no 'model:' section")
+    try:
+        return from_dict(ModelConfig, data["model"], f"{path}: model")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc

@@ -1,0 +1,92 @@
+"""The language-model loss training calls: vocab-parallel cross-entropy + z-loss, per-modality CE.
+
+Logits may be vocab-sharded across TP ranks (``parallel_output=True``); megatron's
+``vocab_parallel_cross_entropy`` and an all-reduced logsumexp make the result identical to TP=1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+MODALITY_NAMES = {0: "text", 1: "image", 2: "special"}  # tessera.tokenizers.vocab.Modality
+
+
+@dataclass
+class LossOutput:
+    """``total`` is what backward runs on: mean CE (image tokens weighted) + z-loss, over loss_mask tokens.
+    ``ce`` (unweighted mean CE) and ``z`` (weight * mean logsumexp^2) are reported separately;
+    ``per_modality`` maps "text"/"image"/"special" to the mean CE of tokens whose LABEL has that modality.
+    The ``*_tokens`` counts let callers average correctly across micro-batches and DP ranks."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    z: torch.Tensor
+    per_modality: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_tokens: torch.Tensor | None = None
+    per_modality_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the full (TP-sharded) vocabulary, differentiable; fp32. logits [..., V/TP]."""
+    logits = logits.float()
+    local_max = logits.max(dim=-1).values.detach()
+    global_max = local_max.clone()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(
+            global_max, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
+        )
+    sum_exp = torch.exp(logits - global_max.unsqueeze(-1)).sum(dim=-1)
+    # forward: all-reduce over TP; backward: identity (the loss is replicated on every TP rank).
+    sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
+    return global_max + torch.log(sum_exp)
+
+
+def language_model_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    z_loss_weight: float,
+    label_modality: torch.Tensor | None = None,
+    image_loss_weight: float = 1.0,
+) -> LossOutput:
+    """logits [b, s, V/TP] (this TP rank's vocab slice), labels [b, s] global ids, loss_mask [b, s]
+    (1 = counts), label_modality [b, s] (``Modality`` of each label; ``vocab.modality_table()[labels]``)."""
+    if logits.shape[:-1] != labels.shape or labels.shape != loss_mask.shape:
+        raise ValueError(
+            f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, loss_mask {tuple(loss_mask.shape)}"
+        )
+    if image_loss_weight != 1.0 and label_modality is None:
+        raise ValueError("image_loss_weight needs label_modality")
+    logits = logits.float()
+    # megatron's kernel subtracts the max from its (fp32) input in place: give it a copy, the z-loss needs ours.
+    ce_tok = tensor_parallel.vocab_parallel_cross_entropy(logits.clone(), labels)
+    mask = loss_mask.to(ce_tok.dtype)
+    n = mask.sum()
+    denom = n.clamp(min=1.0)
+    ce = (ce_tok * mask).sum() / denom
+    if z_loss_weight:
+        lse = vocab_parallel_logsumexp(logits)
+        z = z_loss_weight * (lse.square() * mask).sum() / denom
+    else:
+        z = torch.zeros((), dtype=ce.dtype, device=ce.device)
+    weighted_ce = ce
+    per_modality: dict[str, torch.Tensor] = {}
+    per_tokens: dict[str, torch.Tensor] = {}
+    if label_modality is not None:
+        if label_modality.shape != labels.shape:
+            raise ValueError(f"label_modality {tuple(label_modality.shape)} != labels {tuple(labels.shape)}")
+        for code, name in MODALITY_NAMES.items():
+            m = mask * (label_modality == code).to(mask.dtype)
+            cnt = m.sum()
+            per_tokens[name] = cnt.detach()
+            per_modality[name] = ((ce_tok * m).sum() / cnt.clamp(min=1.0)).detach()
+        if image_loss_weight != 1.0:
+            w = torch.where(label_modality == 1, image_loss_weight, 1.0).to(mask.dtype)
+            weighted_ce = (ce_tok * mask * w).sum() / denom
+    return LossOutput(
+        total=weighted_ce + z, ce=ce, z=z, per_modality=per_modality, num_tokens=n.detach(), per_modality_tokens=per_tokens
+    )

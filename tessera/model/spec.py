@@ -1,0 +1,97 @@
+"""The Chameleon layer spec for megatron-core's GPTModel.
+
+Pre-norm RMSNorm, SwiGLU MLP, no biases, per-head QK LayerNorm (``PerHeadLayerNorm``) after the QKV
+projection and before RoPE, optional Swin-style norm placement (``SwinNormTransformerLayer``), GQA via
+``num_query_groups``. Transformer Engine modules when TE imports and CUDA is present, megatron's
+local PyTorch modules otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from tessera.model.config import ModelConfig
+from tessera.model.layers import (
+    PerHeadLayerNorm,
+    SwinNormTransformerLayer,
+    SwinNormTransformerLayerSubmodules,
+)
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions.transformer_engine import TENorm  # noqa: F401
+    except Exception:  # ImportError, or TE built against another CUDA/torch
+        return False
+    return True
+
+
+def _qk_norm_specs(cfg: ModelConfig) -> tuple:
+    if not cfg.qk_norm:
+        return IdentityOp, IdentityOp
+    return (
+        ModuleSpec(module=PerHeadLayerNorm, params={"role": "query"}),
+        ModuleSpec(module=PerHeadLayerNorm, params={"role": "key"}),
+    )
+
+
+def _base_spec(use_te: bool) -> ModuleSpec:
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        # linear_qkv / linear_fc1 are TE LayerNorm+Linear (the pre-norm fused in; RMSNorm from config).
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+
+
+def _norm_spec(use_te: bool):
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+def chameleon_layer_spec(cfg: ModelConfig, use_te: bool | None = None) -> ModuleSpec:
+    """The transformer layer spec (one layer; GPTModel fans it out)."""
+    use_te = te_available() if use_te is None else use_te
+    spec = _base_spec(use_te)
+    sub = spec.submodules
+    attn_sub = dataclasses.replace(sub.self_attention.submodules)
+    attn_sub.q_layernorm, attn_sub.k_layernorm = _qk_norm_specs(cfg)
+    if cfg.swin_norm and use_te:
+        # The fused LayerNorm+Linear would put a norm on the branch INPUTS: use plain TE linears.
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+
+        attn_sub.linear_qkv = TEColumnParallelLinear
+        mlp_sub = dataclasses.replace(sub.mlp.submodules, linear_fc1=TEColumnParallelLinear)
+        mlp = ModuleSpec(module=sub.mlp.module, submodules=mlp_sub)
+    else:
+        mlp = sub.mlp
+    attention = ModuleSpec(module=sub.self_attention.module, params=dict(sub.self_attention.params), submodules=attn_sub)
+    if not cfg.swin_norm:
+        layer_sub = dataclasses.replace(sub, self_attention=attention)
+        return ModuleSpec(module=spec.module, submodules=layer_sub)
+    norm = _norm_spec(use_te)
+    layer_sub = SwinNormTransformerLayerSubmodules(
+        input_layernorm=IdentityOp,
+        self_attention=attention,
+        self_attn_bda=sub.self_attn_bda,
+        pre_mlp_layernorm=IdentityOp,
+        mlp=mlp,
+        mlp_bda=sub.mlp_bda,
+        post_self_attn_layernorm=norm,
+        post_mlp_layernorm=norm,
+    )
+    return ModuleSpec(module=SwinNormTransformerLayer, submodules=layer_sub)
