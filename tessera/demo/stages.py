@@ -1,0 +1,90 @@
+"""Run named stages into sub-directories, skipping the ones already done.
+
+A stage writes its outputs under ``OUT/<name>/`` and is DONE when ``OUT/<name>/stage.json`` exists;
+that marker is written last (to a temporary name, then renamed), so a killed run never leaves a
+stage that looks complete. An unfinished stage is started afresh (its directory cleared) unless it
+is ``resumable`` (training resumes from its own latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from tessera.progress import format_seconds
+
+MARKER = "stage.json"
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[Path], dict]  # gets its output directory, returns facts for the marker/report
+    resumable: bool = False
+    description: str = ""
+
+
+class StageRunner:
+    def __init__(self, out: str | Path, budget_s: dict[str, float] | None = None, stream: TextIO | None = None):
+        self.out = Path(out)
+        self.budget_s = budget_s or {}
+        self.stream = stream or sys.stderr
+        self.results: dict[str, dict] = {}
+
+    def dir(self, name: str) -> Path:
+        return self.out / name
+
+    def done(self, name: str) -> bool:
+        return (self.dir(name) / MARKER).is_file()
+
+    def marker(self, name: str) -> dict:
+        return json.loads((self.dir(name) / MARKER).read_text())
+
+    def log(self, msg: str) -> None:
+        self.stream.write(f"[demo] {msg}\n")
+        self.stream.flush()
+
+    def run(self, stage: Stage, index: int = 0, total: int = 0) -> dict:
+        where = f"stage {index}/{total} {stage.name}" if total else f"stage {stage.name}"
+        d = self.dir(stage.name)
+        if self.done(stage.name):
+            info = self.marker(stage.name)
+            self.log(f"{where}: done already ({d / MARKER}), skipped")
+            self.results[stage.name] = info
+            return info
+        if d.exists() and not stage.resumable:
+            shutil.rmtree(d)  # leftovers of a killed attempt: never mixed into a fresh one
+        d.mkdir(parents=True, exist_ok=True)
+        self.log(f"{where}: {stage.description or 'running'} -> {d}")
+        t0 = time.perf_counter()
+        info = dict(stage.run(d) or {})
+        seconds = time.perf_counter() - t0
+        budget = self.budget_s.get(stage.name)
+        info.update(stage=stage.name, seconds=round(seconds, 2), budget_s=budget,
+                    over_budget=bool(budget is not None and seconds > budget))
+        write_json_atomic(d / MARKER, info)
+        msg = f"{where}: finished in {format_seconds(seconds)}"
+        if info["over_budget"]:
+            msg += f" (over its budget of {format_seconds(budget)})"
+        self.log(msg)
+        self.results[stage.name] = info
+        return info
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
