@@ -1,0 +1,324 @@
+"""Pretokenization: raw shards -> one megatron-core IndexedDataset of unified-vocabulary ids.
+
+Output directory (complete only once it exists under its final name)::
+
+    OUT/data.bin, OUT/data.idx   one sequence per document: <bos> text <boi> codes <eoi> ... <eos>
+    OUT/vocab.json               the unified Vocabulary built from the two tokenizers' sizes
+    OUT/stats.json               documents, text / image / special tokens, skipped samples by reason
+
+Work happens in ``OUT.partial/``: each shard becomes ``parts/shard-NNNNNN.{bin,idx,json}`` (the
+json, written last and by rename, marks the part complete), then parts are merged in shard order
+and ``OUT.partial`` is renamed to ``OUT``. A killed run leaves only ``OUT.partial``; running the same
+command again reuses its finished parts and redoes the rest. The output does not depend on
+``--workers`` (parts are merged in shard order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tessera.data.raw import SKIP_REASONS, DocumentLimits, SkipStats, expand_urls, iter_documents
+from tessera.data.synth import Document
+from tessera.data.tokenizers import (
+    ImageTokenizerLike,
+    TextTokenizerLike,
+    fit_image,
+    load_image_tokenizer,
+    load_text_tokenizer,
+    vocabulary_for,
+)
+from tessera.progress import Progress
+from tessera.tokenizers.vocab import Vocabulary
+
+log = logging.getLogger("tessera.data")
+
+DATA_PREFIX = "data"
+STATS_FILE = "stats.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+class PretokenizeError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PretokenizeOptions:
+    max_doc_tokens: int | None = None
+    max_images: int | None = None
+    max_text_chars: int | None = None
+    batch_docs: int = 64  # documents whose texts / images are encoded in one call
+    image_batch: int = 64
+    device: str | None = None  # where a VQ encoder loaded from a path runs; None: cuda when present
+
+
+def token_dtype(vocab: Vocabulary) -> type[np.number]:
+    return np.uint16 if vocab.padded_size <= 65536 else np.int32
+
+
+def _encode_batch(
+    docs: list[Document], text_tok: TextTokenizerLike, image_tok: ImageTokenizerLike, vocab: Vocabulary, image_batch: int
+) -> list[np.ndarray]:
+    """Ids of each document; texts in one encode_batch call, images through the VQ encoder in batches."""
+    texts = [s for d in docs for s in d.segments if isinstance(s, str)]
+    images = [fit_image(s, image_tok.image_size) for d in docs for s in d.segments if not isinstance(s, str)]
+    text_ids = text_tok.encode_batch(texts) if texts else []
+    codes: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for i in range(0, len(images), image_batch):
+            c = image_tok.encode(images[i : i + image_batch])
+            codes.append(c.detach().to("cpu", torch.long).reshape(len(images[i : i + image_batch]), -1))
+    all_codes = torch.cat(codes) if codes else torch.zeros(0, vocab.image_tokens_per_image, dtype=torch.long)
+    if all_codes.shape[1] != vocab.image_tokens_per_image:
+        raise PretokenizeError(f"image tokenizer gave {all_codes.shape[1]} codes per image, expected {vocab.image_tokens_per_image}")
+    image_ids = vocab.image_codes_to_ids(all_codes).numpy()
+    out = []
+    ti = ii = 0
+    for d in docs:
+        parts: list[np.ndarray] = [np.array([vocab.bos_id])]
+        for s in d.segments:
+            if isinstance(s, str):
+                pieces = np.asarray(text_ids[ti], dtype=np.int64)
+                ti += 1
+                if pieces.size and (pieces.min() < 0 or pieces.max() >= vocab.num_text_tokens):
+                    raise PretokenizeError(f"text tokenizer returned a piece outside [0, {vocab.num_text_tokens})")
+                parts.append(pieces + vocab.text_offset)
+            else:
+                parts += [np.array([vocab.boi_id]), image_ids[ii], np.array([vocab.eoi_id])]
+                ii += 1
+        parts.append(np.array([vocab.eos_id]))
+        out.append(np.concatenate(parts).astype(np.int64))
+    return out
+
+
+def count_modalities(ids: np.ndarray, vocab: Vocabulary) -> dict[str, int]:
+    text = int(((ids >= vocab.text_offset) & (ids < vocab.image_offset)).sum())
+    image = int(((ids >= vocab.image_offset) & (ids < vocab.size)).sum())
+    return {"text_tokens": text, "image_tokens": image, "special_tokens": int(ids.size) - text - image}
+
+
+def pretokenize_shard(
+    url: str,
+    part_prefix: str,
+    text_tok: TextTokenizerLike,
+    image_tok: ImageTokenizerLike,
+    vocab: Vocabulary,
+    opts: PretokenizeOptions,
+) -> dict:
+    """One shard -> ``part_prefix``.{bin,idx} and its stats ``part_prefix``.json (written last)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+    tmp = part_prefix + ".tmp"
+    builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=token_dtype(vocab))
+    stats = SkipStats()
+    totals = {"documents": 0, "images": 0, "text_tokens": 0, "image_tokens": 0, "special_tokens": 0, "tokens": 0}
+    sources: dict[str, int] = {}
+    limits = DocumentLimits(opts.max_images, opts.max_text_chars)
+
+    def flush(batch: list[Document]) -> None:
+        for doc, ids in zip(batch, _encode_batch(batch, text_tok, image_tok, vocab, opts.image_batch), strict=True):
+            if opts.max_doc_tokens is not None and ids.size > opts.max_doc_tokens:
+                stats.skip("too_long", f"{url}:{doc.key}", f"{ids.size} tokens > {opts.max_doc_tokens}")
+                continue
+            builder.add_document(torch.from_numpy(ids), [ids.size])
+            c = count_modalities(ids, vocab)
+            for k, v in c.items():
+                totals[k] += v
+            totals["tokens"] += int(ids.size)
+            totals["documents"] += 1
+            totals["images"] += len(doc.images)
+            sources[doc.source] = sources.get(doc.source, 0) + 1
+
+    batch: list[Document] = []
+    for doc in iter_documents([url], stats, limits):
+        batch.append(doc)
+        if len(batch) >= opts.batch_docs:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    builder.finalize(get_idx_path(tmp))
+    os.replace(get_bin_path(tmp), get_bin_path(part_prefix))
+    os.replace(get_idx_path(tmp), get_idx_path(part_prefix))
+    result = {**totals, "skipped": stats.as_dict(), "sources": sources, "shard": url}
+    _write_json(Path(part_prefix + ".json"), result)
+    return result
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# ---- worker processes -------------------------------------------------------------------------
+_W: dict = {}
+
+
+def _worker_init(text_spec, image_spec, vocab: Vocabulary, opts: PretokenizeOptions) -> None:
+    torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
+    _W["text"] = load_text_tokenizer(text_spec) if isinstance(text_spec, str) else text_spec
+    _W["image"] = load_image_tokenizer(image_spec, opts.device) if isinstance(image_spec, str) else image_spec
+    _W["vocab"], _W["opts"] = vocab, opts
+
+
+def _worker_run(job: tuple[str, str]) -> dict:
+    url, part = job
+    return pretokenize_shard(url, part, _W["text"], _W["image"], _W["vocab"], _W["opts"])
+
+
+# ---- the command ------------------------------------------------------------------------------
+def _fingerprint(urls: list[str], vocab: Vocabulary, text_spec, image_spec, opts: PretokenizeOptions) -> str:
+    def ident(spec) -> str:
+        return os.path.abspath(spec) if isinstance(spec, str) else type(spec).__name__
+
+    blob = json.dumps(
+        {
+            "urls": urls,
+            "vocab": vocab.to_dict(),
+            "text": ident(text_spec),
+            "image": ident(image_spec),
+            "opts": [opts.max_doc_tokens, opts.max_images, opts.max_text_chars],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def is_complete(out: str | Path) -> bool:
+    out = Path(out)
+    return (out / STATS_FILE).is_file() and (out / f"{DATA_PREFIX}.idx").is_file()
+
+
+def pretokenize(
+    inputs: str | list[str],
+    out: str | Path,
+    text_tokenizer: TextTokenizerLike | str,
+    image_tokenizer: ImageTokenizerLike | str,
+    workers: int = 1,
+    options: PretokenizeOptions = PretokenizeOptions(),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Pretokenize ``inputs`` (brace patterns / paths) into ``out``; returns stats.json's content.
+
+    Tokenizers are objects or paths (``TextTokenizer.load`` / ``ImageTokenizer.load``); with
+    ``workers > 1`` they are loaded (or pickled) into each spawned worker, shards split among them."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+    out = Path(out)
+    urls = expand_urls(inputs)
+    if not urls:
+        raise PretokenizeError(f"--input {inputs!r} matches no shards")
+    missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
+    if missing:
+        raise PretokenizeError(f"--input: {len(missing)} shard(s) do not exist, first: {missing[0]}")
+    if out.exists():
+        if not overwrite:
+            what = "a complete dataset" if is_complete(out) else "something"
+            raise PretokenizeError(f"{out} already holds {what}; pass --overwrite to replace it")
+    text_tok = load_text_tokenizer(text_tokenizer) if isinstance(text_tokenizer, str) else text_tokenizer
+    image_tok = (
+        load_image_tokenizer(image_tokenizer, options.device) if isinstance(image_tokenizer, str) else image_tokenizer
+    )
+    vocab = vocabulary_for(text_tok, image_tok)
+
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    parts_dir = partial / "parts"
+    fp = _fingerprint(urls, vocab, text_tokenizer, image_tokenizer, options)
+    fp_file = partial / "fingerprint"
+    if partial.exists() and (not fp_file.is_file() or fp_file.read_text() != fp):
+        log.warning("%s is from a different run; starting over", partial)
+        shutil.rmtree(partial)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(fp)
+
+    part_of = {u: str(parts_dir / f"shard-{i:06d}") for i, u in enumerate(urls)}
+    results: dict[str, dict] = {}
+    todo = []
+    for u in urls:
+        done = Path(part_of[u] + ".json")
+        if done.is_file():
+            results[u] = json.loads(done.read_text())
+        else:
+            todo.append((u, part_of[u]))
+    if results:
+        log.info("resuming: %d of %d shards already done", len(results), len(urls))
+
+    t0 = time.perf_counter()
+    with Progress("pretokenize", total=len(urls), unit="shards", enabled=progress) as prog:
+        prog.update(len(results))
+        if workers <= 1 or len(todo) <= 1:
+            for job in todo:
+                results[job[0]] = pretokenize_shard(job[0], job[1], text_tok, image_tok, vocab, options)
+                prog.update(1, docs=sum(r["documents"] for r in results.values()))
+        else:
+            # spawn, not fork: safe with CUDA and with threads already running in the parent
+            ctx = mp.get_context("spawn")
+            text_spec = text_tokenizer if isinstance(text_tokenizer, str) else text_tok
+            image_spec = image_tokenizer if isinstance(image_tokenizer, str) else image_tok
+            with ctx.Pool(min(workers, len(todo)), _worker_init, (text_spec, image_spec, vocab, options)) as pool:
+                for r in pool.imap_unordered(_worker_run, todo):
+                    results[r["shard"]] = r
+                    prog.update(1, docs=sum(x["documents"] for x in results.values()))
+
+    # merge parts in shard order, then publish the directory by one rename
+    merged = str(partial / DATA_PREFIX)
+    builder = IndexedDatasetBuilder(get_bin_path(merged), dtype=token_dtype(vocab))
+    for u in urls:
+        builder.add_index(part_of[u])
+    builder.finalize(get_idx_path(merged))
+    vocab.save(partial)
+    stats = _total_stats(urls, results, vocab, time.perf_counter() - t0)
+    _write_json(partial / STATS_FILE, stats)
+    shutil.rmtree(parts_dir)
+    fp_file.unlink()
+    if out.exists():  # --overwrite: move the old one aside first so there is never a mix
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        partial.rename(out)
+        shutil.rmtree(old)
+    else:
+        partial.rename(out)
+    return stats
+
+
+def _total_stats(urls: list[str], results: dict[str, dict], vocab: Vocabulary, seconds: float) -> dict:
+    keys = ("documents", "images", "text_tokens", "image_tokens", "special_tokens", "tokens")
+    total = {k: sum(results[u][k] for u in urls) for k in keys}
+    skipped = {r: sum(results[u]["skipped"].get(r, 0) for u in urls) for r in SKIP_REASONS}
+    sources: dict[str, int] = {}
+    for u in urls:
+        for s, n in results[u]["sources"].items():
+            sources[s] = sources.get(s, 0) + n
+    return {
+        **total,
+        "skipped": skipped,
+        "skipped_total": sum(skipped.values()),
+        "sources": dict(sorted(sources.items())),
+        "shards": len(urls),
+        "vocab_size": vocab.size,
+        "padded_vocab_size": vocab.padded_size,
+        "tokens_per_image": vocab.image_tokens_per_image,
+        "seconds": round(seconds, 3),
+    }
+
+
+def load_stats(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / STATS_FILE if path.is_dir() else path
+    if not f.is_file():
+        raise PretokenizeError(f"{path}: no {STATS_FILE}; not a complete pretokenized dataset")
+    return json.loads(f.read_text())

@@ -1,0 +1,67 @@
+"""What the data pipeline needs from the tokenizers (tessera/tokenizers), as Protocols.
+
+The real ``TextTokenizer`` / ``ImageTokenizer`` satisfy these; tests may pass small stand-ins.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+from tessera.tokenizers.vocab import Vocabulary
+
+
+@runtime_checkable
+class TextTokenizerLike(Protocol):
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+
+@runtime_checkable
+class ImageTokenizerLike(Protocol):
+    @property
+    def num_codes(self) -> int: ...
+
+    @property
+    def tokens_per_image(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    def encode(self, images: list[Image.Image]) -> torch.Tensor: ...  # LongTensor [n, tokens_per_image]
+
+
+def load_text_tokenizer(path: str) -> TextTokenizerLike:
+    from tessera.tokenizers.text import TextTokenizer
+
+    return TextTokenizer.load(path)
+
+
+def load_image_tokenizer(path: str, device: str | None = None) -> ImageTokenizerLike:
+    """The VQ tokenizer on ``device`` (default: cuda when present, else cpu)."""
+    from tessera.tokenizers.image import ImageTokenizer
+
+    return ImageTokenizer.load(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def vocabulary_for(text: TextTokenizerLike, image: ImageTokenizerLike) -> Vocabulary:
+    """The unified vocabulary the pretokenized ids live in."""
+    return Vocabulary(
+        num_text_tokens=int(text.vocab_size),
+        num_image_codes=int(image.num_codes),
+        image_tokens_per_image=int(image.tokens_per_image),
+    )
+
+
+def fit_image(img: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square and resize to the tokenizer's side (no-op for the synthetic corpus)."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
