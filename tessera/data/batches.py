@@ -1,0 +1,242 @@
+"""Training batches: fixed-length packed sequences per source (megatron-core GPTDataset) woven
+across sources by a ``WeaveSchedule``, sliced for data parallelism, resumable exactly.
+
+One packed sample is a window of ``seq_length + 1`` ids over the source's shuffled, concatenated
+documents (megatron's document / sample / shuffle indices, cached as .npy beside the dataset) and
+becomes ``tokens = w[:-1]``, ``labels = w[1:]``, ``loss_mask``, ``position_ids`` and optionally
+``attention_mask`` ([1, s, s] bool, True = masked, megatron's convention). Document boundaries are
+the ``<eos>`` ids: ``reset_position_ids`` / ``reset_attention_mask`` restart positions / attention
+after each, ``eod_mask_loss`` drops the loss on the token after it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tessera.data.pretokenize import DATA_PREFIX, load_stats
+from tessera.data.weave import WeaveSchedule, consumed_before, plan, slot_indices
+from tessera.tokenizers.vocab import Vocabulary
+
+log = logging.getLogger("tessera.data")
+
+
+class BatchError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PackingConfig:
+    seq_length: int = 2048
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    create_attention_mask: bool = False  # [1, s, s] per sample is big; attention kernels build it themselves
+    shuffle_seed: int = 1234  # megatron's document / sample shuffle (fixed per dataset, cached on disk)
+    cache_dir: str | None = None  # default: DATASET/cache
+
+
+class _MegatronTokenizerView:
+    """The three attributes GPTDataset reads from a tokenizer, taken from our Vocabulary."""
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.vocab_size = vocab.padded_size
+        self.eod = vocab.eos_id
+        self.pad = vocab.pad_id
+        self.eos = vocab.eos_id
+        # megatron hashes these into the index-cache file names
+        self.unique_identifiers = {"class": "tessera.Vocabulary", **vocab.to_dict()}
+
+    @property
+    def special_tokens_dict(self) -> dict:
+        return {"eos_token": self.eos}
+
+
+class PackedSource:
+    """One pretokenized dataset (``tessera data pretokenize`` output) as packed training samples.
+
+    ``num_samples``: how many samples to index (several shuffled epochs if more than one epoch
+    holds); None = one epoch. Reading past the end wraps around (the same order again)."""
+
+    def __init__(self, path: str | Path, packing: PackingConfig, num_samples: int | None = None, name: str | None = None):
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        from megatron.core.datasets.utils import Split
+
+        self.path = Path(path)
+        self.name = name or self.path.name
+        self.stats = load_stats(self.path)  # raises for an incomplete dataset
+        self.vocab = Vocabulary.load(self.path)
+        self.packing = packing
+        prefix = str(self.path / DATA_PREFIX)
+        config = GPTDatasetConfig(
+            random_seed=packing.shuffle_seed,
+            sequence_length=packing.seq_length,
+            blend=([prefix], None),
+            split="1,0,0",
+            path_to_cache=packing.cache_dir,
+            tokenizer=_MegatronTokenizerView(self.vocab),
+            reset_position_ids=packing.reset_position_ids,
+            reset_attention_mask=packing.reset_attention_mask,
+            eod_mask_loss=packing.eod_mask_loss,
+            create_attention_mask=packing.create_attention_mask,
+        )
+        indexed = IndexedDataset(prefix, multimodal=False, mmap=True)
+        n_docs = len(indexed.document_indices) - 1
+        if n_docs == 0:
+            raise BatchError(f"{self.path}: dataset has no documents")
+
+        def build():
+            return GPTDataset(indexed, prefix, np.arange(n_docs, dtype=np.int32), num_samples, Split.train, config)
+
+        # megatron's index caches: rank 0 builds and saves them, the others load after a barrier
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_rank() == 0:
+                self.dataset = build()
+            dist.barrier()
+            if dist.get_rank() != 0:
+                self.dataset = build()
+        else:
+            self.dataset = build()
+        if len(self.dataset) == 0:
+            raise BatchError(
+                f"{self.path}: {self.stats['tokens']} tokens make no sample of {packing.seq_length + 1} tokens"
+            )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.dataset[int(i) % len(self.dataset)]
+
+
+def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class WovenBatchIterator:
+    """Micro-batches for one data-parallel rank of a woven, packed stream.
+
+    Global step t has ``global_batch`` slots (composition: ``weave.plan``); rank r owns slots
+    ``[r * global_batch / dp_size, (r + 1) * global_batch / dp_size)`` and yields them as
+    ``global_batch / (dp_size * micro_batch)`` micro-batches, each a dict of
+    ``tokens, labels, loss_mask, position_ids [micro, seq]`` (+ ``attention_mask``) plus
+    ``source`` (int64 [micro], index into ``source_names``) and ``step``.
+
+    Resume: ``state_dict()`` after any micro-batch, ``load_state_dict`` on a fresh iterator (any
+    sources/ranks built the same way) continues with the next micro-batch; or construct with
+    ``start_step=t`` to start at step t from (seed, t) alone (replays the draws, no data read).
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, PackedSource] | Sequence[PackedSource],
+        schedule: WeaveSchedule,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        start_step: int = 0,
+    ) -> None:
+        if not isinstance(sources, Mapping):
+            sources = {s.name: s for s in sources}
+        missing = [n for n in schedule.sources if n not in sources]
+        if missing:
+            raise BatchError(f"weave names source(s) {missing} that were not given; given: {list(sources)}")
+        if global_batch % (dp_size * micro_batch):
+            raise BatchError(f"global_batch {global_batch} is not divisible by dp_size {dp_size} x micro_batch {micro_batch}")
+        if not 0 <= dp_rank < dp_size:
+            raise BatchError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        self.sources = [sources[n] for n in schedule.sources]
+        self.source_names = list(schedule.sources)
+        vocabs = {s.vocab for s in self.sources}
+        if len(vocabs) != 1:
+            raise BatchError(f"sources use different vocabularies: {[str(s.path) for s in self.sources]}")
+        self.vocab = self.sources[0].vocab
+        seqs = {s.packing.seq_length for s in self.sources}
+        if len(seqs) != 1:
+            raise BatchError(f"sources packed with different seq_length: {seqs}")
+        self.seq_length = seqs.pop()
+        self.schedule, self.seed = schedule, seed
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.per_rank = global_batch // dp_size
+        self.micro_per_step = self.per_rank // micro_batch
+        self.step = start_step
+        self.micro = 0  # next micro-batch within self.step
+        self.consumed = consumed_before(schedule, seed, start_step, global_batch)  # at the start of self.step
+        self._cache_step = -1
+
+    # ---- the pure functions of (seed, step) --------------------------------------------------
+    def step_plan(self, step: int, consumed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source of every global slot, sample index of every global slot) for ``step``."""
+        src = plan(self.schedule, self.seed, step, self.global_batch)
+        return src, slot_indices(src, consumed)
+
+    def _plan_now(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache_step != self.step:
+            self._cache = self.step_plan(self.step, self.consumed)
+            self._cache_step = self.step
+        return self._cache
+
+    # ---- iteration ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        src, idx = self._plan_now()
+        lo = self.dp_rank * self.per_rank + self.micro * self.micro_batch
+        sel = range(lo, lo + self.micro_batch)
+        batch = collate([self.sources[src[j]][idx[j]] for j in sel])
+        batch["source"] = torch.from_numpy(src[lo : lo + self.micro_batch].copy())
+        batch["step"] = torch.tensor(self.step)
+        self.micro += 1
+        if self.micro == self.micro_per_step:
+            self.consumed = self.consumed + np.bincount(src, minlength=len(self.sources))
+            self.step += 1
+            self.micro = 0
+        return batch
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        """All of this rank's micro-batches of the current step (call at a step boundary)."""
+        if self.micro:
+            raise BatchError("next_step() called in the middle of a step")
+        return [next(self) for _ in range(self.micro_per_step)]
+
+    # ---- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": 1,
+            "seed": self.seed,
+            "step": self.step,
+            "micro": self.micro,
+            "global_batch": self.global_batch,
+            "consumed": {n: int(c) for n, c in zip(self.source_names, self.consumed, strict=True)},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state.get("version") != 1:
+            raise BatchError(f"unknown data-iterator state version {state.get('version')!r}")
+        if state["seed"] != self.seed or state["global_batch"] != self.global_batch:
+            raise BatchError(
+                f"state is for seed {state['seed']} / global_batch {state['global_batch']}, "
+                f"this iterator has {self.seed} / {self.global_batch}"
+            )
+        if set(state["consumed"]) != set(self.source_names):
+            raise BatchError(f"state sources {sorted(state['consumed'])} != {sorted(self.source_names)}")
+        self.step, self.micro = int(state["step"]), int(state["micro"])
+        self.consumed = np.array([int(state["consumed"][n]) for n in self.source_names], dtype=np.int64)
+        self._cache_step = -1
+
+
+def open_sources(
+    paths: Mapping[str, str | Path], packing: PackingConfig, num_samples: Mapping[str, int] | None = None
+) -> dict[str, PackedSource]:
+    return {n: PackedSource(p, packing, (num_samples or {}).get(n), name=n) for n, p in paths.items()}
