@@ -1,0 +1,160 @@
+"""``tessera data ...``: synth, pretokenize, report, bench (docs/data.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from tessera.config import ConfigError
+
+
+def _fail(msg: str) -> int:
+    print(f"tessera data: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tessera.data").setLevel(logging.INFO)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from tessera.data.synth import write_synth
+
+    try:
+        m = write_synth(args.out, args.docs, args.image_size, args.seed, args.shard_size, args.heldout_docs)
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"wrote {m['docs']} train documents ({m['train_pattern']}) and {m['heldout_docs']} held-out "
+          f"({m['heldout_pattern']}) at {m['image_size']} px; manifest {args.out}/synth.json")
+    return 0
+
+
+def _pretokenize(args: argparse.Namespace) -> int:
+    from tessera.data.pretokenize import PretokenizeError, PretokenizeOptions, pretokenize
+
+    _logging()
+    opts = PretokenizeOptions(
+        max_doc_tokens=args.max_doc_tokens, max_images=args.max_images, max_text_chars=args.max_text_chars,
+        batch_docs=args.batch_docs, image_batch=args.image_batch, device=args.device,
+    )
+    try:
+        st = pretokenize(args.input, args.out, args.text_tokenizer, args.image_tokenizer, args.workers, opts, args.overwrite)
+    except (PretokenizeError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {args.out}: {st['documents']} documents, {st['tokens']:,} tokens "
+          f"(text {st['text_tokens']:,}, image {st['image_tokens']:,}, special {st['special_tokens']:,}); "
+          f"skipped {st['skipped_total']} {json.dumps({k: v for k, v in st['skipped'].items() if v})}")
+    return 0
+
+
+def _named_dirs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep:
+            name, path = it.rstrip("/").split("/")[-1], it
+        out[name] = path
+    return out
+
+
+def _report(args: argparse.Namespace) -> int:
+    _logging()
+    from tessera.data.config import load_data_config
+    from tessera.data.pretokenize import PretokenizeError
+    from tessera.data.report import format_report, source_balance, woven_balance
+
+    try:
+        woven = weights = None
+        if args.config:
+            cfg = load_data_config(args.config)
+            dirs = dict(cfg.sources)
+            if args.steps > 0:
+                it = cfg.iterator(start_step=args.start_step)
+                weights = it.schedule.weights_dict(args.start_step)
+                woven = woven_balance(it, args.steps)
+        else:
+            dirs = _named_dirs(args.dirs)
+        if not dirs:
+            return _fail("give pretokenized directories or --config DATA.yaml")
+        per = {n: source_balance(p) for n, p in dirs.items()}
+    except (ConfigError, PretokenizeError, ValueError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps({"sources": per, "woven": woven}, indent=2))
+    else:
+        print(format_report(per, woven, weights))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    _logging()
+    from tessera.data.batches import PackingConfig
+    from tessera.data.bench import benchmark_batches
+    from tessera.data.config import load_data_config
+
+    try:
+        if args.config:
+            cfg = load_data_config(args.config)
+            r = benchmark_batches(cfg.sources, cfg.schedule(), cfg.seq_length, cfg.global_batch, cfg.micro_batch,
+                                  args.steps, seed=cfg.seed, packing=cfg.packing())
+        else:
+            dirs = _named_dirs(args.dirs)
+            if not dirs:
+                return _fail("give pretokenized directories or --config DATA.yaml")
+            r = benchmark_batches(dirs, None, args.seq_length, args.global_batch, args.micro_batch, args.steps,
+                                  packing=PackingConfig(args.seq_length))
+    except (ConfigError, ValueError) as exc:
+        return _fail(str(exc))
+    print(json.dumps(r, indent=2) if args.json else
+          f"{r['tokens_per_s_per_core']:,.0f} tokens/s/core ({r['tokens']:,} tokens in {r['seconds']:.3f} s, "
+          f"seq {r['seq_length']}, micro {r['micro_batch']}, global {r['global_batch']})")
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    p = sub.add_parser("synth", help="write the built-in synthetic shapes corpus (train + held-out shards)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--docs", type=int, required=True)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--heldout-docs", type=int, default=None, help="default: docs // 10 (at least 1)")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("pretokenize", help="raw shards -> megatron indexed dataset of unified-vocabulary ids")
+    p.add_argument("--input", required=True, nargs="+", help="shard paths or brace patterns 'shards/{000..099}.tar'")
+    p.add_argument("--text-tokenizer", required=True, help="sentencepiece .model")
+    p.add_argument("--image-tokenizer", required=True, help="VQ tokenizer directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1, help="processes, shards split among them")
+    p.add_argument("--max-doc-tokens", type=int, default=None, help="skip (and count) longer documents")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-text-chars", type=int, default=None)
+    p.add_argument("--batch-docs", type=int, default=64)
+    p.add_argument("--image-batch", type=int, default=64)
+    p.add_argument("--device", default=None, help="VQ encoder device (default: cuda when present)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete output directory")
+    p.set_defaults(func=_pretokenize)
+
+    p = sub.add_parser("report", help="modality balance per source and in the woven stream")
+    p.add_argument("dirs", nargs="*", help="pretokenized directories (NAME=DIR or DIR)")
+    p.add_argument("--config", default=None, help="DataConfig YAML (sources + weave)")
+    p.add_argument("--steps", type=int, default=20, help="woven steps to measure (with --config)")
+    p.add_argument("--start-step", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("bench", help="tokens/s/core of the packed, woven batch stream")
+    p.add_argument("dirs", nargs="*", help="pretokenized directories (NAME=DIR or DIR)")
+    p.add_argument("--config", default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--global-batch", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench)
