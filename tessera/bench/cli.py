@@ -20,6 +20,8 @@ BENCHMARKS = ("train", "decode", "kernels", "vq", "data", "plan")
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the results (with the machine description) here")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--measure-seconds", type=float, default=0.5,
+                   help="time spent on each machine peak (matmul fp32, bf16, copy); best of the repeats")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +109,7 @@ def _payload(name: str, results: object, machine: dict) -> dict:
 def _machine(args: argparse.Namespace, measure: bool = True) -> dict:
     from tessera.bench.machine import describe_machine
 
-    return describe_machine(measure=measure, device=args.device)
+    return describe_machine(measure=measure, device=args.device, seconds=args.measure_seconds)
 
 
 def _finish(args: argparse.Namespace, name: str, results: object, machine: dict) -> int:

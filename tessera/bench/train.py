@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from typing import Any
 
 import torch
 
-from tessera.bench.machine import describe_machine, peak_tflops
+from tessera.bench.machine import describe_machine, interleaved_best_times, peak_tflops
 from tessera.bench.plan import ModelShape, count_parameters, flops_per_token
 from tessera.bench.report import format_table
 
@@ -29,25 +28,13 @@ def _autocast(dtype: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _time_steps(step, steps: int, warmup: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def bench_config(preset: str, seq_length: int) -> Any:
     """The preset's ModelConfig at ``seq_length`` with dropout off (see module docstring)."""
     from tessera.model.config import get_preset
 
     cfg = get_preset(preset)
-    changes = {"seq_length": max(seq_length, cfg.seq_length)}
+    # fp32 master weights on both sides; --dtype bf16 autocasts the compute of both alike
+    changes: dict = {"seq_length": max(seq_length, cfg.seq_length), "params_dtype": "float32"}
     for name in ("hidden_dropout", "attention_dropout"):
         if hasattr(cfg, name):
             changes[name] = 0.0
@@ -149,26 +136,31 @@ def benchmark_train(
     g = torch.Generator().manual_seed(seed)
     # token ids below the smallest real vocabulary any preset has; +1 so inputs and labels both span seq_length
     tokens = torch.randint(0, min(cfg.vocab_size, 4096), (micro_batch, seq_length + 1), generator=g).to(dev)
-    rows = []
-    sides = [("tessera (megatron-core)", tessera_step, tokens)]
+    sides = {"tessera (megatron-core)": (tessera_step, tokens)}
     if baseline:
-        sides.append(("transformers Chameleon", hf_step, tokens[:, :seq_length]))
-    for name, make, toks in sides:
+        sides["transformers Chameleon"] = (hf_step, tokens[:, :seq_length])
+    built = {}
+    for name, (make, toks) in sides.items():
         torch.manual_seed(seed)
-        model, step, last = make(cfg, toks, dtype, dev)
-        times = _time_steps(step, steps, warmup, dev)
-        best = min(times)
+        built[name] = make(cfg, toks, dtype, dev)
+    for _ in range(max(0, warmup - 1)):  # interleaved_best_times adds one warm-up call of its own
+        for _, step, _ in built.values():
+            step()
+    # round-robin timing: load from other processes on a shared machine hits both sides alike
+    times = interleaved_best_times({k: v[1] for k, v in built.items()}, dev, repeats=steps)
+    rows = []
+    for name, (model, _, last) in built.items():
+        best = min(times[name])
         tok_s = micro_batch * seq_length / best
         rows.append({
             "implementation": name,
             "params": sum(p.numel() for n, p in model.named_parameters() if "vqmodel" not in n),
             "step_s_best": best,
-            "step_s_median": sorted(times)[len(times) // 2],
+            "step_s_median": sorted(times[name])[len(times[name]) // 2],
             "tokens_per_s": tok_s,
             "mfu": fpt * tok_s / peak,
             "loss": last.get("loss"),
         })
-        del model, step
     res = {
         "preset": preset,
         "shape": dataclasses.asdict(shape),
