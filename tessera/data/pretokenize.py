@@ -130,7 +130,7 @@ def pretokenize_shard(
             if opts.max_doc_tokens is not None and ids.size > opts.max_doc_tokens:
                 stats.skip("too_long", f"{url}:{doc.key}", f"{ids.size} tokens > {opts.max_doc_tokens}")
                 continue
-            builder.add_document(torch.from_numpy(ids), [ids.size])
+            builder.add_document(ids, [ids.size])  # accepts any array-like
             c = count_modalities(ids, vocab)
             for k, v in c.items():
                 totals[k] += v
