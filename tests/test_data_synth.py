@@ -35,8 +35,8 @@ def _degrade(img: Image.Image, blur: float, noise: float, seed: int) -> Image.Im
 
 def test_write_synth_is_deterministic_and_seeded(tmp_path):
     a = write_synth(tmp_path / "a", 30, image_size=32, seed=5, shard_size=7, progress=False)
-    b = write_synth(tmp_path / "b", 30, image_size=32, seed=5, shard_size=7, progress=False)
-    c = write_synth(tmp_path / "c", 30, image_size=32, seed=6, shard_size=7, progress=False)
+    write_synth(tmp_path / "b", 30, image_size=32, seed=5, shard_size=7, progress=False)
+    write_synth(tmp_path / "c", 30, image_size=32, seed=6, shard_size=7, progress=False)
     assert a["train_shards"] == [f"train-{i:06d}.tar" for i in range(5)]
     for name in a["train_shards"] + a["heldout_shards"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
