@@ -179,8 +179,13 @@ def _worker_run(job: tuple[str, str]) -> dict:
 
 # ---- the command ------------------------------------------------------------------------------
 def _fingerprint(urls: list[str], vocab: Vocabulary, text_spec, image_spec, opts: PretokenizeOptions) -> str:
-    def ident(spec) -> str:
-        return os.path.abspath(spec) if isinstance(spec, str) else type(spec).__name__
+    def ident(spec) -> object:
+        if not isinstance(spec, str):
+            return type(spec).__name__  # the vocabulary sizes below cover the rest
+        p = Path(spec)
+        files = sorted(p.iterdir()) if p.is_dir() else [p] if p.exists() else []
+        # a retrained tokenizer at the same path must not reuse parts encoded with the old one
+        return [os.path.abspath(spec)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
     blob = json.dumps(
         {
