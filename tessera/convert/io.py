@@ -21,15 +21,15 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside ``out_dir``; rename it to ``out_dir`` only if the block succeeds, so a
-    crash never leaves a half-written directory that looks complete."""
+    """Yield a temp path beside ``out_dir`` (not yet created: the block creates it); rename it to
+    ``out_dir`` only if the block succeeds, so a crash never leaves a half-written directory that
+    looks complete."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConvertError(f"{out_dir}: output directory already exists (pass --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
         yield tmp
     except BaseException:

@@ -1,0 +1,83 @@
+"""``tessera convert``: from-hf, from-meta, to-hf."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tessera.convert.errors import ConvertError
+
+
+def _from_hf(args: argparse.Namespace) -> int:
+    from tessera.convert.hf import from_hf
+
+    res = from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(res.summary())
+    return 0
+
+
+def _from_meta(args: argparse.Namespace) -> int:
+    from tessera.convert.hf import from_meta
+
+    res = from_meta(args.meta_dir, args.out_dir, model=args.model, dtype=args.dtype, overwrite=args.overwrite)
+    print(res.summary())
+    return 0
+
+
+def _to_hf(args: argparse.Namespace) -> int:
+    from tessera.convert.hf import to_hf
+
+    res = to_hf(
+        args.checkpoint,
+        args.out_dir,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        text_tokenizer=args.text_tokenizer,
+        image_tokenizer=args.image_tokenizer,
+        overwrite=args.overwrite,
+        max_shard_bytes=int(args.max_shard_gib * 2**30),
+        allow_missing_vq=args.allow_missing_vq,
+    )
+    print(res.summary())
+    return 0
+
+
+def _guard(fn):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except ConvertError as exc:
+            print(f"tessera convert: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="convert_command", metavar="SUBCOMMAND", required=True)
+    dtypes = ["auto", "float32", "bfloat16"]
+
+    p = sub.add_parser("from-hf", help="transformers ChameleonForConditionalGeneration dir -> Tessera checkpoint")
+    p.add_argument("hf_dir", help="directory with config.json, safetensors (or an index) and tokenizer files")
+    p.add_argument("out_dir", help="Tessera checkpoint directory to create")
+    p.add_argument("--dtype", choices=dtypes, default="auto", help="parameter dtype (auto: bf16 if the source is)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=_guard(_from_hf))
+
+    p = sub.add_parser("from-meta", help="Meta's Chameleon release (params.json, consolidated.NN.pth) -> Tessera")
+    p.add_argument("meta_dir", help="release root (models/<size>/, tokenizer/) or the models/<size> directory")
+    p.add_argument("out_dir", help="Tessera checkpoint directory to create")
+    p.add_argument("--model", default=None, help="which models/<size> to convert (e.g. 7b, 30b) when several exist")
+    p.add_argument("--dtype", choices=dtypes, default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_guard(_from_meta))
+
+    p = sub.add_parser("to-hf", help="Tessera checkpoint -> transformers ChameleonForConditionalGeneration dir")
+    p.add_argument("checkpoint", help="checkpoint dir, or a run dir / checkpoints dir (uses `latest`)")
+    p.add_argument("out_dir", help="directory to create (from_pretrained-loadable)")
+    p.add_argument("--text-tokenizer", default=None, help="sentencepiece .model for a checkpoint trained in Tessera")
+    p.add_argument("--image-tokenizer", default=None, help="ImageTokenizer directory (default CKPT/tokenizers/image)")
+    p.add_argument("--dtype", choices=dtypes, default="auto", help="dtype of the written weights (auto: as stored)")
+    p.add_argument("--max-shard-gib", type=float, default=5.0, help="safetensors shard size")
+    p.add_argument("--allow-missing-vq", action="store_true", help="export without an image tokenizer (text only)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_guard(_to_hf))
