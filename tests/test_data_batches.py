@@ -217,3 +217,31 @@ def test_benchmark_batches_runs(datasets):
     r = benchmark_batches({n: str(p) for n, p in datasets.items()}, seq_length=SEQ, global_batch=16, micro_batch=4,
                           steps=5, warmup_steps=1)
     assert r["tokens"] == 5 * 16 * SEQ and r["tokens_per_s_per_core"] > 1e4
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_attention_mask_equals_megatrons(datasets, reset):
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    from tessera.data.batches import _attention_mask
+
+    src = PackedSource(datasets["web"], PackingConfig(seq_length=SEQ, reset_attention_mask=reset,
+                                                      create_attention_mask=True))
+    eos = src.vocab.eos_id
+    for i in range(min(len(src), 10)):
+        tok = src[i]["tokens"]
+        want, _, _ = _get_ltor_masks_and_position_ids(tok, eos, False, reset, False, True)
+        assert torch.equal(src[i]["attention_mask"], want)
+    edge = torch.tensor([eos, 5, eos, eos, 7, 8])
+    want, _, _ = _get_ltor_masks_and_position_ids(edge, eos, False, reset, False, True)
+    assert torch.equal(_attention_mask(edge, eos, reset), want)
+
+
+def test_iterator_writes_the_same_masks_into_its_batch_buffer(datasets):
+    pk = PackingConfig(seq_length=SEQ, reset_attention_mask=True, create_attention_mask=True)
+    srcs = _sources(datasets, pk)
+    it = WovenBatchIterator(srcs, SCHEDULE, 8, 4, seed=2, start_step=10)
+    src, idx = it.step_plan(10, it.consumed)
+    b = next(it)
+    for k in range(4):
+        assert torch.equal(b["attention_mask"][k], srcs[SCHEDULE.sources[src[k]]][idx[k]]["attention_mask"])
