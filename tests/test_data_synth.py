@@ -127,3 +127,14 @@ def test_scoring_functions():
     assert ok["chance"] == CHANCE and CHANCE["colour_shape"] == pytest.approx(1 / 36)
     with pytest.raises(ValueError, match="not in the synthetic grammar"):
         score_text_to_image("hello", img)
+
+
+def test_caption_image_pairs_match_their_images(tmp_path):
+    from tessera.data.synth import caption_image_pairs
+
+    m = write_synth(tmp_path, 30, image_size=32, seed=2, shard_size=100, heldout_docs=20, progress=False)
+    pairs = caption_image_pairs(m["heldout_pattern"])
+    assert len(pairs) >= 20
+    for text, img in pairs:
+        assert score_text_to_image(text, img)["exact"] == 1.0
+    assert len(caption_image_pairs(m["heldout_pattern"], limit=5)) == 5

@@ -300,6 +300,26 @@ def write_corpus(
     return paths
 
 
+def caption_image_pairs(urls, limit: int | None = None) -> list[tuple[str, Image.Image]]:
+    """(caption, image) for every caption directly before or after its image in the shards ``urls``
+    (a brace pattern or list), e.g. the held-out split's evaluation prompts and references."""
+    from tessera.data.raw import iter_documents
+
+    pairs: list[tuple[str, Image.Image]] = []
+    for doc in iter_documents(urls):
+        segs = doc.segments
+        for i, seg in enumerate(segs):
+            if not isinstance(seg, Image.Image):
+                continue
+            for j in (i - 1, i + 1):  # caption_image / multi_image: before; image_caption: after
+                if 0 <= j < len(segs) and isinstance(segs[j], str) and parse_caption(segs[j]) is not None:
+                    pairs.append((segs[j], seg))
+                    break
+            if limit is not None and len(pairs) >= limit:
+                return pairs
+    return pairs
+
+
 HELDOUT_SEED_OFFSET = 7919  # the held-out split uses seed + this, so it never repeats training documents' draws
 
 
