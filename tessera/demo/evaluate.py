@@ -26,27 +26,12 @@ SCORE_KEYS = ("parsed", "colour", "shape", "colour_shape", "size", "layout", "ex
 
 
 def heldout_pairs(shards: list[str], limit: int) -> dict[str, list[tuple[str, Image.Image]]]:
-    """(caption, image) pairs from the held-out shards: caption-then-image documents give the
-    text->image prompts, image-then-caption documents the image->text prompts."""
-    from tessera.data.raw import iter_documents
-    from tessera.data.synth import parse_caption
+    """Disjoint (caption, image) pairs from the held-out shards: the first ``limit`` are the
+    text->image prompts, the next ``limit`` the image->text prompts."""
+    from tessera.data.synth import caption_image_pairs
 
-    out: dict[str, list[tuple[str, Image.Image]]] = {"t2i": [], "i2t": []}
-    for doc in iter_documents(shards):
-        segs = doc.segments
-        if len(segs) != 2:
-            continue
-        if isinstance(segs[0], str) and not isinstance(segs[1], str):
-            kind, text, image = "t2i", segs[0], segs[1]
-        elif isinstance(segs[1], str) and not isinstance(segs[0], str):
-            kind, text, image = "i2t", segs[1], segs[0]
-        else:
-            continue
-        if parse_caption(text) is not None and len(out[kind]) < limit:
-            out[kind].append((text, image))
-        if all(len(v) >= limit for v in out.values()):
-            break
-    return out
+    pairs = caption_image_pairs(shards, limit=2 * limit)
+    return {"t2i": pairs[:limit], "i2t": pairs[limit : 2 * limit]}
 
 
 def mean_scores(rows: list[dict]) -> dict[str, Any]:
