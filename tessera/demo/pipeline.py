@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,7 +136,24 @@ def train_command(cfg: DemoConfig, paths: Paths) -> list[str]:
     return argv
 
 
+def install_tokenizers(paths: Paths) -> Path:
+    """Copy the tokenizers into ``RUN/tokenizers/`` where ``tessera generate`` looks for them
+    (docs/generation.md), so ``tessera generate --checkpoint OUT/train/run`` works as it is."""
+    from tessera.tokenizers.image import CONFIG_FILE, WEIGHTS_FILE
+
+    dst = paths.run_dir / "tokenizers"
+    (dst / "image").mkdir(parents=True, exist_ok=True)
+    for src, to in ((paths.text_model, dst / "text.model"),
+                    (paths.image_tokenizer / CONFIG_FILE, dst / "image" / CONFIG_FILE),
+                    (paths.image_tokenizer / WEIGHTS_FILE, dst / "image" / WEIGHTS_FILE)):
+        tmp = to.with_name(f".{to.name}.tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(to)
+    return dst
+
+
 def stage_train(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
+    install_tokenizers(paths)
     argv = train_command(cfg, paths)
     (d / "command.txt").write_text(" ".join(argv) + "\n")
     env = dict(os.environ)
