@@ -150,3 +150,21 @@ def test_shape_from_config_reads_the_model_config():
     cfg = dataclasses.replace(get_preset("chameleon-34b"))
     m = ModelShape.from_config(cfg)
     assert (m.num_query_groups, m.head_dim, m.kv_width) == (8, 128, 1024)
+
+
+def test_plan_from_a_training_config(tmp_path, capsys):
+    from tessera.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model:\n  preset: chameleon-34b\n  seq_length: 2048\n"
+                   "parallel:\n  tp: 8\n  pp: 4\n  micro_batch_size: 2\n  global_batch_size: 512\n")
+    out = tmp_path / "plan.json"
+    assert main(["bench", "plan", "--config", str(cfg), "--gpus", "128", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert res["layout"]["tp"] == 8 and res["layout"]["pp"] == 4 and res["layout"]["dp"] == 4
+    assert res["layout"]["micro_batch"] == 2 and res["layout"]["global_batch"] == 512
+    assert res["layout"]["seq_length"] == 2048 and res["parameters"] == 34_294_308_864
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  preset: chameleon-7b\n  hidden_size: many\n")
+    with pytest.raises(SystemExit, match="hidden_size"):
+        main(["bench", "plan", "--config", str(bad), "--gpus", "8"])
