@@ -107,11 +107,12 @@ def test_exported_model_loads_in_transformers_with_a_working_processor(converted
 def test_imported_text_tokenizer_speaks_tessera_piece_ids(converted):
     from tokenizers import Tokenizer
 
-    from tessera.convert.hf_tokenizer import HFTextTokenizer
+    from tessera.convert import HFTextTokenizer, load_text_tokenizer
     from tessera.tokenizers.vocab import TextSegment
 
     model, root, _ = converted
-    tok = HFTextTokenizer.load(root / "tessera" / "tokenizers" / "text")
+    tok = load_text_tokenizer(root / "tessera" / "tokenizers" / "text")
+    assert isinstance(tok, HFTextTokenizer) and tok.vocab_size == tok.vocab.num_text_tokens
     hf_tok = Tokenizer.from_file(str(root / "hf" / "tokenizer.json"))
     text = "A red circle sits above 42 blue squares."
     pieces = tok.encode(text)
@@ -238,3 +239,132 @@ def test_cli_reports_errors_and_refuses_to_overwrite(converted, tmp_path, capsys
     assert rc == 2 and "nope" in capsys.readouterr().err
     rc = main(["convert", "to-hf", str(root / "tessera"), str(root / "tessera")])
     assert rc == 2 and "already exists" in capsys.readouterr().err
+    rc = main(["convert", "to-hf", str(root / "tessera"), str(tmp_path / "cli-out"), "--max-shard-gib", "0.0001"])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    assert (tmp_path / "cli-out" / "model.safetensors.index.json").is_file()
+
+
+# ---- a checkpoint trained in Tessera -> transformers ----------------------------------------
+@pytest.fixture(scope="module")
+def native_checkpoint(tmp_path_factory):
+    import tessera.model as tm
+    from tessera.convert.testing import CORPUS
+    from tessera.model.parallel import ensure_single_process
+    from tessera.tokenizers.image import ImageTokenizer, VQConfig
+    from tessera.tokenizers.text import train_text_tokenizer
+    from tessera.tokenizers.vocab import Vocabulary
+
+    root = tmp_path_factory.mktemp("native")
+    (root / "corpus.txt").write_text("\n".join(CORPUS + ["héllo wörld 你好 🙂  double  spaces"]))
+    text = train_text_tokenizer([root / "corpus.txt"], root / "text", vocab_size=400)
+    vq = VQConfig(image_size=32, base_channels=32, channel_mults=(1, 1, 2), num_res_blocks=1, num_groups=32,
+                  z_channels=8, embed_dim=8, codebook_size=32, kmeans_init=False, attn_resolutions=(16,))
+    vocab = Vocabulary(num_text_tokens=text.vocab_size, num_image_codes=32, image_tokens_per_image=vq.tokens_per_image,
+                       pad_to_multiple_of=128)
+    ensure_single_process()
+    cfg = tm.ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
+                         num_query_groups=2, vocab_size=vocab.padded_size, seq_length=64, swin_norm=True)
+    torch.manual_seed(0)
+    model = tm.build_model(cfg, pre_process=True, post_process=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # ones / zeros at init would hide a wrong mapping
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
+    ckpt = root / "ckpt"
+    tm.save_model_checkpoint(model, cfg, ckpt, vocab=vocab)
+    torch.manual_seed(1)
+    ImageTokenizer.from_config(vq).save(ckpt / "tokenizers" / "image")
+    return root, ckpt, text, vocab
+
+
+def test_native_checkpoint_exports_to_transformers(native_checkpoint):
+    from PIL import Image
+    from transformers import ChameleonForConditionalGeneration, ChameleonProcessor, PreTrainedTokenizerFast
+
+    import tessera.model as tm
+
+    root, ckpt, text, vocab = native_checkpoint
+    out = root / "hf"
+    to_hf(ckpt, out, text_tokenizer=text.path)
+    hf = ChameleonForConditionalGeneration.from_pretrained(out).eval()
+    ids = torch.randint(0, vocab.size, (2, 20))
+    ours = tm.load(ckpt, device="cpu", dtype=torch.float32).logits(ids)
+    assert (hf_logits(hf, ids) - ours).abs().max().item() < 1e-4
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    s = "A red circle sits above a blue square 42 héllo 🙂"
+    assert tok.encode(s, add_special_tokens=False) == [p + vocab.text_offset for p in text.encode(s)]
+    assert tok.decode(tok.encode(s, add_special_tokens=False)) == s
+    assert hf.config.vocabulary_map["<racm3:break>"] == vocab.boi_id
+    proc = ChameleonProcessor.from_pretrained(out)
+    enc = proc(text="A red circle<image>", images=[Image.new("RGB", (50, 40), "red")], return_tensors="pt")
+    with torch.no_grad():
+        hf(**enc)
+    # and back in: importing the export gives the same logits again
+    from_hf(out, root / "again")
+    assert (tessera_logits_in_hf_order(root / "again", ids) - ours).abs().max().item() < 1e-4
+
+
+def test_bf16_source_stays_bf16_and_round_trips(tmp_path):
+    src = tmp_path / "hf"
+    model = make_hf_chameleon(src, num_kv_heads=2, seed=7)
+    for f in src.glob("*.safetensors"):
+        sd = load_file(str(f))
+        save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+    from_hf(src, tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "convert.json").read_text())["params_dtype"] == "bfloat16"
+    to_hf(tmp_path / "t", tmp_path / "back")
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(back) == set(model.state_dict())
+    for k, v in model.state_dict().items():  # the VQ goes bf16 -> fp32 (image tokenizer) -> bf16: exact too
+        assert back[k].dtype == torch.bfloat16 and torch.equal(back[k], v.to(torch.bfloat16)), k
+
+
+# ---- an imported checkpoint under tensor parallelism -------------------------------------------
+def _tp2_worker(rank, port, ckpt, ids_path, out_path):
+    import faulthandler
+    import os
+
+    faulthandler.dump_traceback_later(240, exit=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from tessera.model import build_model, destroy_parallel, initialize_parallel
+    from tessera.model.checkpoint import read_model_config
+
+    initialize_parallel(tp=2, pp=1)
+    model = build_model(read_model_config(ckpt))
+    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, f"{ckpt}/dist")["model"])
+    model.eval()
+    ids = torch.load(ids_path)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        local = model(ids, pos, None)  # [b, s, vocab / 2]: the output layer is vocab-parallel
+    parts = [torch.empty_like(local) for _ in range(2)]
+    dist.all_gather(parts, local.contiguous())
+    if rank == 0:
+        torch.save(torch.cat(parts, dim=-1), out_path)
+    destroy_parallel()
+
+
+@pytest.mark.timeout(300)
+def test_imported_checkpoint_loads_under_tensor_parallel_2(meta_converted, tmp_path):
+    """The Meta import (GQA, swin_norm, per-rank QK-norm) re-sharded to TP=2 by dist_checkpointing."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model, root, _ = meta_converted
+    ckpt = root / "tessera"
+    idmap = IdMap.load(ckpt)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    torch.save(idmap.hf_to_tessera()[ids], tmp_path / "ids.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_tp2_worker, args=(port, str(ckpt), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")),
+                       nprocs=2, join=True, start_method="spawn")
+    got = torch.load(tmp_path / "out.pt")
+    got_hf = idmap.rows_to_hf(got.movedim(-1, 0)).movedim(0, -1)
+    assert (got_hf - hf_logits(model, ids)).abs().max().item() < 1e-4

@@ -41,11 +41,23 @@ def _to_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (a message for the user, not a traceback)."""
+    from tessera.config import ConfigError
+    from tessera.model.checkpoint import CheckpointError
+    from tessera.tokenizers.image import ImageTokenizerError
+    from tessera.tokenizers.text import TextTokenizerError
+    from tessera.tokenizers.vocab import VocabularyError
+
+    return (ConvertError, CheckpointError, ConfigError, ImageTokenizerError, TextTokenizerError, VocabularyError,
+            FileNotFoundError)
+
+
 def _guard(fn):
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except ConvertError as exc:
+        except _user_errors() as exc:
             print(f"tessera convert: error: {exc}", file=sys.stderr)
             return 2
 

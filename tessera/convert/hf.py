@@ -68,7 +68,14 @@ class ConvertResult:
 
 
 def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+    """Peak RSS of this process: VmHWM (ru_maxrss would include the parent's RSS at fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _choose_dtype(state: dict[str, torch.Tensor], dtype: str) -> str:
@@ -164,8 +171,15 @@ def import_chameleon(
     return ConvertResult(Path(out_dir), lm_keys, n_params, time.perf_counter() - t0, _peak_rss_gib(), notes)
 
 
+def _check_out(out_dir: str | Path, overwrite: bool) -> None:
+    """Fail before any heavy work if OUT_DIR exists (``atomic_output_dir`` checks again at the end)."""
+    if Path(out_dir).exists() and not overwrite:
+        raise ConvertError(f"{out_dir}: output directory already exists (pass --overwrite to replace it)")
+
+
 def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "auto", overwrite: bool = False) -> ConvertResult:
     """A transformers ``ChameleonForConditionalGeneration`` directory -> a Tessera checkpoint."""
+    _check_out(out_dir, overwrite)
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise ConvertError(f"{hf_dir}: not a directory")
@@ -180,6 +194,7 @@ def from_meta(
     """Meta's release layout (params.json, consolidated.NN.pth, tokenizer/) -> a Tessera checkpoint."""
     from tessera.convert.meta import read_meta, write_tokenizer_json
 
+    _check_out(out_dir, overwrite)
     meta_dir = Path(meta_dir)
     ck = read_meta(meta_dir, model)
     staging = Path(out_dir).parent / f".{Path(out_dir).name}.tokenizer-staging"
@@ -276,6 +291,7 @@ def to_hf(
     from tessera.convert.vq import hf_vq_config, tessera_to_taming
 
     t0 = time.perf_counter()
+    _check_out(out_dir, overwrite)
     mcfg, vocab, t_state, path = load_tessera_state(ckpt, dtype)
     if vocab is None:
         raise ConvertError(f"{path}: checkpoint has no vocab.json; cannot name the image tokens for transformers")
@@ -295,7 +311,7 @@ def to_hf(
     # image tokenizer -> model.vqmodel.*
     from tessera.tokenizers.image import ImageTokenizer
 
-    img_dir = Path(image_tokenizer) if image_tokenizer else path / IMAGE_DIR
+    img_dir = Path(image_tokenizer) if image_tokenizer else _find_in_tokenizer_dirs(path, "image")
     vq_conf: dict = {}
     if (img_dir / "config.json").is_file():
         itok = ImageTokenizer.load(img_dir)
@@ -349,16 +365,32 @@ def to_hf(
     return ConvertResult(Path(out_dir), len(hf_state), n, time.perf_counter() - t0, _peak_rss_gib(), notes)
 
 
+def _tokenizer_dirs(ckpt: Path) -> list[Path]:
+    """Where a checkpoint's tokenizers live (the convention tessera generate uses): CKPT/tokenizers,
+    then the run directory's tokenizers/ above checkpoints/."""
+    dirs = [ckpt / "tokenizers"]
+    for parent in ckpt.parents:
+        if parent.name == "checkpoints":
+            dirs.append(parent.parent / "tokenizers")
+            break
+    return dirs
+
+
+def _find_in_tokenizer_dirs(ckpt: Path, name: str) -> Path:
+    for d in _tokenizer_dirs(ckpt):
+        if (d / name).exists():
+            return d / name
+    return ckpt / "tokenizers" / name
+
+
 def _find_sentencepiece(ckpt: Path, given: str | Path | None) -> Path | None:
     if given:
         p = Path(given)
         if p.is_file():
             return p
-        raise ConvertError(f"{p}: text tokenizer not found")
-    for cand in (ckpt / "tokenizers" / "text.model", ckpt / "tokenizers" / "text" / "text.model"):
-        if cand.is_file():
-            return cand
-    return None
+        raise ConvertError(f"{p}: text tokenizer not found (expected a sentencepiece .model file)")
+    p = _find_in_tokenizer_dirs(ckpt, "text.model")
+    return p if p.is_file() else None
 
 
 def build_native_tokenizer(sp_model: Path, vocab: Any, padded_size: int, out_dir: Path) -> list[str]:

@@ -95,3 +95,14 @@ def copy_tokenizer_files(src_dir: Path, dst_dir: Path, names: Sequence[str] = TO
             shutil.copyfile(src_dir / name, dst_dir / name)
             copied.append(name)
     return copied
+
+
+def load_text_tokenizer(path: str | Path):
+    """The text tokenizer at ``path``: a sentencepiece ``.model`` (Tessera's ``TextTokenizer``) or a
+    directory holding ``tokenizer.json`` + ``hf_id_map.json`` (an imported Chameleon: ``HFTextTokenizer``)."""
+    path = Path(path)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return HFTextTokenizer.load(path)
+    from tessera.tokenizers.text import TextTokenizer
+
+    return TextTokenizer.load(path)

@@ -85,18 +85,46 @@ def write_synthetic_hf(out: Path, hidden: int, layers: int, heads: int, kv_heads
     return total
 
 
+def write_synthetic_meta(hf_dir: Path, meta_dir: Path, num_shards: int) -> None:
+    """The same weights in Meta's release layout (plus a small random VQGAN with 8192 codes, decoder included)."""
+    from safetensors.torch import load_file
+
+    from tessera.convert.testing import write_meta_from_state
+    from tessera.convert.vq import hf_vq_config, tessera_to_taming
+    from tessera.tokenizers.image import VQConfig, VQModel
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    vq = VQConfig(image_size=32, base_channels=32, channel_mults=(1, 1, 2), num_res_blocks=1, num_groups=32,
+                  z_channels=8, embed_dim=8, codebook_size=8192, kmeans_init=False)
+    for k, v in tessera_to_taming(VQModel(vq).state_dict(), vq, decoder=True).items():
+        state["model.vqmodel." + k] = v
+    cfg["vq_config"] = hf_vq_config(vq)
+    from tokenizers import Tokenizer, models
+
+    tok = json.loads(Tokenizer(models.WordLevel(cfg["vocabulary_map"], unk_token="<unk>")).to_str())
+    write_meta_from_state(state, cfg, meta_dir, num_shards, tok)
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak RSS. VmHWM (not ru_maxrss, which Linux carries over fork + exec from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _child(cmd: list[str]) -> tuple[float, float]:
+    """Run one conversion in a fresh interpreter; its last stdout line is its own peak RSS in GiB."""
     t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(cmd, check=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-        print("warning: peak RSS not above an earlier child's; run each measurement in a fresh process")
-    return time.perf_counter() - t0, peak / 2**20
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return time.perf_counter() - t0, float(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ffn", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/tessera-convert-measure"))
-    ap.add_argument("--step", choices=["all", "from-hf", "to-hf"], default="all")
+    ap.add_argument("--meta-shards", type=int, default=2, help="model-parallel shards of the from-meta source")
+    ap.add_argument("--step", choices=["all", "from-hf", "to-hf", "from-meta"], default="all")
     a = ap.parse_args(argv)
     w = a.workdir
     if a.step == "all":
@@ -116,21 +145,25 @@ def main(argv: list[str] | None = None) -> int:
         n = write_synthetic_hf(w / "hf", a.hidden, a.layers, a.heads, a.kv_heads, a.ffn, a.vocab)
         gib = n * 2 / 2**30
         res = {"params": n, "weights_gib_bf16": round(gib, 3)}
-        for step, _src, dst in (("from-hf", w / "hf", w / "tessera"), ("to-hf", w / "tessera", w / "back")):
+        write_synthetic_meta(w / "hf", w / "meta", a.meta_shards)
+        for step, dst in (("from-hf", w / "tessera"), ("to-hf", w / "back"), ("from-meta", w / "from-meta")):
             cmd = [sys.executable, "-m", "tessera.convert.measure", "--workdir", str(w), "--step", step]
             secs, peak = _child(cmd)
             res[step] = {"seconds": round(secs, 1), "peak_rss_gib": round(peak, 3),
                          "peak_over_weights": round(peak / gib, 2), "out_disk_gib": round(_du(dst) / 2**30, 3)}
         print(json.dumps(res, indent=1))
         return 0
-    from tessera.convert.hf import from_hf, to_hf
+    from tessera.convert.hf import from_hf, from_meta, to_hf
 
     if a.step == "from-hf":
         r = from_hf(w / "hf", w / "tessera", overwrite=True)
+    elif a.step == "from-meta":
+        r = from_meta(w / "meta", w / "from-meta", overwrite=True)
     else:
         # the synthetic source has no VQ model: export needs an image tokenizer, so skip it
         r = to_hf(w / "tessera", w / "back", overwrite=True, allow_missing_vq=True)
-    print(r.summary())
+    print(r.summary(), file=sys.stderr)
+    print(_peak_rss_gib())
     return 0
 
 

@@ -143,24 +143,32 @@ def _multiple_of(dim: int, ffn: int) -> int:
 
 
 def write_meta_layout(model, meta_dir: Path, num_shards: int = 1, hf_tokenizer_dir: Path | None = None) -> None:
-    """Write ``model`` (a transformers Chameleon) in Meta's release layout:
-    ``models/7b/{params.json, consolidated.NN.pth}`` and ``tokenizer/{text_tokenizer.json, vqgan.ckpt,
-    vqgan.yaml}``; QK-norm as one [head_dim] vector per rank in Meta's interleaved RoPE order."""
+    """Write ``model`` (a transformers Chameleon) in Meta's release layout (see ``write_meta_from_state``)."""
+    tok = json.loads((hf_tokenizer_dir / "tokenizer.json").read_text()) if hf_tokenizer_dir is not None else None
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    write_meta_from_state(sd, model.config.to_dict(), meta_dir, num_shards, tok)
+
+
+def write_meta_from_state(
+    sd: dict[str, torch.Tensor], cfg: dict, meta_dir: Path, num_shards: int = 1, tokenizer_json: dict | None = None
+) -> None:
+    """transformers-named tensors + config dict -> ``models/7b/{params.json, consolidated.NN.pth}`` and
+    ``tokenizer/{text_tokenizer.json, vqgan.ckpt, vqgan.yaml}``; QK-norm as one [head_dim] vector per
+    rank in Meta's interleaved RoPE order (the inverse of transformers' conversion script)."""
     import yaml
 
-    cfg = model.config
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    n_heads, n_kv, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+    n_heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+    n_kv = cfg.get("num_key_value_heads") or n_heads
     mdir = meta_dir / "models" / "7b"
     mdir.mkdir(parents=True, exist_ok=True)
     params = {
         "model_parallel_size": num_shards,
         "model": {
-            "dim": dim, "n_layers": cfg.num_hidden_layers, "n_heads": n_heads,
-            "n_kv_heads": n_kv if n_kv != n_heads else None, "vocab_size": cfg.vocab_size,
-            "norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_parameters["rope_theta"],
-            "qk_normalization": True, "swin_norm": cfg.swin_norm,
-            "ffn_dim_multiplier": 1.0, "multiple_of": _multiple_of(dim, cfg.intermediate_size),
+            "dim": dim, "n_layers": cfg["num_hidden_layers"], "n_heads": n_heads,
+            "n_kv_heads": n_kv if n_kv != n_heads else None, "vocab_size": cfg["vocab_size"],
+            "norm_eps": cfg.get("rms_norm_eps", 1e-5), "rope_theta": cfg["rope_parameters"]["rope_theta"],
+            "qk_normalization": True, "swin_norm": bool(cfg.get("swin_norm")),
+            "ffn_dim_multiplier": 1.0, "multiple_of": _multiple_of(dim, cfg["intermediate_size"]),
         },
     }
     (mdir / "params.json").write_text(json.dumps(params))
@@ -176,7 +184,7 @@ def write_meta_layout(model, meta_dir: Path, num_shards: int = 1, hf_tokenizer_d
     put("tok_embeddings.weight", split(sd["model.embed_tokens.weight"], 1))
     put("output.weight", split(sd["lm_head.weight"], 0))
     put("norm.weight", [sd["model.norm.weight"]] * num_shards)
-    for i in range(cfg.num_hidden_layers):
+    for i in range(cfg["num_hidden_layers"]):
         h, m = f"model.layers.{i}.", f"layers.{i}."
         put(m + "attention.wq.weight", split(half_to_interleaved(sd[h + "self_attn.q_proj.weight"], n_heads), 0))
         put(m + "attention.wk.weight", split(half_to_interleaved(sd[h + "self_attn.k_proj.weight"], n_kv), 0))
@@ -199,17 +207,18 @@ def write_meta_layout(model, meta_dir: Path, num_shards: int = 1, hf_tokenizer_d
     tdir.mkdir(parents=True, exist_ok=True)
     vq = {k[len("model.vqmodel.") :]: v for k, v in sd.items() if k.startswith("model.vqmodel.")}
     torch.save({"state_dict": vq}, tdir / "vqgan.ckpt")
-    v = cfg.vq_config
+    v = cfg["vq_config"]
     vq_yaml = {
         "model": {
             "params": {
-                "embed_dim": v.embed_dim,
-                "n_embed": v.num_embeddings,
+                "embed_dim": v["embed_dim"],
+                "n_embed": v["num_embeddings"],
                 "ddconfig": {
-                    "double_z": v.double_latent, "z_channels": v.latent_channels, "resolution": v.resolution,
-                    "in_channels": v.in_channels, "out_ch": 3, "ch": v.base_channels,
-                    "ch_mult": list(v.channel_multiplier), "num_res_blocks": v.num_res_blocks,
-                    "attn_resolutions": list(v.attn_resolutions or []), "dropout": v.dropout,
+                    "double_z": v.get("double_latent", False), "z_channels": v["latent_channels"],
+                    "resolution": v["resolution"], "in_channels": v.get("in_channels", 3), "out_ch": 3,
+                    "ch": v["base_channels"], "ch_mult": list(v["channel_multiplier"]),
+                    "num_res_blocks": v["num_res_blocks"], "attn_resolutions": list(v.get("attn_resolutions") or []),
+                    "dropout": v.get("dropout", 0.0),
                 },
                 "lossconfig": {"target": "none"},
                 "ckpt_path": "none",
@@ -217,8 +226,8 @@ def write_meta_layout(model, meta_dir: Path, num_shards: int = 1, hf_tokenizer_d
         }
     }
     (tdir / "vqgan.yaml").write_text(yaml.safe_dump(vq_yaml))
-    if hf_tokenizer_dir is not None:
-        tok = json.loads((hf_tokenizer_dir / "tokenizer.json").read_text())
+    if tokenizer_json is not None:
+        tok = json.loads(json.dumps(tokenizer_json))
         # Meta's file names the placeholder <reserved08707>; transformers renames it to <image>.
         tok["model"]["vocab"]["<reserved08707>"] = tok["model"]["vocab"].pop(HF_IMAGE)
         for t in tok.get("added_tokens", []):
