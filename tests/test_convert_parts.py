@@ -243,3 +243,23 @@ def test_meta_missing_shard_and_bad_shapes(hf_and_meta, tmp_path):
     (meta / "models" / "7b" / "params.json").write_text(json.dumps(params))
     with pytest.raises(ConvertError, match="mystery_knob"):
         read_meta(meta)
+
+
+def test_config_keys_generic_ones_pass_unknown_ones_are_named(tmp_path):
+    from tessera.convert.hf_config import read_hf_config
+
+    cfg = {
+        "model_type": "chameleon", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "rope_theta": 10000.0, "rope_scaling": None,
+        "qk_layernorm": True, "torch_dtype": "bfloat16", "do_sample": False,  # transformers 4.x leftovers
+        "vq_config": {"resolution": 32, "ch": 32, "temperature": 1.0, "bad_words_ids": None},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert read_hf_config(tmp_path)["hidden_size"] == 64
+    for key, value, where in (("attention_bias", True, "attention_bias"), ("layer_scale", 0.1, "layer_scale")):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ConvertError, match=where):
+            read_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "vq_config": {"quantizer_kind": "fsq"}}))
+    with pytest.raises(ConvertError, match="quantizer_kind"):
+        read_hf_config(tmp_path)

@@ -27,7 +27,24 @@ _MATH = {
     "eos_token_id", "pad_token_id", "tie_word_embeddings", "rope_parameters", "rope_theta", "rope_scaling",
     "attention_bias", "mlp_bias", "swin_norm", "vq_config", "vocabulary_map",
 }
-KNOWN_HF_KEYS = _BOOKKEEPING | _MATH
+# transformers 4.x wrote every PretrainedConfig default into nested configs (the hub's chameleon-7b
+# vq_config carries "temperature", "bad_words_ids", ...): generation / bookkeeping, not model maths.
+GENERIC_PRETRAINED_KEYS = {
+    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "torch_dtype", "dtype",
+    "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder",
+    "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "max_length",
+    "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "architectures",
+    "finetuning_task", "id2label", "label2id", "tokenizer_class", "prefix", "bos_token_id", "pad_token_id",
+    "eos_token_id", "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type",
+    "_name_or_path", "_commit_hash", "_attn_implementation_autoset", "_attn_implementation_internal",
+    "transformers_version", "model_type", "attn_implementation", "_attn_implementation", "gradient_checkpointing",
+    "output_router_logits", "use_cache",
+}
+KNOWN_HF_KEYS = _BOOKKEEPING | _MATH | (GENERIC_PRETRAINED_KEYS - {"tie_word_embeddings"})
 
 # vq_config: transformers' names plus the taming-transformers aliases its conversion script keeps.
 KNOWN_VQ_KEYS = {
@@ -35,8 +52,7 @@ KNOWN_VQ_KEYS = {
     "base_channels", "channel_multiplier", "num_res_blocks", "attn_resolutions", "dropout", "attn_type",
     "initializer_range", "model_type", "out_channels", "transformers_version", "dtype", "torch_dtype",
     "ch", "out_ch", "n_embed", "ch_mult", "double_z", "z_channels", "beta",
-    "_name_or_path", "architectures", "output_attentions", "output_hidden_states", "return_dict",
-}
+} | GENERIC_PRETRAINED_KEYS
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
