@@ -314,3 +314,32 @@ def test_resolve_checkpoint_errors(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step_0000001\n")
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+def test_bfloat16_model_is_bf16_throughout_and_runs():
+    from tessera.model import build_model, language_model_loss
+
+    cfg = dataclasses.replace(TINY, params_dtype="bfloat16")
+    model = build_model(cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = _ids(cfg)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    logits = model(ids, pos, None)
+    assert logits.dtype == torch.bfloat16
+    loss = language_model_loss(logits, ids, torch.ones_like(ids, dtype=torch.float32), cfg.z_loss_weight)
+    loss.total.backward()
+    assert loss.ce.dtype == torch.float32 and torch.isfinite(loss.total)
+    assert model.decoder.layers[0].self_attention.q_layernorm.weight.grad is not None
+
+
+def test_sdpa_core_attention_equals_megatron_dot_product_attention(monkeypatch):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from tessera.model.layers import SDPAttention
+
+    model = _model(TINY)
+    assert isinstance(model.decoder.layers[0].self_attention.core_attention, SDPAttention)
+    ids = _ids(TINY, s=20)
+    fused = _forward(model, ids)
+    monkeypatch.setattr(SDPAttention, "forward", DotProductAttention.forward)
+    assert torch.allclose(fused, _forward(model, ids), atol=1e-5, rtol=1e-5)

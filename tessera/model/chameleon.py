@@ -104,5 +104,10 @@ def build_model(
         rotary_base=cfg.rotary_base,
         vp_stage=vp_stage,
     )
+    # megatron's torch norms ignore params_dtype (Float16Module would cast them later): make every
+    # parameter params_dtype now so a bf16 model is bf16 throughout (buffers such as RoPE's stay fp32).
+    for p in model.parameters():
+        if p.dtype != config.params_dtype:
+            p.data = p.data.to(config.params_dtype)
     model.tessera_config = cfg  # the ModelConfig travels with the module (KV decoding reads swin_norm etc.)
     return model

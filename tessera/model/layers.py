@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -94,3 +97,35 @@ class SwinNormTransformerLayer(TransformerLayer):
             return normed
 
         return factory
+
+
+class SDPAttention(DotProductAttention):
+    """megatron's local core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    megatron's ``DotProductAttention`` materialises the [b, heads, s, s] scores and runs several
+    elementwise passes over them; on the CPU those passes, not the matmuls, dominate a step at
+    s = 1024. SDPA's fused (flash) kernels never build that matrix. Same constructor, same
+    ``softmax_scale``, same dropout RNG (megatron's tracker); anything SDPA cannot express here
+    (explicit masks, biases, packed sequences, KV-cache shapes) goes to megatron's implementation.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if (attention_mask is not None or attention_bias is not None or packed_seq_params is not None
+                or getattr(self, "softmax_offset", None) is not None or query.shape[0] != key.shape[0]
+                or mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask)):
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        sq, b, np_, hn = query.shape
+        # [s, b, heads, hn] -> [b, heads, s, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        p = self.attention_dropout.p if self.training else 0.0
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 and not self.config.sequence_parallel \
+            else contextlib.nullcontext()
+        with rng:
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=mask_type == AttnMaskType.causal and sq > 1,
+                scale=self.softmax_scale, enable_gqa=k.shape[1] != np_,
+            )
+        return ctx.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

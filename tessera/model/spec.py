@@ -17,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from tessera.model.config import ModelConfig
 from tessera.model.layers import (
     PerHeadLayerNorm,
+    SDPAttention,
     SwinNormTransformerLayer,
     SwinNormTransformerLayerSubmodules,
 )
@@ -70,6 +71,8 @@ def chameleon_layer_spec(cfg: ModelConfig, use_te: bool | None = None) -> Module
     sub = spec.submodules
     attn_sub = dataclasses.replace(sub.self_attention.submodules)
     attn_sub.q_layernorm, attn_sub.k_layernorm = _qk_norm_specs(cfg)
+    if not use_te:
+        attn_sub.core_attention = SDPAttention  # fused attention for the local path (see layers.py)
     if cfg.swin_norm and use_te:
         # The fused LayerNorm+Linear would put a norm on the branch INPUTS: use plain TE linears.
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
