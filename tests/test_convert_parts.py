@@ -263,3 +263,16 @@ def test_config_keys_generic_ones_pass_unknown_ones_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "vq_config": {"quantizer_kind": "fsq"}}))
     with pytest.raises(ConvertError, match="quantizer_kind"):
         read_hf_config(tmp_path)
+
+
+def test_transformer_engine_fused_norm_names_translate_both_ways():
+    from tessera.convert.model_io import to_local_names, to_model_names
+
+    local = {"decoder.layers.0.input_layernorm.weight": 1, "decoder.layers.0.pre_mlp_layernorm.weight": 2,
+             "decoder.layers.0.post_mlp_layernorm.weight": 3}
+    te_keys = {"decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
+               "decoder.layers.0.mlp.linear_fc1.layer_norm_weight", "decoder.layers.0.post_mlp_layernorm.weight"}
+    te = to_model_names(local, te_keys)
+    assert set(te) == te_keys
+    assert to_local_names(te) == local
+    assert to_model_names(local, set(local)) == local  # the local spec keeps its names

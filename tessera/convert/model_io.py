@@ -33,6 +33,37 @@ def _ensure_parallel() -> None:
     ensure_single_process()
 
 
+# With Transformer Engine (a CUDA machine) the pre-norms are fused into linear_qkv / linear_fc1 and
+# named after them; the converters speak the local spec's names and translate at the model boundary.
+_TE_FUSED_NORMS = (
+    ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+    ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
+)
+
+
+def to_model_names(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if k not in expected:
+            for local, te in _TE_FUSED_NORMS:
+                if k.endswith(local) and k[: -len(local)] + te in expected:
+                    k = k[: -len(local)] + te
+                    break
+        out[k] = v
+    return out
+
+
+def to_local_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        for local, te in _TE_FUSED_NORMS:
+            if k.endswith(te):
+                k = k[: -len(te)] + local
+                break
+        out[k] = v
+    return out
+
+
 def _param_keys(module: torch.nn.Module) -> set[str]:
     # state_dict keys minus megatron's per-module "_extra_state" (TE / fp8 bookkeeping, no weights)
     return {k for k in module.state_dict() if not k.endswith("_extra_state")}
@@ -55,6 +86,7 @@ def save_tessera_checkpoint(
         model = build_model(cfg, pre_process=True, post_process=True)
         on_meta = False
     expected = _param_keys(model)
+    state = to_model_names(state, expected)
     missing = sorted(expected - set(state))
     extra = sorted(set(state) - expected)
     if missing or extra:
@@ -84,4 +116,4 @@ def load_tessera_state(ckpt: str | Path, dtype: str | None = None) -> tuple[Any,
     # No copies: the returned tensors are the module's own; once the caller drops the module they are
     # freed one by one as the export consumes them.
     state = {k: v.detach() for k, v in loaded.module.state_dict().items() if not k.endswith("_extra_state")}
-    return loaded.config, loaded.vocab, state, Path(path)
+    return loaded.config, loaded.vocab, to_local_names(state), Path(path)
