@@ -78,12 +78,14 @@ def save_tessera_checkpoint(
 
     _ensure_parallel()
     dtype = DTYPES[cfg.params_dtype]
+    # CPU initialisation even on a CUDA machine: under the meta device no weights are allocated at all,
+    # and the converted tensors are adopted as they are (assign=True) instead of copied.
     try:
         with torch.device("meta"):
-            model = build_model(cfg, pre_process=True, post_process=True)
+            model = build_model(cfg, pre_process=True, post_process=True, use_cpu_initialization=True)
         on_meta = True
     except Exception:  # some megatron versions insist on real tensors at construction
-        model = build_model(cfg, pre_process=True, post_process=True)
+        model = build_model(cfg, pre_process=True, post_process=True, use_cpu_initialization=True)
         on_meta = False
     expected = _param_keys(model)
     state = to_model_names(state, expected)
