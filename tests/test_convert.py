@@ -368,3 +368,31 @@ def test_imported_checkpoint_loads_under_tensor_parallel_2(meta_converted, tmp_p
     got = torch.load(tmp_path / "out.pt")
     got_hf = idmap.rows_to_hf(got.movedim(-1, 0)).movedim(0, -1)
     assert (got_hf - hf_logits(model, ids)).abs().max().item() < 1e-4
+
+
+def test_run_trained_from_an_import_exports_in_chameleon_order(converted, tmp_path):
+    """A run started from an imported checkpoint saves plain Tessera checkpoints; to-hf finds the import's
+    id map in the run's tokenizers/ (copied along) or takes it from --from-import."""
+    import shutil
+
+    model, root, _ = converted
+    ckpt = root / "tessera"
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_0000010"
+    step.mkdir(parents=True)
+    for name in ("tessera.json", "config.yaml", "vocab.json", "dist"):  # what tessera train writes
+        (shutil.copytree if (ckpt / name).is_dir() else shutil.copyfile)(ckpt / name, step / name)
+    (run / "checkpoints" / "latest").write_text("step_0000010\n")
+    with pytest.raises(ConvertError, match="no image tokenizer"):
+        to_hf(run, tmp_path / "lost")  # nothing says where the tokens came from: refuse, don't guess
+    out = tmp_path / "explicit"
+    to_hf(run, out, from_import=ckpt)
+    shutil.copytree(ckpt / "tokenizers", run / "tokenizers")
+    to_hf(run, tmp_path / "found")
+    orig = model.state_dict()
+    for d in (out, tmp_path / "found"):
+        back: dict[str, torch.Tensor] = {}
+        for f in sorted(d.glob("*.safetensors")):
+            back.update(load_file(str(f)))
+        assert set(back) == set(orig) and all(torch.equal(back[k], v) for k, v in orig.items())
+        assert json.loads((d / "config.json").read_text())["vocabulary_map"] == model.config.vocabulary_map

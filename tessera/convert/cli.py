@@ -36,6 +36,7 @@ def _to_hf(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_shard_bytes=int(args.max_shard_gib * 2**30),
         allow_missing_vq=args.allow_missing_vq,
+        from_import=args.from_import,
     )
     print(res.summary())
     return 0
@@ -91,5 +92,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=dtypes, default="auto", help="dtype of the written weights (auto: as stored)")
     p.add_argument("--max-shard-gib", type=float, default=5.0, help="safetensors shard size")
     p.add_argument("--allow-missing-vq", action="store_true", help="export without an image tokenizer (text only)")
+    p.add_argument("--from-import", default=None,
+                   help="for a run started from an imported checkpoint: that checkpoint (or its tokenizers/text), "
+                   "whose id map restores Chameleon's token order (found automatically when copied along)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_guard(_to_hf))

@@ -159,6 +159,8 @@ def import_chameleon(
             text_dir = tmp / TEXT_DIR
             copy_tokenizer_files(tokenizer_src, text_dir)
             HFTextTokenizer(text_dir / "tokenizer.json", idmap, vocab).save(text_dir)
+            # tokenizers/text/ alone carries the way back (runs that start from this checkpoint copy it)
+            shutil.copyfile(tmp / HF_CONFIG_FILE, text_dir / HF_CONFIG_FILE)
         else:
             notes.append("no tokenizer.json in the source: no text tokenizer written")
         if image_tok is not None:
@@ -285,9 +287,13 @@ def to_hf(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     allow_missing_vq: bool = False,
+    from_import: str | Path | None = None,
 ) -> ConvertResult:
     """A Tessera checkpoint -> a directory ``ChameleonForConditionalGeneration.from_pretrained`` loads.
-    ``allow_missing_vq`` exports a text-only checkpoint (transformers then initialises the VQ randomly)."""
+    ``allow_missing_vq`` exports a text-only checkpoint (transformers then initialises the VQ randomly).
+    A checkpoint that descends from an import (``tessera train`` started from a from-hf / from-meta
+    checkpoint) needs that import's id map: it is looked for in CKPT, CKPT/tokenizers/text and the run's
+    tokenizers/text, or given as ``from_import`` (the imported checkpoint or its tokenizers/text)."""
     from tessera.convert.vq import hf_vq_config, tessera_to_taming
 
     t0 = time.perf_counter()
@@ -296,11 +302,15 @@ def to_hf(
     if vocab is None:
         raise ConvertError(f"{path}: checkpoint has no vocab.json; cannot name the image tokens for transformers")
     notes: list[str] = []
-    idmap = IdMap.load(path)
-    imported = idmap is not None
-    if idmap is None:
-        idmap = _native_idmap(vocab, int(mcfg.vocab_size))
-    base = read_json(path / HF_CONFIG_FILE) if (path / HF_CONFIG_FILE).is_file() else {}
+    import_dir = _find_import_dir(path, from_import)
+    imported = import_dir is not None
+    idmap = IdMap.load(import_dir) if imported else _native_idmap(vocab, int(mcfg.vocab_size))
+    if len(idmap.tessera_to_hf) != (vocab.size if imported else int(mcfg.vocab_size)):
+        raise ConvertError(
+            f"{import_dir}/hf_id_map.json maps {len(idmap.tessera_to_hf)} ids but {path} has a vocabulary of "
+            f"{vocab.size}: not the import this checkpoint was trained from"
+        )
+    base = read_json(import_dir / HF_CONFIG_FILE) if imported and (import_dir / HF_CONFIG_FILE).is_file() else {}
     shape = Shape(mcfg.num_layers, mcfg.num_attention_heads, mcfg.num_query_groups or mcfg.num_attention_heads,
                   bool(mcfg.swin_norm), rotary_interleaved=bool(getattr(mcfg, "rotary_interleaved", False)))
     hf_state = tessera_to_hf(t_state, shape, idmap, str(path))
@@ -312,6 +322,11 @@ def to_hf(
     from tessera.tokenizers.image import ImageTokenizer
 
     img_dir = Path(image_tokenizer) if image_tokenizer else _find_in_tokenizer_dirs(path, "image")
+    if not image_tokenizer and not img_dir.is_dir() and import_dir is not None:
+        for cand in (import_dir / IMAGE_DIR, import_dir.parent / "image"):  # an import dir or its tokenizers/text
+            if (cand / "config.json").is_file():
+                img_dir = cand
+                break
     vq_conf: dict = {}
     if (img_dir / "config.json").is_file():
         itok = ImageTokenizer.load(img_dir)
@@ -339,7 +354,7 @@ def to_hf(
 
     with atomic_output_dir(out_dir, overwrite) as tmp:
         tmp.mkdir(parents=True)
-        text_dir = Path(text_tokenizer) if text_tokenizer else path / TEXT_DIR
+        text_dir = Path(text_tokenizer) if text_tokenizer else _imported_text_dir(path, import_dir)
         if imported and (text_dir / "tokenizer.json").is_file():
             copy_tokenizer_files(text_dir, tmp, TOKENIZER_FILES + PROCESSOR_FILES)
             if not any((tmp / n).is_file() for n in PROCESSOR_FILES):
@@ -363,6 +378,27 @@ def to_hf(
         )
     n = sum(v.numel() for v in hf_state.values())
     return ConvertResult(Path(out_dir), len(hf_state), n, time.perf_counter() - t0, _peak_rss_gib(), notes)
+
+
+def _find_import_dir(ckpt: Path, given: str | Path | None) -> Path | None:
+    """The directory holding hf_id_map.json (+ hf_config.json) for a checkpoint that came from an import."""
+    if given is not None:
+        for d in (Path(given), Path(given) / TEXT_DIR):
+            if (d / "hf_id_map.json").is_file():
+                return d
+        raise ConvertError(f"{given}: no hf_id_map.json (expected an imported checkpoint or its tokenizers/text)")
+    for d in [ckpt] + [t / "text" for t in _tokenizer_dirs(ckpt)]:
+        if (d / "hf_id_map.json").is_file():
+            return d
+    return None
+
+
+def _imported_text_dir(ckpt: Path, import_dir: Path | None) -> Path:
+    if import_dir is not None and (import_dir / "tokenizer.json").is_file():
+        return import_dir
+    if import_dir is not None and (import_dir / TEXT_DIR / "tokenizer.json").is_file():
+        return import_dir / TEXT_DIR
+    return _find_in_tokenizer_dirs(ckpt, "text")
 
 
 def _tokenizer_dirs(ckpt: Path) -> list[Path]:
