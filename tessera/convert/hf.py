@@ -30,7 +30,7 @@ from tessera.convert.hf_tokenizer import (
     HFTextTokenizer,
     copy_tokenizer_files,
 )
-from tessera.convert.hf_vocab import HF_IMAGE, IdMap, image_token_name, vocab_from_chameleon
+from tessera.convert.hf_vocab import HF_IMAGE, IMPORT_SPECIALS, IdMap, image_token_name, vocab_from_chameleon
 from tessera.convert.io import atomic_output_dir, load_hf_state_dict, read_json, save_hf_state_dict
 from tessera.convert.megatron_map import (
     Shape,
@@ -304,6 +304,11 @@ def to_hf(
     notes: list[str] = []
     import_dir = _find_import_dir(path, from_import)
     imported = import_dir is not None
+    if not imported and tuple(vocab.special_tokens) == IMPORT_SPECIALS:
+        raise ConvertError(
+            f"{path}: its vocabulary comes from a Chameleon import (specials {list(IMPORT_SPECIALS)}) but no "
+            "hf_id_map.json was found: pass --from-import IMPORTED_CKPT (or copy its tokenizers/ into the run)"
+        )
     idmap = IdMap.load(import_dir) if imported else _native_idmap(vocab, int(mcfg.vocab_size))
     if len(idmap.tessera_to_hf) != (vocab.size if imported else int(mcfg.vocab_size)):
         raise ConvertError(
