@@ -343,3 +343,52 @@ def test_sdpa_core_attention_equals_megatron_dot_product_attention(monkeypatch):
     fused = _forward(model, ids)
     monkeypatch.setattr(SDPAttention, "forward", DotProductAttention.forward)
     assert torch.allclose(fused, _forward(model, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, distributed", [("float32", False), ("bfloat16", True)])
+def test_megatron_ddp_and_optimizer_train_on_cpu(dtype, distributed):
+    """The CPU compat covers megatron's DDP, optimizers (their CUDA type-name checks) and schedules."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
+
+    from tessera.model import build_model, language_model_loss
+
+    cfg = dataclasses.replace(TINY, params_dtype=dtype)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if dtype == "bfloat16":
+        model = Float16Module(model.config, model)
+    ddp = DistributedDataParallel(
+        model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed), model
+    )
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, bf16=dtype == "bfloat16", clip_grad=1.0,
+                                                 use_distributed_optimizer=distributed), [ddp])
+    ddp.config.finalize_model_grads_func = finalize_model_grads
+    ids = _ids(cfg, b=2, s=17)
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+
+    def forward_step(it, model):
+        x = next(it)
+
+        def loss_func(out):
+            loss = language_model_loss(out, x[:, 1:], torch.ones(2, 16), cfg.z_loss_weight)
+            return loss.total, {"lm": loss.total.detach().clone()}
+
+        return model(x[:, :-1], pos, None), loss_func
+
+    losses = []
+    for _ in range(4):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([ids]), model=[ddp],
+                                          num_microbatches=1, seq_length=16, micro_batch_size=2)
+        ok, grad_norm, _ = opt.step()
+        assert ok and grad_norm > 0
+        losses.append(out[0]["lm"].item())
+    assert losses[-1] < losses[0] - 0.1, losses

@@ -7,6 +7,7 @@ CUDA is absent, and is idempotent. Nothing in ``torch`` itself is modified: mega
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -16,6 +17,7 @@ import types
 import torch
 
 _ENABLED = False
+_PROXY = None
 
 # megatron modules with a CUDA assumption we hit; each is handed the proxy below.
 _MEGATRON_MODULES = (
@@ -47,6 +49,13 @@ _MEGATRON_MODULES = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
 )
 
 _CPU = torch.device("cpu")
@@ -143,27 +152,92 @@ def _patch_rng() -> None:
     logging.getLogger(random.__name__).addFilter(_RNGWarningFilter())
 
 
+_CPU_TYPE_NAMES = {"torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor"}
+_real_tensor_type = torch.Tensor.type
+
+
+def _cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+    name = _real_tensor_type(self, dtype, non_blocking, **kwargs)
+    if dtype is None and name in _CPU_TYPE_NAMES:
+        return name.replace("torch.", "torch.cuda.", 1)
+    return name
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """Inside: ``tensor.type()`` of a CPU float tensor reads "torch.cuda.FloatTensor" etc."""
+    torch.Tensor.type = _cuda_named_type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = _real_tensor_type
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    wrapper._tessera_cpu_compat = True
+    return wrapper
+
+
+def _patch_type_checks() -> None:
+    # megatron's optimizers accept only parameters whose tensor.type() is a "torch.cuda.*Tensor" string;
+    # only these functions see CPU tensors under their CUDA type names, and only while they run.
+    targets = [
+        ("megatron.core.optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
+        ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+        ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__"),
+        ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "_build_model_and_main_param_groups"),
+    ]
+    for module_name, cls_name, attr in targets:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        owner = getattr(module, cls_name) if cls_name else module
+        fn = owner.__dict__[attr] if cls_name else getattr(owner, attr)
+        if isinstance(fn, staticmethod):
+            fn = fn.__func__
+            wrapped = staticmethod(_with_cuda_type_names(fn))
+        elif isinstance(fn, classmethod):
+            wrapped = classmethod(_with_cuda_type_names(fn.__func__))
+        else:
+            wrapped = _with_cuda_type_names(fn)
+        if getattr(fn, "_tessera_cpu_compat", False):
+            continue
+        setattr(owner, attr, wrapped)
+        if cls_name is None:  # re-bind names imported elsewhere (optimizer.py imports the clip function)
+            for other in list(sys.modules.values()):
+                if getattr(other, "__name__", "").startswith("megatron.core") and getattr(other, attr, None) is fn:
+                    setattr(other, attr, wrapped)
+
+
 def enable_cpu_compat() -> bool:
     """Make megatron-core usable without CUDA. Returns True if the compat layer is (now) active.
 
-    A no-op on a machine with CUDA, and on a second call.
+    A no-op on a machine with CUDA. Idempotent; each call also hands the proxy to megatron modules
+    imported since the last call (``initialize_parallel`` and ``build_model`` call it).
     """
-    global _ENABLED
-    if _ENABLED:
-        return True
+    global _ENABLED, _PROXY
     if not cuda_missing():
         return False
-    proxy = _TorchProxy()
-    for name in _MEGATRON_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError:  # a module this megatron version does not have
-            continue
+    if _PROXY is None:
+        _PROXY = _TorchProxy()
+        for name in _MEGATRON_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # a module this megatron version does not have
+                continue
     for name, module in list(sys.modules.items()):
         if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
-            module.torch = proxy
-    _patch_rng()
-    _ENABLED = True
+            module.torch = _PROXY
+    if not _ENABLED:
+        _patch_rng()
+        _patch_type_checks()
+        _ENABLED = True
     return True
 
 
