@@ -15,6 +15,7 @@ import json
 import logging
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from tessera.convert.megatron_map import (
     tessera_to_hf,
 )
 from tessera.convert.model_io import load_tessera_state, model_config, save_tessera_checkpoint
+from tessera.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,10 @@ class ConvertResult:
             f"{self.seconds:.1f} s, peak host RSS {self.peak_rss_gib:.2f} GiB"
         ]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _peak_rss_gib() -> float:
@@ -145,12 +151,14 @@ def import_chameleon(
         where,
     )
     lm_keys = sum(1 for _ in state)
-    t_state = hf_to_tessera(state, shape, idmap, vocab.padded_size, where)
+    with Progress("convert: re-layout", total=shape.num_layers, unit="layers") as prog:
+        t_state = hf_to_tessera(state, shape, idmap, vocab.padded_size, where, on_layer=prog.update)
     leftover = sorted(state)
     if leftover:
         raise ConvertError(f"{where}: unexpected tensor {leftover[0]!r} (not part of a Chameleon language model)")
     n_params = sum(v.numel() for v in t_state.values())
     with atomic_output_dir(out_dir, overwrite) as tmp:
+        _say(f"convert: saving the Tessera checkpoint ({n_params:,} parameters, {params_dtype})")
         save_tessera_checkpoint(mcfg, t_state, tmp, vocab)
         del t_state
         idmap.save(tmp)
@@ -186,6 +194,7 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "auto", overwr
     if not hf_dir.is_dir():
         raise ConvertError(f"{hf_dir}: not a directory")
     cfg = hfc.read_hf_config(hf_dir)
+    _say(f"convert: reading {hf_dir}")
     state = load_hf_state_dict(hf_dir)
     return import_chameleon(cfg, state, out_dir, hf_dir, None, "hf", dtype, overwrite, str(hf_dir))
 
@@ -198,6 +207,7 @@ def from_meta(
 
     _check_out(out_dir, overwrite)
     meta_dir = Path(meta_dir)
+    _say(f"convert: reading {meta_dir}")
     ck = read_meta(meta_dir, model)
     staging = Path(out_dir).parent / f".{Path(out_dir).name}.tokenizer-staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -298,6 +308,7 @@ def to_hf(
 
     t0 = time.perf_counter()
     _check_out(out_dir, overwrite)
+    _say(f"convert: loading {ckpt}")
     mcfg, vocab, t_state, path = load_tessera_state(ckpt, dtype)
     if vocab is None:
         raise ConvertError(f"{path}: checkpoint has no vocab.json; cannot name the image tokens for transformers")
@@ -318,7 +329,8 @@ def to_hf(
     base = read_json(import_dir / HF_CONFIG_FILE) if imported and (import_dir / HF_CONFIG_FILE).is_file() else {}
     shape = Shape(mcfg.num_layers, mcfg.num_attention_heads, mcfg.num_query_groups or mcfg.num_attention_heads,
                   bool(mcfg.swin_norm), rotary_interleaved=bool(getattr(mcfg, "rotary_interleaved", False)))
-    hf_state = tessera_to_hf(t_state, shape, idmap, str(path))
+    with Progress("convert: re-layout", total=shape.num_layers, unit="layers") as prog:
+        hf_state = tessera_to_hf(t_state, shape, idmap, str(path), on_layer=prog.update)
     leftover = sorted(t_state)
     if leftover:
         raise ConvertError(f"{path}: tensor {leftover[0]!r} has no transformers counterpart")
@@ -376,6 +388,7 @@ def to_hf(
         if "vocabulary_map" not in cfg:
             raise ConvertError(f"{path}: {HF_CONFIG_FILE} has no vocabulary_map")
         cfg["image_token_id"] = cfg["vocabulary_map"].get(HF_IMAGE)
+        _say(f"convert: writing safetensors to {out_dir}")
         save_hf_state_dict(hf_state, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         (tmp / "generation_config.json").write_text(

@@ -7,6 +7,7 @@ it to any TP/PP layout when training loads the checkpoint. Names below are megat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,12 @@ def _norm_names(shape: Shape) -> tuple[str, str]:
 
 
 def hf_to_tessera(
-    hf: dict[str, torch.Tensor], shape: Shape, idmap: IdMap, padded_vocab: int, where: str = "checkpoint"
+    hf: dict[str, torch.Tensor],
+    shape: Shape,
+    idmap: IdMap,
+    padded_vocab: int,
+    where: str = "checkpoint",
+    on_layer: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Map the language-model tensors (``model.vqmodel.*`` must be removed first). Consumes ``hf``
     (pops tensors as it goes, so peak memory stays near one copy of the weights)."""
@@ -99,10 +105,18 @@ def hf_to_tessera(
         out[t + mlp_norm] = _take(hf, h + "post_attention_layernorm.weight", where)
         out[t + FC1] = fuse_fc1(_take(hf, h + "mlp.gate_proj.weight", where), _take(hf, h + "mlp.up_proj.weight", where))
         out[t + FC2] = _take(hf, h + "mlp.down_proj.weight", where)
+        if on_layer:
+            on_layer()
     return out
 
 
-def tessera_to_hf(t_sd: dict[str, torch.Tensor], shape: Shape, idmap: IdMap, where: str = "checkpoint") -> dict:
+def tessera_to_hf(
+    t_sd: dict[str, torch.Tensor],
+    shape: Shape,
+    idmap: IdMap,
+    where: str = "checkpoint",
+    on_layer: Callable[[], None] | None = None,
+) -> dict:
     """Inverse of ``hf_to_tessera`` (consumes ``t_sd``)."""
     out: dict[str, torch.Tensor] = {}
     out["model.embed_tokens.weight"] = idmap.rows_to_hf(_take(t_sd, EMBED, where))
@@ -130,6 +144,8 @@ def tessera_to_hf(t_sd: dict[str, torch.Tensor], shape: Shape, idmap: IdMap, whe
         gate, up = split_fc1(_take(t_sd, t + FC1, where))
         out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
         out[h + "mlp.down_proj.weight"] = _take(t_sd, t + FC2, where)
+        if on_layer:
+            on_layer()
     return out
 
 

@@ -25,6 +25,7 @@ from tessera.convert.errors import ConvertError
 from tessera.convert.hf_vocab import HF_IMAGE
 from tessera.convert.io import read_json
 from tessera.convert.layout import interleaved_to_half
+from tessera.progress import Progress
 
 META_RESERVED_IMAGE = "<reserved08707>"  # transformers reuses this reserved token as <image>
 
@@ -167,7 +168,9 @@ def read_meta(meta_dir: str | Path, model: str | None = None) -> MetaCheckpoint:
         "lm_head.weight": cat("output.weight", 0, (vocab, dim)),
         "model.norm.weight": replicated("norm.weight", (dim,)),
     }
+    prog = Progress("convert: merging model-parallel shards", total=n_layers, unit="layers")
     for i in range(n_layers):
+        prog.update()
         m, h = f"layers.{i}.", f"model.layers.{i}."
         st[h + "self_attn.q_proj.weight"] = interleaved_to_half(cat(m + "attention.wq.weight", 0, (n_heads * hd, dim)), n_heads)
         st[h + "self_attn.k_proj.weight"] = interleaved_to_half(cat(m + "attention.wk.weight", 0, (n_kv * hd, dim)), n_kv)
@@ -182,6 +185,7 @@ def read_meta(meta_dir: str | Path, model: str | None = None) -> MetaCheckpoint:
             for kind in ("weight", "bias"):
                 st[h + f"self_attn.{hf_name}.{kind}"] = per_rank_norm(m + f"attention.{meta_name}.{kind}", heads)
 
+    prog.close()
     tok_dir = find_tokenizer_dir(meta_dir, model_dir)
     vq_cfg, vq_state, vq_decoder = _read_vqgan(tok_dir)
     for k, v in vq_state.items():
