@@ -86,10 +86,10 @@ def run(args: argparse.Namespace) -> Path:
     cfg.device = device
     model = tessera.model.load(args.checkpoint, device=device)
     if getattr(model, "vocab", None) is None:
-        raise GenerationError(f"{args.checkpoint}: checkpoint has no vocabulary (vocab.json)")
+        raise GenerationError(f"{model.path}: checkpoint has no vocabulary (vocab.json); cannot map ids to text/images")
     has_images = any(kind == "image" for kind, _ in parts_in)
     tokenizers = load_tokenizers(
-        getattr(model, "path", None) or tessera.model.resolve_checkpoint(args.checkpoint),
+        model.path,
         text=args.text_tokenizer, image=args.image_tokenizer,
         need_image=has_images or cfg.mode != "text", device=device,
     )
@@ -144,16 +144,12 @@ class _Streamer:
 
 def main(args: argparse.Namespace) -> int:
     from tessera.generate.engine import GenerationError
+    from tessera.model.checkpoint import CheckpointError
+    from tessera.tokenizers.image import ImageTokenizerError
+    from tessera.tokenizers.text import TextTokenizerError
     from tessera.tokenizers.vocab import VocabularyError
 
-    errors: tuple[type[BaseException], ...] = (GenerationError, ConfigError, VocabularyError, FileNotFoundError)
-    try:
-        from tessera.tokenizers.image import ImageTokenizerError
-        from tessera.tokenizers.text import TextTokenizerError
-
-        errors += (ImageTokenizerError, TextTokenizerError)
-    except ImportError:
-        pass
+    errors = (GenerationError, ConfigError, VocabularyError, CheckpointError, ImageTokenizerError, TextTokenizerError)
     try:
         run(args)
     except errors as exc:
