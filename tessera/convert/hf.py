@@ -133,6 +133,9 @@ def import_chameleon(
     if vq_decoder:
         vq_state.update(vq_decoder)
     notes: list[str] = []
+    if float(cfg.get("rms_norm_eps", 1e-5)) != 1e-5:
+        notes.append(f"rms_norm_eps={cfg['rms_norm_eps']}: transformers' QK LayerNorm uses 1e-5, Tessera's uses "
+                     "norm_epsilon for both, so logits differ slightly")
     image_tok = None
     if vq_state:
         image_tok, has_decoder = image_tokenizer_from_taming(vq_state, vq_cfg, f"{where}: vqmodel")
