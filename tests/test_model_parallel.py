@@ -59,7 +59,7 @@ def _tp_slice(full, param, name, tp, rank):
     return full.chunk(tp, dim=dim)[rank]
 
 
-def _worker(rank, port, tmpdir, cfg_kwargs):
+def _worker(rank, port, tmpdir, cfg_kwargs, phases=("tp", "pp")):
     # A hang (e.g. a mismatched collective) fails the test with stacks instead of blocking the suite.
     faulthandler.dump_traceback_later(240, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
@@ -89,11 +89,43 @@ def _worker(rank, port, tmpdir, cfg_kwargs):
     total.backward()
     out["ref_loss"] = total.item()
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    out["tp_grad_scale"] = max(g.abs().max().item() for g in ref_grads.values())
     ckpt = os.path.join(tmpdir, "ref")
     if rank == 0:
         os.makedirs(ckpt)
     torch.distributed.barrier()
     dist_checkpointing.save({"model": ref.sharded_state_dict()}, ckpt)
+
+    def loss_func(y, m, output):
+        loss = language_model_loss(output, y, m, cfg.z_loss_weight)
+        return loss.total, {"lm loss": loss.total.detach().clone()}  # the schedule divides loss.total in place
+
+    def forward_step(data_iterator, model):
+        x, y, m = next(data_iterator)
+        return model(x, pos, None), partial(loss_func, y, m)
+
+    if "vp" in phases:  # PP=2 x 2 virtual stages through the interleaved schedule
+        initialize_parallel(tp=1, pp=2, vp=2)
+        chunks = [build_model(cfg, vp_stage=v) for v in range(2)]
+        # one load for all chunks: dist_checkpointing checks that the ranks together cover every tensor
+        state = dist_checkpointing.load({"model": {f"chunk{v}": c.sharded_state_dict() for v, c in enumerate(chunks)}}, ckpt)
+        for v, c in enumerate(chunks):
+            c.load_state_dict(state["model"][f"chunk{v}"])
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=[iter([mb(i) for i in range(MICRO)]) for _ in chunks],
+            model=chunks, num_microbatches=MICRO, seq_length=SEQ, micro_batch_size=MBS, forward_only=False,
+        )
+        if parallel_state.is_pipeline_last_stage():
+            out["vp_loss"] = sum(d["lm loss"].item() for d in losses) / MICRO
+        out["vp_grad_err"] = {
+            _global_name(c, n): (p.grad - ref_grads[_global_name(c, n)]).abs().max().item()
+            for c in chunks for n, p in c.named_parameters()
+        }
+    if "tp" not in phases:
+        torch.save(out, os.path.join(tmpdir, f"rank{rank}.pt"))
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+        return
 
     # -- TP=2 ---------------------------------------------------------------------------------
     initialize_parallel(tp=2, pp=1)
@@ -108,20 +140,11 @@ def _worker(rank, port, tmpdir, cfg_kwargs):
     out["tp_grad_err"] = {
         n: (p.grad - _tp_slice(ref_grads[n], p, n, 2, rank)).abs().max().item() for n, p in model.named_parameters()
     }
-    out["tp_grad_scale"] = max(g.abs().max().item() for g in ref_grads.values())
 
     # -- PP=2 through megatron's 1F1B schedule ---------------------------------------------------
     initialize_parallel(tp=1, pp=2)
     model = build_model(cfg)
     model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)["model"])
-
-    def loss_func(y, m, output):
-        loss = language_model_loss(output, y, m, cfg.z_loss_weight)
-        return loss.total, {"lm loss": loss.total.detach().clone()}  # the schedule divides loss.total in place
-
-    def forward_step(data_iterator, model):
-        x, y, m = next(data_iterator)
-        return model(x, pos, None), partial(loss_func, y, m)
 
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter([mb(i) for i in range(MICRO)]), model=[model],
@@ -138,8 +161,9 @@ def _worker(rank, port, tmpdir, cfg_kwargs):
     torch.distributed.destroy_process_group()
 
 
-def _run(tmp_path, **cfg_kwargs):
-    mp.start_processes(_worker, args=(_port(), str(tmp_path), cfg_kwargs), nprocs=WORLD, join=True, start_method="spawn")
+def _run(tmp_path, phases=("tp", "pp"), **cfg_kwargs):
+    mp.start_processes(_worker, args=(_port(), str(tmp_path), cfg_kwargs, phases), nprocs=WORLD, join=True,
+                       start_method="spawn")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -179,6 +203,7 @@ def test_pipeline_parallel_2_matches_single_process(results):
         _check_grads(r["pp_grad_err"], r["tp_grad_scale"], f"PP=2 stage {i}")
 
 
+@pytest.mark.slow  # ~20-40 s: a second pair of processes
 def test_swin_norm_tensor_and_pipeline_parallel(tmp_path):
     """Chameleon-34B's norm placement survives TP=2 / PP=2 too (its norms are replicated, not split)."""
     res = _run(tmp_path, **{**TINY, "swin_norm": True})
@@ -187,3 +212,15 @@ def test_swin_norm_tensor_and_pipeline_parallel(tmp_path):
         _check_grads(r["tp_grad_err"], r["tp_grad_scale"], "swin TP=2")
         _check_grads(r["pp_grad_err"], r["tp_grad_scale"], "swin PP=2")
     assert res[1]["pp_loss"] == pytest.approx(res[1]["ref_loss"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow  # ~20-40 s: a second pair of processes
+def test_virtual_pipeline_interleaved_schedule(tmp_path):
+    """PP=2 with 2 virtual stages per rank (4 layers: rank 0 holds layers 0 and 2) through megatron's
+    interleaved 1F1B schedule."""
+    res = _run(tmp_path, phases=("vp",), **{**TINY, "num_layers": 4})
+    assert "vp_loss" in res[1] and "vp_loss" not in res[0]
+    assert res[1]["vp_loss"] == pytest.approx(res[1]["ref_loss"], rel=1e-5, abs=1e-6)
+    assert {n.split(".")[2] for n in res[0]["vp_grad_err"] if n.startswith("decoder.layers.")} == {"0", "2"}
+    for i, r in enumerate(res):
+        _check_grads(r["vp_grad_err"], r["tp_grad_scale"], f"VP stage {i}")
