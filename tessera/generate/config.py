@@ -53,6 +53,7 @@ class GenerationConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str | None = None  # default: where the model lives
     batch_size: int = 8  # prompts decoded together by generate_documents
+    ignore_eos: bool = False  # never stop at <eos> (benchmarks: every row decodes max_new_tokens)
 
     def check(self) -> None:
         if self.mode not in ("interleaved", "text", "image"):

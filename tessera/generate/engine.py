@@ -269,7 +269,7 @@ class GenerationEngine:
         t1 = time.perf_counter()
         step = 0
         while True:
-            self._mask_boi(logits, cfg, images_done, n)
+            self._mask_logits(logits, cfg, images_done, n)
             tokens = sample_step(logits, state, rules, params, seed=cfg.seed, offset=step, backend=self.backend)
             if step == 0:
                 stats.time_to_first_token_s = stats.prefill_s + time.perf_counter() - t1
@@ -310,10 +310,13 @@ class GenerationEngine:
             result.append(GeneratedSequence([int(t) for t in prompts[g]], out[g], reason[g], prefix))
         return result, stats
 
-    def _mask_boi(self, logits: torch.Tensor, cfg: GenerationConfig, images_done: list[int], n: int) -> None:
-        """What the kernel's state machine does not know: ``text`` mode and ``max_images``. The kernel
-        reads text-mode logits from the conditional row, so masking there is enough."""
+    def _mask_logits(self, logits: torch.Tensor, cfg: GenerationConfig, images_done: list[int], n: int) -> None:
+        """What the kernel's state machine does not know: ``text`` mode, ``max_images`` and
+        ``ignore_eos``. The kernel reads text-mode logits from the conditional row, so masking there
+        is enough."""
         boi = self.vocab.boi_id
+        if cfg.ignore_eos:
+            logits[:n, self.vocab.eos_id] = float("-inf")
         if cfg.mode == "text":
             logits[:n, boi] = float("-inf")
         elif cfg.max_images:

@@ -1,0 +1,212 @@
+"""Decode speed against a peer: Tessera's KV-cached engine vs transformers' ChameleonForConditionalGeneration
+holding the same weights, in the same process, on the same machine, round-robin (shared-machine load hits
+both alike), best of ``repeats``.
+
+Reported per implementation, dtype and batch: tokens/s (all generated tokens / wall time of the whole
+generate call, prefill included), time to first token, per-token latency (decode steps only), and at
+batch 1 the memory-bandwidth floor: bytes of weights a step must read / measured copy bandwidth.
+Both sides decode greedily in text mode for exactly ``new_tokens`` tokens (``<eos>`` suppressed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from tessera.generate.config import GenerationConfig, SamplingParams
+from tessera.generate.engine import GenerationEngine
+from tessera.tokenizers.vocab import Modality, Vocabulary
+
+
+def _vocab_for(vocab_size: int) -> Vocabulary:
+    """A vocabulary whose padded size is exactly the model's embedding size."""
+    codes = min(8192, vocab_size // 4)
+    for per_image in (1024, 256, 64, 16, 4):
+        if per_image <= codes:
+            break
+    return Vocabulary(num_text_tokens=vocab_size - 8 - codes, num_image_codes=codes,
+                      image_tokens_per_image=per_image, pad_to_multiple_of=128)
+
+
+def _copy_gbps() -> float:
+    try:
+        from tessera.bench.machine import measure_copy_gbps
+
+        return float(measure_copy_gbps())
+    except ImportError:  # the bench harness is optional here: the same STREAM-copy measurement
+        n = 64 * 2**20
+        src, dst = torch.ones(n), torch.empty(n)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t0)
+        return 2.0 * n * 4 / best / 1e9
+
+
+def _decode_weight_bytes(engine: GenerationEngine) -> int:
+    """Bytes one decoding step must stream: every layer matrix, norms and the output layer (the
+    embedding contributes one row per token, negligible)."""
+    d = engine.decoder
+    total = d.output.numel() * d.output.element_size()
+    for lw in d.layers:
+        for w in (lw.qkv, lw.proj, lw.fc1, lw.fc2):
+            total += w.numel() * w.element_size()
+    return total
+
+
+def benchmark_decode(
+    preset: str = "demo",
+    batches: tuple[int, ...] = (1, 8),
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    dtypes: tuple[str, ...] = ("bfloat16", "float32"),
+    hf_dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    repeats: int = 2,
+    model_overrides: dict | None = None,
+    check_greedy: bool = True,
+    seed: int = 0,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Tokens/s of Tessera vs transformers at each batch size (CPU or GPU). Returns a JSON-able dict:
+    ``rows`` (impl, dtype, batch, tokens_per_s, ttft_ms, per_token_ms), ``speedup`` (ours in its
+    first dtype / transformers in each dtype, per batch), ``floor`` (batch-1 bandwidth floor) and
+    ``greedy_match`` (fp32 greedy tokens equal)."""
+    from tessera.generate.hf import build_hf_chameleon
+    from tessera.model import build_model, get_preset
+    from tessera.model.parallel import ensure_single_process
+
+    ensure_single_process()
+    cfg = dataclasses.replace(get_preset(preset), params_dtype="float32", hidden_dropout=0.0,
+                              attention_dropout=0.0, **(model_overrides or {}))
+    torch.manual_seed(seed)
+    model = build_model(cfg, pre_process=True, post_process=True).eval()
+    device = next(model.parameters()).device
+    vocab = _vocab_for(cfg.vocab_size)
+    hf32 = build_hf_chameleon(model, vocab, swin_norm=cfg.swin_norm, max_position_embeddings=cfg.seq_length)
+    hf32.to(device)
+    g = torch.Generator().manual_seed(seed)
+    max_b = max(batches)
+    prompts = torch.randint(vocab.text_offset, vocab.image_offset, (max_b, prompt_len), generator=g)
+    prompts[:, 0] = vocab.bos_id
+    gen_cfg = GenerationConfig(mode="text", max_new_tokens=new_tokens, ignore_eos=True,
+                               text=SamplingParams(0.0, 0, 1.0), cfg_scale=1.0)
+    table = vocab.modality_table()
+    suppress = [i for i in range(cfg.vocab_size) if table[i] != Modality.TEXT]
+
+    engines = {dt: GenerationEngine(model, vocab, cfg.seq_length, dtype=dt) for dt in dtypes}
+    hfs = {"float32": hf32}
+    for dt in hf_dtypes:
+        if dt != "float32":
+            hfs[dt] = build_hf_chameleon(model, vocab, swin_norm=cfg.swin_norm,
+                                         max_position_embeddings=cfg.seq_length,
+                                         dtype=getattr(torch, dt)).to(device)
+
+    def ours(dt: str, b: int, n: int) -> tuple[float, dict]:
+        c = dataclasses.replace(gen_cfg, max_new_tokens=n)
+        t0 = time.perf_counter()
+        res, stats = engines[dt].generate(prompts[:b].tolist(), c)
+        wall = time.perf_counter() - t0
+        assert all(len(r.new_ids) == n for r in res)
+        return wall, {"ttft": stats.time_to_first_token_s, "tokens": [r.new_ids for r in res]}
+
+    def theirs(dt: str, b: int, n: int) -> tuple[float, dict]:
+        x = prompts[:b].to(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hfs[dt].generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, suppress_tokens=suppress, pad_token_id=vocab.pad_id)
+        wall = time.perf_counter() - t0
+        return wall, {"tokens": out[:, prompt_len:].tolist()}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    result: dict[str, Any] = {
+        "preset": preset, "model": dataclasses.asdict(cfg), "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "device": str(device), "torch_threads": torch.get_num_threads(), "rows": [],
+    }
+    greedy_match = None
+    if check_greedy:
+        a = ours("float32" if "float32" in dtypes else dtypes[0], 1, min(new_tokens, 32))[1]["tokens"]
+        b_ = theirs("float32", 1, min(new_tokens, 32))[1]["tokens"]
+        greedy_match = a == b_ if "float32" in dtypes else None
+    result["greedy_match_fp32"] = greedy_match
+
+    for b in batches:
+        fns = {}
+        for dt in dtypes:
+            fns[("tessera", dt)] = (lambda dt=dt, b=b: ours(dt, b, new_tokens))
+            fns[("tessera-1tok", dt)] = (lambda dt=dt, b=b: ours(dt, b, 1))
+        for dt in hfs:
+            fns[("transformers", dt)] = (lambda dt=dt, b=b: theirs(dt, b, new_tokens))
+            fns[("transformers-1tok", dt)] = (lambda dt=dt, b=b: theirs(dt, b, 1))
+        times: dict = {k: [] for k in fns}
+        for fn in fns.values():  # warm-up (allocations, kernel selection)
+            fn()
+        for _ in range(repeats):
+            for k, fn in fns.items():  # round-robin: machine load hits every side alike
+                sync()
+                times[k].append(fn()[0])
+                sync()
+        for impl in ("tessera", "transformers"):
+            for dt in (dtypes if impl == "tessera" else tuple(hfs)):
+                full, one = min(times[(impl, dt)]), min(times[(impl + "-1tok", dt)])
+                result["rows"].append({
+                    "impl": impl, "dtype": dt, "batch": b,
+                    "tokens_per_s": b * new_tokens / full,
+                    "ttft_ms": one * 1e3,
+                    "per_token_ms": (full - one) / (new_tokens - 1) * 1e3 if new_tokens > 1 else None,
+                    "seconds": full,
+                })
+    rows = result["rows"]
+    speed = {}
+    head = dtypes[0]
+    for b in batches:
+        mine = next(r for r in rows if r["impl"] == "tessera" and r["dtype"] == head and r["batch"] == b)
+        for r in rows:
+            if r["impl"] == "transformers" and r["batch"] == b:
+                speed[f"batch{b}_tessera-{head}_vs_transformers-{r['dtype']}"] = mine["tokens_per_s"] / r["tokens_per_s"]
+        same = [r for r in rows if r["impl"] == "transformers" and r["batch"] == b and r["dtype"] == head]
+        if same:
+            speed[f"batch{b}_same_dtype"] = mine["tokens_per_s"] / same[0]["tokens_per_s"]
+    result["speedup"] = speed
+    gbps = _copy_gbps() if device.type == "cpu" else None
+    floor = {}
+    if gbps:
+        for dt in dtypes:
+            nbytes = _decode_weight_bytes(engines[dt])
+            r1 = next((r for r in rows if r["impl"] == "tessera" and r["dtype"] == dt and r["batch"] == 1), None)
+            floor[dt] = {
+                "weight_bytes": nbytes, "copy_gbps": gbps, "floor_ms": nbytes / (gbps * 1e9) * 1e3,
+                "measured_ms": r1["per_token_ms"] if r1 else None,
+            }
+    result["floor"] = floor
+    if verbose:
+        print(format_decode_table(result))
+    return result
+
+
+def format_decode_table(result: dict) -> str:
+    lines = [
+        f"decode: preset {result['preset']}, prompt {result['prompt_len']}, {result['new_tokens']} new tokens, "
+        f"greedy text, {result['device']}, {result['torch_threads']} threads",
+        f"{'impl':<13} {'dtype':<9} {'batch':>5} {'tokens/s':>10} {'TTFT ms':>9} {'ms/token':>9}",
+    ]
+    for r in result["rows"]:
+        pt = f"{r['per_token_ms']:.2f}" if r["per_token_ms"] is not None else "-"
+        lines.append(f"{r['impl']:<13} {r['dtype']:<9} {r['batch']:>5} {r['tokens_per_s']:>10.1f} "
+                     f"{r['ttft_ms']:>9.1f} {pt:>9}")
+    for k, v in result["speedup"].items():
+        lines.append(f"speed-up {k}: {v:.2f}x")
+    for dt, f in result["floor"].items():
+        meas = f"{f['measured_ms']:.2f} ms" if f["measured_ms"] is not None else "-"
+        lines.append(f"batch-1 floor {dt}: {f['weight_bytes'] / 1e6:.1f} MB weights / {f['copy_gbps']:.1f} GB/s = "
+                     f"{f['floor_ms']:.2f} ms/token (measured {meas})")
+    if result.get("greedy_match_fp32") is not None:
+        lines.append(f"fp32 greedy tokens equal to transformers: {result['greedy_match_fp32']}")
+    return "\n".join(lines)
