@@ -251,7 +251,8 @@ def _write_processor_files(directory: Path, cfg: dict) -> None:
                 "size": {"shortest_edge": size},
                 "crop_size": {"height": size, "width": size},
                 "do_resize": True, "do_center_crop": True, "do_rescale": True, "do_normalize": True,
-                "rescale_factor": 0.0078, "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0],
+                # x / 127.5 - 1 as Tessera's (and Meta's) preprocessing; transformers' default is 0.0078
+                "rescale_factor": 1 / 127.5, "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0],
                 "do_convert_rgb": True, "resample": 1,
             },
             indent=1,
