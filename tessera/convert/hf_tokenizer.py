@@ -60,7 +60,10 @@ class HFTextTokenizer:
         return [self._to_pieces(e.ids) for e in encs]
 
     def decode(self, pieces: Sequence[int]) -> str:
-        ids = self._piece_to_hf[torch.as_tensor(list(pieces), dtype=torch.long)].tolist()
+        bad = [int(p) for p in pieces if not 0 <= int(p) < self.vocab_size]
+        if bad:
+            raise ConvertError(f"piece id(s) {bad[:5]} outside [0, {self.vocab_size})")
+        ids = self._piece_to_hf[torch.as_tensor([int(p) for p in pieces], dtype=torch.long)].tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
