@@ -164,6 +164,7 @@ def test_no_biases_untied_embeddings_and_dropout_wiring():
     layer = model.decoder.layers[0]
     assert layer.hidden_dropout == 0.5
     assert layer.self_attention.core_attention.attention_dropout.p == 0.25
+    assert model.embedding.embedding_dropout.p == 0.0  # Chameleon: branch dropout only
     ids = _ids(cfg)
     pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
     model.train()

@@ -109,5 +109,9 @@ def build_model(
     for p in model.parameters():
         if p.dtype != config.params_dtype:
             p.data = p.data.to(config.params_dtype)
+    if pre_process:
+        # megatron drops out embeddings with hidden_dropout; Chameleon's dropout is only on the
+        # attention / MLP branches.
+        model.embedding.embedding_dropout.p = 0.0
     model.tessera_config = cfg  # the ModelConfig travels with the module (KV decoding reads swin_norm etc.)
     return model
