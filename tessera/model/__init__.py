@@ -15,6 +15,7 @@ _EXPORTS = {
     "enable_cpu_compat": "tessera.model.cpu",
     "initialize_parallel": "tessera.model.parallel",
     "destroy_parallel": "tessera.model.parallel",
+    "ensure_single_process": "tessera.model.parallel",
     "build_model": "tessera.model.chameleon",
     "transformer_config": "tessera.model.chameleon",
     "chameleon_layer_spec": "tessera.model.spec",
