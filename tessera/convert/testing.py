@@ -199,6 +199,9 @@ def write_meta_from_state(
             for kind in ("weight", "bias"):
                 w = sd[h + f"self_attn.{hf_name}.{kind}"]  # [heads, hd], constant within each rank
                 per_rank = w[:: w.shape[0] // num_shards]  # [num_shards, hd]
+                if not torch.equal(per_rank.repeat_interleave(w.shape[0] // num_shards, 0), w):
+                    raise ValueError(f"{h}self_attn.{hf_name}.{kind} differs within a rank: Meta's layout cannot hold "
+                                     f"it (build the model with per_rank_qk_norm={num_shards})")
                 put(m + f"attention.{meta_name}.{kind}", [half_to_interleaved(r, 1) for r in per_rank])
     for r, s in enumerate(shards):
         torch.save(s, mdir / f"consolidated.{r:02d}.pth")
