@@ -136,7 +136,7 @@ def import_chameleon(
     if float(cfg.get("rms_norm_eps", 1e-5)) != 1e-5:
         notes.append(f"rms_norm_eps={cfg['rms_norm_eps']}: transformers' QK LayerNorm uses 1e-5, Tessera's uses "
                      "norm_epsilon for both, so logits differ slightly")
-    image_tok = None
+    image_tok, has_decoder = None, False
     if vq_state:
         image_tok, has_decoder = image_tokenizer_from_taming(vq_state, vq_cfg, f"{where}: vqmodel")
         if image_tok.num_codes != vocab.num_image_codes:
@@ -176,8 +176,7 @@ def import_chameleon(
             notes.append("no tokenizer.json in the source: no text tokenizer written")
         if image_tok is not None:
             image_tok.save(tmp / IMAGE_DIR)
-            has_dec = not any("no VQ decoder" in n for n in notes)
-            (tmp / IMAGE_DIR / CONVERT_FILE).write_text(json.dumps({"has_decoder": has_dec}))
+            (tmp / IMAGE_DIR / CONVERT_FILE).write_text(json.dumps({"has_decoder": has_decoder}))
         (tmp / CONVERT_FILE).write_text(
             json.dumps({"source": source, "from": str(where), "params_dtype": params_dtype, "notes": notes}, indent=1)
         )
