@@ -138,7 +138,9 @@ def test_image_mode_exact_codes_then_stops(model):
     res, _ = eng.generate([[VOCAB.bos_id, 10, 11, 12], [VOCAB.bos_id, 13]], cfg)
     for r in res:
         assert r.finish_reason == "image"
-        assert r.open_prefix == [VOCAB.boi_id]
+        assert r.open_prefix == [VOCAB.boi_id] and r.prompt_ids[-1] == VOCAB.boi_id
+        segs = VOCAB.decode_document(r.prompt_ids + r.new_ids, lambda p: "x" * len(p), strict=True)
+        assert len(segs[-1].codes) == VOCAB.image_tokens_per_image  # the whole sequence is well formed
         n = VOCAB.image_tokens_per_image
         assert len(r.new_ids) == n + 1 and r.new_ids[-1] == VOCAB.eoi_id
         assert all(VOCAB.image_offset <= t < VOCAB.size for t in r.new_ids[:n])

@@ -11,6 +11,7 @@ Both sides decode greedily in text mode for exactly ``new_tokens`` tokens (``<eo
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -69,12 +70,26 @@ def benchmark_decode(
     model_overrides: dict | None = None,
     check_greedy: bool = True,
     seed: int = 0,
+    threads: int | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Tokens/s of Tessera vs transformers at each batch size (CPU or GPU). Returns a JSON-able dict:
     ``rows`` (impl, dtype, batch, tokens_per_s, ttft_ms, per_token_ms), ``speedup`` (ours in its
     first dtype / transformers in each dtype, per batch), ``floor`` (batch-1 bandwidth floor) and
-    ``greedy_match`` (fp32 greedy tokens equal)."""
+    ``greedy_match`` (fp32 greedy tokens equal). ``threads``: torch intra-op threads for the run
+    (restored afterwards); on a CPU shared with other jobs, 1 avoids OpenMP barrier stalls."""
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes, repeats,
+                                 model_overrides, check_greedy, seed, verbose)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes, repeats, model_overrides,
+                      check_greedy, seed, verbose) -> dict[str, Any]:  # noqa: ANN001
     from tessera.generate.hf import build_hf_chameleon
     from tessera.model import build_model, get_preset
     from tessera.model.parallel import ensure_single_process
@@ -129,6 +144,7 @@ def benchmark_decode(
     result: dict[str, Any] = {
         "preset": preset, "model": dataclasses.asdict(cfg), "prompt_len": prompt_len, "new_tokens": new_tokens,
         "device": str(device), "torch_threads": torch.get_num_threads(), "rows": [],
+        "load_average_1m_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     greedy_match = None
     if check_greedy:

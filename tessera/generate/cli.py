@@ -45,6 +45,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (small models on a busy CPU decode faster with 1)")
     p.add_argument("--config", default=None, help="YAML file with GenerationConfig fields")
     p.add_argument("--text-tokenizer", default=None, help="sentencepiece model (default: CKPT/tokenizers/text.model)")
     p.add_argument("--image-tokenizer", default=None, help="VQ tokenizer dir (default: CKPT/tokenizers/image/)")
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> Path:
 
     cfg = _config(args)
     cfg.check()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     parts_in = args.parts or []
     if not parts_in:
         raise GenerationError("give a prompt: --prompt TEXT and/or --image FILE")

@@ -157,20 +157,27 @@ class KVCacheDecoder:
             return
         freqs = self._rope.get_freqs_non_repeated(max_len).to(self.device).float()  # [max_len, rot/2]
         emb = torch.cat((freqs, freqs), dim=-1)
+        # rotate_half(t) * sin == roll(t, rot/2) * [-sin, sin]: one roll instead of chunk/neg/cat.
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
         self._cos = emb.cos().to(self.dtype)
-        self._sin = emb.sin().to(self.dtype)
+        self._sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
         self._rope_len = max_len
 
-    def _apply_rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """t [b, heads, s, hd]; pos [b, s] (rotary positions)."""
-        cos = self._cos[pos].unsqueeze(1)  # [b, 1, s, rot]
-        sin = self._sin[pos].unsqueeze(1)
+    def _rope_for(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / signed sin for rotary positions pos [b, s] -> [b, 1, s, rot] each (once per forward)."""
+        return self._cos[pos].unsqueeze(1), self._sin_signed[pos].unsqueeze(1)
+
+    @staticmethod
+    def _apply_rope(t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """t [b, heads, s, hd] rotated like megatron's (non-interleaved) ``apply_rotary_pos_emb``."""
+        cos, sin = rope
         rot = cos.shape[-1]
+        if rot == t.shape[-1]:
+            return t * cos + torch.roll(t, rot // 2, dims=-1) * sin
         t_rot, t_pass = t[..., :rot], t[..., rot:]
-        x1, x2 = t_rot.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-        out = t_rot * cos + rotated * sin
-        return torch.cat((out, t_pass), dim=-1) if t_pass.shape[-1] else out
+        out = t_rot * cos + torch.roll(t_rot, rot // 2, dims=-1) * sin
+        return torch.cat((out, t_pass), dim=-1)
 
     # ---- cache -----------------------------------------------------------------------------
     def allocate(self, batch: int, max_len: int) -> None:
@@ -183,7 +190,10 @@ class KVCacheDecoder:
         self.batch, self.max_len = batch, max_len
 
     # ---- forward ---------------------------------------------------------------------------
-    def _attention_block(self, li: int, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attention_block(
+        self, li: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor:
         """x [b, s, h] (already normed for pre-norm); writes k/v of the s new columns; returns [b, s, h]."""
         lw = self.layers[li]
         b, s, _ = x.shape
@@ -197,15 +207,16 @@ class KVCacheDecoder:
             q = lw.q_norm(q)
         if lw.k_norm is not None:
             k = lw.k_norm(k)
-        q = self._apply_rope(q.transpose(1, 2), pos)  # [b, np, s, hd]
-        k = self._apply_rope(k.transpose(1, 2), pos)  # [b, ng, s, hd]
+        q = self._apply_rope(q.transpose(1, 2), rope)  # [b, np, s, hd]
+        k = self._apply_rope(k.transpose(1, 2), rope)  # [b, ng, s, hd]
         start, end = self.length, self.length + s
         self.cache[li, 0, :, :, start:end] = k
         self.cache[li, 1, :, :, start:end] = v.transpose(1, 2)
         keys = self.cache[li, 0, :, :, :end]
         values = self.cache[li, 1, :, :, :end]
         ctx = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=self.softmax_scale, enable_gqa=ng != self.num_heads
+            q, keys, values, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+            enable_gqa=ng != self.num_heads,
         )
         ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * hd)
         return F.linear(ctx, lw.proj)
@@ -220,15 +231,18 @@ class KVCacheDecoder:
             h = self.activation(h)
         return F.linear(h, lw.fc2)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, last_only: bool) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, last_only: bool, causal: bool = False
+    ) -> torch.Tensor:
         if self.cache is None:
             raise DecoderError("call allocate(batch, max_len) before decoding")
         s = ids.shape[1]
         if self.length + s > self.max_len:
             raise DecoderError(f"cache full: {self.length} + {s} tokens > max_len {self.max_len}")
         x = F.embedding(ids, self.embedding)
+        rope = self._rope_for(pos)
         for li, lw in enumerate(self.layers):
-            h = self._attention_block(li, lw.ln_attn(x) if lw.ln_attn is not None else x, pos, mask)
+            h = self._attention_block(li, lw.ln_attn(x) if lw.ln_attn is not None else x, rope, mask, causal)
             x = x + (lw.post_attn(h) if lw.post_attn is not None else h)
             h = self._mlp(li, lw.ln_mlp(x) if lw.ln_mlp is not None else x)
             x = x + (lw.post_mlp(h) if lw.post_mlp is not None else h)
@@ -258,6 +272,9 @@ class KVCacheDecoder:
         mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=self.device)[None]
         self._key_valid = torch.zeros(b, self.max_len, dtype=torch.bool, device=self.device)
         self._key_valid[:, :L] = valid
+        self._padded = bool((pad > 0).any())
+        if not self._padded:  # no padding: plain causal attention (SDPA's fast path), no mask tensors
+            return self._forward(ids.to(self.device), pos, None, last_only=not all_logits, causal=True)
         return self._forward(ids.to(self.device), pos, mask[:, None], last_only=not all_logits)
 
     @torch.inference_mode()
@@ -266,5 +283,6 @@ class KVCacheDecoder:
         col = self.length
         pos = (col - self.pad).clamp(min=0)[:, None]
         self._key_valid[:, col] = True
-        mask = self._key_valid[:, None, None, : col + 1]
+        # One new query sees every filled column: only padded keys need masking.
+        mask = self._key_valid[:, None, None, : col + 1] if self._padded else None
         return self._forward(tokens.to(self.device).view(-1, 1), pos, mask, last_only=True)

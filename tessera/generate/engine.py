@@ -38,6 +38,8 @@ class GenerationError(ValueError):
 
 @dataclass
 class GeneratedSequence:
+    # The conditional row's prompt as decoded (image mode: with the forced <boi> appended), so
+    # ``prompt_ids + new_ids`` is always the whole well-formed sequence.
     prompt_ids: list[int]
     new_ids: list[int]
     finish_reason: str  # "eos" | "length" | "image" (image mode: the forced image is complete)
@@ -307,7 +309,7 @@ class GenerationEngine:
         for g in range(n):
             k = plan.initial_codes[g] if plan.initial_mode[g] else None
             prefix = rows[g][len(rows[g]) - k - 1 :] if k is not None else []
-            result.append(GeneratedSequence([int(t) for t in prompts[g]], out[g], reason[g], prefix))
+            result.append(GeneratedSequence(list(rows[g]), out[g], reason[g], prefix))
         return result, stats
 
     def _mask_logits(self, logits: torch.Tensor, cfg: GenerationConfig, images_done: list[int], n: int) -> None:
