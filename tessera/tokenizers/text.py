@@ -61,6 +61,16 @@ class TextTokenizer:
             raise TextTokenizerError(f"{path}: not a sentencepiece model: {exc}") from exc
         return cls(sp, path)
 
+    def save(self, out_prefix: str | Path) -> Path:
+        """Write the model as ``out_prefix.model`` (a directory gets ``text.model``); atomic."""
+        out = Path(out_prefix)
+        out = out / "text.model" if out.is_dir() else out.with_name(out.name + MODEL_SUFFIX)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        tmp.write_bytes(self.sp.serialized_model_proto())
+        os.replace(tmp, out)
+        return out
+
     @property
     def vocab_size(self) -> int:
         return int(self.sp.get_piece_size())
