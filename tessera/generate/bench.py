@@ -226,3 +226,73 @@ def format_decode_table(result: dict) -> str:
     if result.get("greedy_match_fp32") is not None:
         lines.append(f"fp32 greedy tokens equal to transformers: {result['greedy_match_fp32']}")
     return "\n".join(lines)
+
+
+def benchmark_decode_step(
+    preset: str = "demo",
+    batch: int = 1,
+    context: int = 32,
+    steps: int = 60,
+    rounds: int = 3,
+    dtypes: tuple[str, ...] = ("bfloat16", "float32"),
+    threads: int | None = 1,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """One cached decoding step, isolated from sampling and ``generate()`` bookkeeping: Tessera's
+    ``KVCacheDecoder.step`` vs transformers' forward with a ``DynamicCache``, ``context`` tokens
+    already cached, steps interleaved one by one (ours, theirs, ...) so machine load hits both alike.
+    Returns ``{"tessera-bfloat16": {"median_ms", "min_ms"}, "transformers-float32": ...}``."""
+    import statistics
+
+    from transformers import DynamicCache
+
+    from tessera.generate.hf import build_hf_chameleon
+    from tessera.model import build_model, get_preset
+    from tessera.model.parallel import ensure_single_process
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        ensure_single_process()
+        cfg = dataclasses.replace(get_preset(preset), params_dtype="float32", hidden_dropout=0.0, attention_dropout=0.0)
+        torch.manual_seed(seed)
+        model = build_model(cfg, pre_process=True, post_process=True).eval()
+        vocab = _vocab_for(cfg.vocab_size)
+        decoders = {dt: GenerationEngine(model, vocab, cfg.seq_length, dtype=dt).decoder for dt in dtypes}
+        hfs = {dt: build_hf_chameleon(model, vocab, swin_norm=cfg.swin_norm, max_position_embeddings=cfg.seq_length,
+                                      dtype=getattr(torch, dt)) for dt in dtypes}
+        prompt = torch.randint(vocab.text_offset, vocab.image_offset, (batch, context),
+                               generator=torch.Generator().manual_seed(seed))
+        tok = torch.full((batch,), vocab.text_offset)
+
+        def ours(dt: str):
+            d = decoders[dt]
+            d.allocate(batch, context + steps + 1)
+            d.prefill(prompt, torch.zeros(batch, dtype=torch.long))
+            return lambda: d.step(tok)
+
+        def theirs(dt: str):
+            h, cache, n = hfs[dt], DynamicCache(config=hfs[dt].config), [context]
+            with torch.inference_mode():
+                h(prompt, past_key_values=cache, use_cache=True)
+
+            def f() -> None:
+                with torch.inference_mode():
+                    h(tok[:, None], past_key_values=cache, use_cache=True,
+                      position_ids=torch.full((batch, 1), n[0]))
+                n[0] += 1
+
+            return f
+
+        times: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            fns = {f"tessera-{dt}": ours(dt) for dt in dtypes} | {f"transformers-{dt}": theirs(dt) for dt in dtypes}
+            for _ in range(steps):
+                for k, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times.setdefault(k, []).append(time.perf_counter() - t0)
+        return {k: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3} for k, v in times.items()}
+    finally:
+        torch.set_num_threads(old_threads)
