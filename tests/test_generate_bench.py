@@ -1,0 +1,24 @@
+"""benchmark_decode / benchmark_decode_step run at a tiny size and report what they promise."""
+
+from __future__ import annotations
+
+from tessera.generate.bench import benchmark_decode, benchmark_decode_step, format_decode_table
+
+
+def test_benchmark_decode_tiny():
+    r = benchmark_decode("tiny", batches=(1, 2), prompt_len=4, new_tokens=3, repeats=1, verbose=False,
+                         dtypes=("float32",), hf_dtypes=("float32",))
+    assert r["greedy_match_fp32"] is True  # same weights, same greedy tokens as transformers
+    keys = {(row["impl"], row["dtype"], row["batch"]) for row in r["rows"]}
+    assert keys == {(impl, "float32", b) for impl in ("tessera", "transformers") for b in (1, 2)}
+    assert all(row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 for row in r["rows"])
+    assert r["speedup"]["batch1_same_dtype"] > 0
+    f = r["floor"]["float32"]
+    assert f["floor_ms"] > 0 and f["copy_gbps"] > 0 and f["weight_bytes"] > 0
+    assert "tokens/s" in format_decode_table(r)
+
+
+def test_benchmark_decode_step_tiny():
+    r = benchmark_decode_step("tiny", batch=2, context=4, steps=3, rounds=1, dtypes=("float32",))
+    assert set(r) == {"tessera-float32", "transformers-float32"}
+    assert all(v["min_ms"] > 0 and v["median_ms"] >= v["min_ms"] for v in r.values())
