@@ -52,11 +52,9 @@ def _decode_weight_bytes(engine: GenerationEngine) -> int:
     """Bytes one decoding step must stream: every layer matrix, norms and the output layer (the
     embedding contributes one row per token, negligible)."""
     d = engine.decoder
-    total = d.output.numel() * d.output.element_size()
-    for lw in d.layers:
-        for w in (lw.qkv, lw.proj, lw.fc1, lw.fc2):
-            total += w.numel() * w.element_size()
-    return total
+    ws = [d.output] + [w for lw in d.layers for w in (lw.qkv, lw.proj, lw.fc1, lw.fc2)]
+    # shape x itemsize: also right for oneDNN-prepacked weights
+    return sum(int(torch.Size(w.shape).numel()) * w.dtype.itemsize for w in ws)
 
 
 def benchmark_decode(
