@@ -56,6 +56,9 @@ class VQConfig:
     threshold_ema_dead_code: float = 2.0
     use_cosine_sim: bool = False
     learnable_codebook: bool = False  # False: EMA codebook; True: codebook learned by the optimizer
+    # False when the weights carry no decoder (a transformers Chameleon import: transformers drops
+    # the VQ decoder); decoding then fails clearly instead of drawing with untrained weights.
+    has_decoder: bool = True
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(self.channel_mults)
@@ -394,6 +397,11 @@ class ImageTokenizer:
     @torch.no_grad()
     def decode_tensor(self, codes: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
         """Codes [n, tokens_per_image] -> images [n, 3, H, W] clamped to [-1, 1]."""
+        if not self.config.has_decoder:
+            raise ImageTokenizerError(
+                "this image tokenizer has no decoder weights (imported from transformers, which drops the "
+                "VQ decoder): it can encode images but not decode codes"
+            )
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.dim() == 1:
             codes = codes[None]
