@@ -134,6 +134,10 @@ def test_imported_vq_tokenizer_matches_transformers_codes(converted):
     with torch.no_grad():
         ref = model.model.vqmodel.encode(px).image_tokens.reshape(3, -1)
     assert torch.equal(itok.encode(px), ref)
+    from tessera.tokenizers.image import ImageTokenizerError
+
+    with pytest.raises(ImageTokenizerError, match="no decoder"):  # transformers dropped it
+        itok.decode(ref)
     # and the Tessera ids of those codes are the ids transformers feeds its LM
     idmap = IdMap.load(root / "tessera")
     from tessera.tokenizers.vocab import Vocabulary

@@ -190,6 +190,7 @@ def tessera_to_taming(model_sd: dict[str, torch.Tensor], cfg: VQConfig, decoder:
 def image_tokenizer_from_taming(state: dict[str, torch.Tensor], vq: dict, where: str) -> tuple[ImageTokenizer, bool]:
     cfg = vq_config_from_hf(vq, where)
     sd, has_decoder = taming_to_tessera(state, cfg, where)
+    cfg.has_decoder = has_decoder  # decode() refuses rather than draw with an untrained decoder
     model = VQModel(cfg)
     if not has_decoder:
         # transformers' checkpoints carry no decoder: keep the freshly initialised one out of the
