@@ -68,6 +68,8 @@ def test_bench_kernels_tiny(tmp_path):
 
 
 def test_bench_decode_tiny(tmp_path):
-    pytest.importorskip("tessera.generate.bench")
-    res = _run(tmp_path, "decode", "--preset", "tiny", "--batches", "1", "--prompt-len", "8", "--new-tokens", "4")
-    assert res["results"]["rows"]
+    res = _run(tmp_path, "decode", "--preset", "tiny", "--batches", "1", "--prompt-len", "8", "--new-tokens", "4",
+               "--dtype", "fp32")["results"]
+    impls = {r["impl"] for r in res["rows"]}
+    assert len(impls) == 2 and all(r["tokens_per_s"] > 0 for r in res["rows"])
+    assert res["greedy_match_fp32"] is True  # same weights, same greedy tokens

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import inspect
 import tempfile
 import time
 from pathlib import Path
@@ -95,16 +94,14 @@ def run_kernels(batches: tuple[int, ...] = (1, 8, 64), vocab: int = 65536, devic
 
 # ---- decode ---------------------------------------------------------------------------------------
 def run_decode(preset: str = "tiny", batches: tuple[int, ...] = (1, 8), prompt_len: int = 32, new_tokens: int = 32,
-               dtype: str | None = None, device: str | None = None, machine: dict | None = None) -> dict:
+               dtype: str | None = None, device: str | None = None, machine: dict | None = None,
+               repeats: int = 2) -> dict:
+    """Ours (bf16 and fp32 unless ``dtype`` picks one) vs transformers (fp32, bf16) on the same weights.
+    The engine runs where the model is (CUDA when present); ``device`` is recorded, not forced."""
     from tessera.generate.bench import benchmark_decode
 
-    wanted = {"preset": preset, "batches": batches, "batch_sizes": batches, "prompt_len": prompt_len,
-              "prompt_length": prompt_len, "new_tokens": new_tokens, "max_new_tokens": new_tokens, "dtype": dtype,
-              "device": device, "machine": machine}
-    params = inspect.signature(benchmark_decode).parameters
-    kwargs = {k: v for k, v in wanted.items() if k in params and v is not None}
-    res = benchmark_decode(**kwargs)
-    if isinstance(res, list):
-        res = {"rows": res}
+    dtypes = {"bf16": ("bfloat16",), "fp32": ("float32",), None: ("bfloat16", "float32")}[dtype]
+    res = benchmark_decode(preset=preset, batches=tuple(batches), prompt_len=prompt_len, new_tokens=new_tokens,
+                           dtypes=dtypes, repeats=repeats, verbose=False)
     res.setdefault("rows", [])
     return res

@@ -153,6 +153,11 @@ def install_tokenizers(paths: Paths) -> Path:
 
 
 def stage_train(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
+    import importlib.util
+
+    if importlib.util.find_spec("tessera.pretrain.cli") is None:
+        raise DemoError("`tessera train` (tessera/pretrain/cli.py) is not installed in this tree yet: "
+                        "the demo stops before pretraining; stages done so far are kept")
     install_tokenizers(paths)
     argv = train_command(cfg, paths)
     (d / "command.txt").write_text(" ".join(argv) + "\n")
