@@ -28,13 +28,16 @@ def _autocast(dtype: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def bench_config(preset: str, seq_length: int) -> Any:
+def bench_config(preset: str, seq_length: int, dtype: str = "fp32") -> Any:
     """The preset's ModelConfig at ``seq_length`` with dropout off (see module docstring)."""
     from tessera.model.config import get_preset
 
     cfg = get_preset(preset)
-    # fp32 master weights on both sides; --dtype bf16 autocasts the compute of both alike
+    # fp32: fp32 weights on both sides; bf16: bf16 weights (megatron's linear backward needs the weight in
+    # the autocast dtype) on both sides, compute autocast alike
     changes: dict = {"seq_length": max(seq_length, cfg.seq_length), "params_dtype": "float32"}
+    if dtype == "bf16":
+        changes["params_dtype"] = "bfloat16"
     for name in ("hidden_dropout", "attention_dropout"):
         if hasattr(cfg, name):
             changes[name] = 0.0
@@ -92,6 +95,8 @@ def hf_step(cfg: Any, tokens: torch.Tensor, dtype: str, device: torch.device):
         vocabulary_map={"<image>": 8},
     )
     model = ChameleonForConditionalGeneration(hf_cfg).to(device)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
     model.train()
     params = [p for n, p in model.named_parameters() if "vqmodel" not in n]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
@@ -129,7 +134,7 @@ def benchmark_train(
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     machine = machine or describe_machine(device=dev)
-    cfg = bench_config(preset, seq_length)
+    cfg = bench_config(preset, seq_length, dtype)
     shape = ModelShape.from_config(cfg)
     fpt = flops_per_token(shape, seq_length)
     peak = peak_tflops(machine, torch.bfloat16 if dtype == "bf16" else torch.float32) * 1e12
