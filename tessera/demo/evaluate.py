@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -160,7 +159,3 @@ def _scene_text(scene) -> str:
     from tessera.data.synth import caption
 
     return caption(scene)
-
-
-def load_scores(path: Path) -> dict:
-    return json.loads(path.read_text())

@@ -25,7 +25,7 @@ img.px{image-rendering:pixelated;width:96px;height:96px;border:1px solid #ddd}
 """
 
 
-def data_uri(path: Path, scale_to: int | None = None) -> str:
+def data_uri(path: Path) -> str:
     img = Image.open(path)
     buf = io.BytesIO()
     img.save(buf, format="PNG")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from tessera.bench.report import write_json
 from tessera.progress import format_seconds
 
 MARKER = "stage.json"
@@ -78,10 +79,8 @@ class StageRunner:
         return info
 
 
-def write_json_atomic(path: Path, payload: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_json(path, payload)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
