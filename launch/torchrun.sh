@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Single node, N processes (GPUs): launch/torchrun.sh [--dry-run] [--nproc N] -- --config configs/X.yaml [overrides...]
+set -euo pipefail
+DRY=0; NPROC="${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || echo 1)}"
+[ "$NPROC" -gt 0 ] 2>/dev/null || NPROC=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1; shift ;;
+    --nproc) NPROC="$2"; shift 2 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+CMD=(torchrun --standalone --nnodes 1 --nproc_per_node "$NPROC" -m tessera.pretrain "$@")
+echo "${CMD[*]}"
+[ "$DRY" = 1 ] && exit 0
+exec "${CMD[@]}"

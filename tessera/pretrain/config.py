@@ -1,0 +1,140 @@
+"""Typed run config for `tessera train` and the parallel-layout checks done before any process group exists."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tessera.config import ConfigError, apply_overrides, from_dict, parse_overrides
+from tessera.model.config import ModelConfig, get_preset
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B); None = off
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # directory written by `tessera data pretokenize`
+    weights: dict[str, float] = field(default_factory=dict)
+    weave: list[dict[str, Any]] = field(default_factory=list)
+    seq_length: int = 64
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: int = 10
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    log_interval: int = 1
+    eval_interval: int = 50
+    eval_steps: int = 2
+    save_interval: int = 50
+    keep_last_n: int = 3
+    max_bad_steps: int = 5
+    image_loss_weight: float = 1.0
+    seed: int = 1234
+    run_dir: str = "runs/demo"
+    peak_flops: float | None = None  # per device, for MFU; None = 140e9 on CPU (fp32), 989e12 on H100 (bf16)
+    debug_nan_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+def _resolve_model(raw: Any, source: str) -> dict:
+    """`model: {preset: NAME, key: value...}` -> full ModelConfig dict (preset + overrides)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: model: expected a mapping, got {raw!r}")
+    raw = dict(raw)
+    preset = raw.pop("preset", None)
+    base = dataclasses.asdict(get_preset(preset)) if preset else {}
+    base.update(raw)
+    return base
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read YAML, apply `--section.key value` overrides (`--model.preset NAME` allowed), type-check."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    ov = parse_overrides(overrides or [])
+    model_raw = dict(data.get("model") or {})
+    if "model.preset" in ov:
+        model_raw = {"preset": ov.pop("model.preset")}
+    data["model"] = _resolve_model(model_raw, source)
+    data = apply_overrides(data, TrainConfig, ov)
+    return from_dict(TrainConfig, data, source)
+
+
+def validate_layout(cfg: TrainConfig, world_size: int) -> int:
+    """Check TP/PP/VP/batch against the model and world size; return the data-parallel size."""
+    p, m = cfg.parallel, cfg.model
+    mp = p.tp * p.pp
+    if p.tp < 1 or p.pp < 1:
+        raise ConfigError(f"parallel.tp and parallel.pp must be >= 1 (got tp={p.tp}, pp={p.pp})")
+    if world_size % mp:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {mp}")
+    dp = world_size // mp
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(f"model.num_attention_heads {m.num_attention_heads} is not divisible by parallel.tp {p.tp}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if groups % p.tp:
+        raise ConfigError(f"model.num_query_groups {groups} is not divisible by parallel.tp {p.tp}")
+    if m.ffn_hidden_size % p.tp:
+        raise ConfigError(f"model.ffn_hidden_size {m.ffn_hidden_size} is not divisible by parallel.tp {p.tp}")
+    if m.vocab_size % (128 * p.tp) and m.vocab_size % p.tp:
+        raise ConfigError(f"model.vocab_size {m.vocab_size} is not divisible by parallel.tp {p.tp}")
+    stages = p.pp * (p.vp or 1)
+    if m.num_layers % stages:
+        raise ConfigError(f"model.num_layers {m.num_layers} is not divisible by pp x vp = {stages}")
+    if p.vp is not None and p.pp < 2:
+        raise ConfigError("parallel.vp (virtual pipeline stages) needs parallel.pp >= 2")
+    if p.global_batch_size % (p.micro_batch_size * dp):
+        raise ConfigError(
+            f"parallel.global_batch_size {p.global_batch_size} is not divisible by "
+            f"micro_batch_size x data-parallel size = {p.micro_batch_size} x {dp}"
+        )
+    if cfg.data.seq_length > m.seq_length:
+        raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds model.seq_length {m.seq_length}")
+    return dp

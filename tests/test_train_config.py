@@ -1,0 +1,42 @@
+"""TrainConfig loading (preset + overrides) and the parallel-layout checks."""
+
+import pytest
+
+from tessera.config import ConfigError
+from tessera.pretrain.config import load_train_config, validate_layout
+
+
+def test_shipped_configs_load_and_validate():
+    demo = load_train_config("configs/demo.yaml")
+    assert demo.model.num_layers > 0 and validate_layout(demo, 1) == 1
+    c7 = load_train_config("configs/chameleon-7b.yaml")
+    assert c7.model.seq_length == 4096 and c7.model.z_loss_weight == 1e-5 and c7.model.qk_norm
+    assert validate_layout(c7, 16) == 8  # two 8-GPU nodes, TP=2
+    c34 = load_train_config("configs/chameleon-34b.yaml")
+    assert c34.model.swin_norm and validate_layout(c34, 32) == 2
+
+
+def test_overrides_apply_on_top_of_preset():
+    cfg = load_train_config("configs/demo.yaml", ["--model.num_layers", "4", "--parallel.tp", "2"])
+    assert cfg.model.num_layers == 4 and cfg.parallel.tp == 2
+
+
+@pytest.mark.parametrize(
+    "overrides,world,match",
+    [
+        (["--parallel.tp", "2", "--parallel.pp", "2"], 6, "world size 6"),
+        (["--parallel.global_batch_size", "7"], 2, "global_batch_size 7"),
+        (["--parallel.tp", "8"], 8, "num_attention_heads 4"),
+        (["--model.num_layers", "3", "--parallel.pp", "2"], 2, "num_layers 3"),
+        (["--parallel.vp", "2"], 1, "needs parallel.pp"),
+    ],
+)
+def test_bad_layouts_name_the_field(overrides, world, match):
+    cfg = load_train_config(None, ["--model.num_attention_heads", "4", "--model.num_layers", "4", *overrides])
+    with pytest.raises(ConfigError, match=match):
+        validate_layout(cfg, world)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="nope"):
+        load_train_config(None, ["--train.nope", "1"])
