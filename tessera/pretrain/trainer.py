@@ -1,0 +1,113 @@
+"""Minimal megatron-core training loop (first cut): model, DDP, megatron optimizer + scheduler,
+forward_backward schedules, non-finite step skipping, JSONL metrics.
+
+Not yet here (see docs/training.md): real data (a deterministic synthetic stand-in is used: tokens
+are a pure function of (seed, step, micro-batch)), checkpoints/resume, eval, TensorBoard, guards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from tessera.config import save_config
+from tessera.pretrain.config import TrainConfig, validate_layout
+
+
+def _synthetic_batch(cfg: TrainConfig, step: int, micro: int, dp_rank: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(hash((cfg.data.seed, step, micro, dp_rank)) % (2**62))
+    b, s = cfg.parallel.micro_batch_size, cfg.data.seq_length
+    t = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=g)
+    return {"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(),
+            "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s).contiguous()}
+
+
+def train(cfg: TrainConfig) -> list[float]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from tessera.model.chameleon import build_model
+    from tessera.model.loss import language_model_loss
+    from tessera.model.parallel import init_distributed, initialize_parallel
+
+    init_distributed()
+    world = torch.distributed.get_world_size()
+    dp = validate_layout(cfg, world)
+    initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vp, cfg.train.seed)
+    torch.use_deterministic_algorithms(True)
+    model = build_model(cfg.model)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
+                        adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2, adam_eps=cfg.optim.eps,
+                        clip_grad=cfg.optim.clip_grad, bf16=False, fp16=False), [ddp])
+    gbs = cfg.parallel.global_batch_size
+    sched = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=cfg.optim.warmup * gbs,
+        lr_decay_steps=cfg.train.steps * gbs, lr_decay_style=cfg.optim.decay_style,
+        start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=cfg.train.steps * gbs,
+        wd_incr_style="constant")
+    n_micro = gbs // (cfg.parallel.micro_batch_size * dp)
+    run = Path(cfg.train.run_dir)
+    is_logger = torch.distributed.get_rank() == 0
+    if is_logger:
+        save_config(cfg, run / "config.yaml")
+    fb = get_forward_backward_func()
+    losses, bad = [], 0
+    for step in range(1, cfg.train.steps + 1):
+        batches = iter([_synthetic_batch(cfg, step, i, ps.get_data_parallel_rank()) for i in range(n_micro)])
+
+        nan = float("nan") if step in cfg.train.debug_nan_steps else 1.0
+
+        def forward_step(it, m, nan=nan):
+            b = next(it)
+            out = m(b["tokens"], b["position_ids"], None)
+
+            def loss_fn(logits):
+                lo = language_model_loss(logits, b["labels"], b["loss_mask"], cfg.model.z_loss_weight,
+                                         image_loss_weight=cfg.train.image_loss_weight)
+                total = lo.total * nan
+                return total, {"loss": total.detach()}
+            return out, loss_fn
+
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        out = fb(forward_step_func=forward_step, data_iterator=batches, model=[ddp], num_microbatches=n_micro,
+                 seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size, forward_only=False)
+        local = torch.tensor([sum(float(o["loss"]) for o in out) / n_micro if out else 0.0])
+        torch.distributed.all_reduce(local)  # only last stages contribute; sum over DP then average
+        loss = float(local) / dp
+        finite = torch.tensor([float(all(torch.isfinite(p.main_grad).all() for p in ddp.parameters()))])
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not math.isfinite(loss) or finite.item() < 1:
+            bad += 1
+            if bad >= cfg.train.max_bad_steps:
+                raise RuntimeError(f"{bad} consecutive non-finite steps at step {step}; stopping")
+            grad_norm = float("nan")
+        else:
+            bad = 0
+            _, grad_norm, _ = opt.step()
+            sched.step(increment=gbs)
+        losses.append(loss)
+        if is_logger:
+            rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
+                   "bad_steps": bad}
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"step {step} loss {loss:.4f} grad_norm {grad_norm:.3f}", flush=True)
+    return losses
+
+
+if __name__ == "__main__":
+    import sys
+
+    from tessera.pretrain.config import load_train_config
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    train(load_train_config(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))
