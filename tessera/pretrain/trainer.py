@@ -18,8 +18,9 @@ from tessera.config import save_config
 from tessera.pretrain.config import TrainConfig, validate_layout
 
 
-def _synthetic_batch(cfg: TrainConfig, step: int, micro: int, dp_rank: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(hash((cfg.data.seed, step, micro, dp_rank)) % (2**62))
+def _synthetic_batch(cfg: TrainConfig, step: int, micro: int) -> dict[str, torch.Tensor]:
+    # keyed by the GLOBAL micro-batch index so any DP size sees the same global batch
+    g = torch.Generator().manual_seed(hash((cfg.data.seed, step, micro)) % (2**62))
     b, s = cfg.parallel.micro_batch_size, cfg.data.seq_length
     t = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=g)
     return {"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(),
@@ -62,7 +63,7 @@ def train(cfg: TrainConfig) -> list[float]:
     fb = get_forward_backward_func()
     losses, bad = [], 0
     for step in range(1, cfg.train.steps + 1):
-        batches = iter([_synthetic_batch(cfg, step, i, ps.get_data_parallel_rank()) for i in range(n_micro)])
+        batches = iter([_synthetic_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i) for i in range(n_micro)])
 
         nan = float("nan") if step in cfg.train.debug_nan_steps else 1.0
 
@@ -74,15 +75,18 @@ def train(cfg: TrainConfig) -> list[float]:
                 lo = language_model_loss(logits, b["labels"], b["loss_mask"], cfg.model.z_loss_weight,
                                          image_loss_weight=cfg.train.image_loss_weight)
                 total = lo.total * nan
-                return total, {"loss": total.detach()}
+                # clone: the schedule divides the returned loss by num_microbatches in place
+                return total, {"loss": total.detach().clone()}
             return out, loss_fn
 
         ddp.zero_grad_buffer()
         opt.zero_grad()
         out = fb(forward_step_func=forward_step, data_iterator=batches, model=[ddp], num_microbatches=n_micro,
                  seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size, forward_only=False)
-        local = torch.tensor([sum(float(o["loss"]) for o in out) / n_micro if out else 0.0])
-        torch.distributed.all_reduce(local)  # only last stages contribute; sum over DP then average
+        # one contributor per DP replica: the last pipeline stage's TP rank 0; sum over DP then average
+        counts = out and ps.get_tensor_model_parallel_rank() == 0
+        local = torch.tensor([sum(float(o["loss"]) for o in out) / n_micro if counts else 0.0])
+        torch.distributed.all_reduce(local)
         loss = float(local) / dp
         finite = torch.tensor([float(all(torch.isfinite(p.main_grad).all() for p in ddp.parameters()))])
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
