@@ -52,6 +52,8 @@ FULL = DemoConfig(
     # the tokenizer preset's 600 bf16 steps took ~8 minutes here; fp32 convolutions are ~3x faster than bf16
     # autocast on this CPU, and 300 steps without the GAN loss fit the budget
     vq_overrides={"train.steps": "300", "train.disc_start": "100000", "train.ckpt_every": "100", "train.bf16": "false"},
+    # sized to the train budget from the model engineer's ~1.7k tokens/s fp32 for the demo preset (not yet run end to end)
+    train_overrides={"train.steps": "150", "data.seq_length": "512", "train.save_interval": "50"},
     budget_s={"synth": 60, "text_tokenizer": 30, "image_tokenizer": 240, "pretokenize": 90, "train": 600,
               "evaluate": 120, "report": 30},
 )
@@ -70,7 +72,9 @@ FAST = DemoConfig(
                   "train.log_every": "8", "train.image_every": "24", "vq.kmeans_iters": "2",
                   "train.bf16": "false"},
     train_config="configs/demo.yaml",
-    train_overrides={},
+    # the tiny model for a few steps: the smoke run checks the plumbing (data -> train -> checkpoint -> generate)
+    train_overrides={"model.preset": "tiny", "model.seq_length": "128", "train.steps": "6", "train.save_interval": "6", "optim.warmup": "2",
+                     "data.seq_length": "128", "parallel.micro_batch_size": "2", "parallel.global_batch_size": "4"},
     eval_prompts=4,
     max_caption_tokens=24,
     report_documents=4,

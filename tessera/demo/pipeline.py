@@ -125,8 +125,7 @@ def train_command(cfg: DemoConfig, paths: Paths) -> list[str]:
     """``tessera train`` exactly as a user would run it, plus the demo's paths and sizes as overrides."""
     config = resolve_path(cfg.train_config)
     overrides = {
-        "data.train_path": str(paths.pretok_train),
-        "data.eval_path": str(paths.pretok_heldout),
+        "data.path": str(paths.pretok_train),
         "train.run_dir": str(paths.run_dir),
         **cfg.train_overrides,
     }

@@ -1,8 +1,10 @@
-"""Minimal megatron-core training loop (first cut): model, DDP, megatron optimizer + scheduler,
-forward_backward schedules, non-finite step skipping, JSONL metrics.
+"""megatron-core training loop: model, DDP, megatron optimizer + scheduler, forward_backward
+schedules, non-finite step skipping, JSONL metrics, model checkpoints.
 
-Not yet here (see docs/training.md): real data (a deterministic synthetic stand-in is used: tokens
-are a pure function of (seed, step, micro-batch)), checkpoints/resume, eval, TensorBoard, guards.
+Data: ``data.path`` (a directory written by ``tessera data pretokenize``) is packed and read through
+``tessera.data``'s woven iterator, so every batch is a pure function of (seed, step). Without a path a
+deterministic random-token stand-in is used (tests, throughput runs).
+Not yet here (see docs/training.md): optimizer/RNG state in checkpoints and resume, eval, TensorBoard.
 """
 
 from __future__ import annotations
@@ -27,6 +29,30 @@ def _synthetic_batch(cfg: TrainConfig, step: int, micro: int) -> dict[str, torch
             "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s).contiguous()}
 
 
+def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
+    """The woven batch iterator over ``data.path`` and its vocabulary."""
+    from tessera.data.batches import PackedSource, PackingConfig, WovenBatchIterator
+    from tessera.data.weave import WeaveSchedule
+
+    source = PackedSource(cfg.data.path, PackingConfig(seq_length=cfg.data.seq_length, shuffle_seed=cfg.data.seed),
+                          name="train")
+    it = WovenBatchIterator({"train": source}, WeaveSchedule.constant({"train": 1.0}),
+                            global_batch=cfg.parallel.global_batch_size, micro_batch=cfg.parallel.micro_batch_size,
+                            dp_rank=dp_rank, dp_size=dp_size, seed=cfg.data.seed)
+    return it, it.vocab
+
+
+def _save(model, cfg: TrainConfig, run: Path, vocab, step: int) -> None:
+    from tessera.config import to_dict
+    from tessera.model.checkpoint import save_model_checkpoint, step_dir_name, write_latest
+
+    name = step_dir_name(step)
+    save_model_checkpoint(model, cfg.model, run / "checkpoints" / name, vocab=vocab, extra_config=to_dict(cfg),
+                          step=step)
+    if torch.distributed.get_rank() == 0:
+        write_latest(run / "checkpoints", name)  # updated last: `latest` never names a partial checkpoint
+
+
 def train(cfg: TrainConfig) -> list[float]:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -40,8 +66,18 @@ def train(cfg: TrainConfig) -> list[float]:
 
     init_distributed()
     world = torch.distributed.get_world_size()
+    data_it, vocab = None, None
+    if cfg.data.path:
+        # the embedding must cover the data's vocabulary: take its padded size (divisible by 128 x TP)
+        from tessera.tokenizers.vocab import Vocabulary
+
+        vocab = Vocabulary.load(cfg.data.path)
+        cfg.model.vocab_size = vocab.padded_size
     dp = validate_layout(cfg, world)
     initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vp, cfg.train.seed)
+    if cfg.data.path:
+        data_it, vocab = _open_data(cfg, ps.get_data_parallel_rank(), dp)
+        modality = vocab.modality_table()
     torch.use_deterministic_algorithms(True)
     model = build_model(cfg.model)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
@@ -63,7 +99,11 @@ def train(cfg: TrainConfig) -> list[float]:
     fb = get_forward_backward_func()
     losses, bad = [], 0
     for step in range(1, cfg.train.steps + 1):
-        batches = iter([_synthetic_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i) for i in range(n_micro)])
+        if data_it is not None:
+            batches = iter([next(data_it) for _ in range(n_micro)])
+        else:
+            batches = iter([_synthetic_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i)
+                            for i in range(n_micro)])
 
         nan = float("nan") if step in cfg.train.debug_nan_steps else 1.0
 
@@ -72,11 +112,16 @@ def train(cfg: TrainConfig) -> list[float]:
             out = m(b["tokens"], b["position_ids"], None)
 
             def loss_fn(logits):
+                label_modality = modality[b["labels"]] if data_it is not None else None
                 lo = language_model_loss(logits, b["labels"], b["loss_mask"], cfg.model.z_loss_weight,
+                                         label_modality=label_modality,
                                          image_loss_weight=cfg.train.image_loss_weight)
                 total = lo.total * nan
                 # clone: the schedule divides the returned loss by num_microbatches in place
-                return total, {"loss": total.detach().clone()}
+                stats = {"loss": total.detach().clone(), "z": lo.z.detach().clone()}
+                for k, v in lo.per_modality.items():
+                    stats[f"ce_{k}"] = v.detach().clone()
+                return total, stats
             return out, loss_fn
 
         ddp.zero_grad_buffer()
@@ -103,9 +148,16 @@ def train(cfg: TrainConfig) -> list[float]:
         if is_logger:
             rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
                    "bad_steps": bad}
+            # per-modality CE and z-loss as seen on this rank's micro-batches (text / image curves in the demo)
+            for key in sorted({k for o in (out or []) for k in o if k != "loss"}):
+                vals = [float(o[key]) for o in out if key in o and math.isfinite(float(o[key]))]
+                if vals:
+                    rec[key] = sum(vals) / len(vals)
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(f"step {step} loss {loss:.4f} grad_norm {grad_norm:.3f}", flush=True)
+        if step % cfg.train.save_interval == 0 or step == cfg.train.steps:
+            _save(model, cfg, run, vocab, step)
     return losses
 
 
