@@ -41,7 +41,8 @@ def _load_z(
     x = c
     if CFG >= 2:
         # Unconditional (and image-only) rows are read only inside an image: masked loads touch no memory.
-        m_img = inb & in_img
+        # A scalar bool cannot be and-ed into a block mask (the interpreter rejects the dtype): broadcast it.
+        m_img = inb & ((tl.zeros_like(offs) + in_img.to(tl.int32)) != 0)
         u = tl.load(logits_ptr + (g + n_groups) * stride + offs, mask=m_img, other=0.0).to(tl.float32)
         if CFG == 3:
             i = tl.load(logits_ptr + (g + 2 * n_groups) * stride + offs, mask=m_img, other=0.0).to(tl.float32)
