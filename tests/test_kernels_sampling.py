@@ -2,6 +2,8 @@
 CFG combine, and top-k / top-p against brute-force sort-based sets."""
 
 import os
+import subprocess
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
 
@@ -237,3 +239,17 @@ def test_backend_dispatch_and_errors():
         sample_step(logits, state.clone(), rules, SamplingParams(), 3, 1, backend="cuda")
     with pytest.raises(ValueError, match="cfg_groups"):
         sample_step(torch.randn(3, V), _state([(0, 0, 3, 0)] * 3), rules, SamplingParams(cfg_groups=2), 3, 1)
+
+
+def test_use_triton_interpreter_after_compiled_import():
+    """Switching to the interpreter after the kernel module was imported compiled re-decorates it."""
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "from tessera.kernels import _backend, _sampling_triton\n"
+        "assert not _backend._kernels_interpreted()\n"
+        "import tessera.kernels as k; k.use_triton_interpreter()\n"
+        "assert _backend._kernels_interpreted()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

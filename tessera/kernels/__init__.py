@@ -1,1 +1,27 @@
-"""tessera.kernels"""
+"""tessera.kernels: fused Triton kernels with plain-PyTorch references (docs/kernels.md)."""
+
+from ._backend import BACKENDS, resolve_backend, use_triton_interpreter
+from .sampling import (
+    DecodeState,
+    ModalitySampling,
+    SamplingParams,
+    TokenRules,
+    sample_step,
+    sample_step_reference,
+    sample_step_triton,
+    sampling_uniforms,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DecodeState",
+    "ModalitySampling",
+    "SamplingParams",
+    "TokenRules",
+    "resolve_backend",
+    "sample_step",
+    "sample_step_reference",
+    "sample_step_triton",
+    "sampling_uniforms",
+    "use_triton_interpreter",
+]

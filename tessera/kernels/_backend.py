@@ -9,6 +9,7 @@ compiled and interpreted at decoration time, so kernels imported earlier must be
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import Literal
 
@@ -46,7 +47,9 @@ def use_triton_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     if not _kernels_interpreted():
         for name in _KERNEL_MODULES:
-            importlib.reload(importlib.import_module(name))
+            # Kernel modules not written yet (the cross-entropy kernel) are skipped, not an error.
+            if importlib.util.find_spec(name) is not None:
+                importlib.reload(importlib.import_module(name))
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor, what: str) -> str:
