@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Triton decides compiled vs interpreted when a kernel is defined; with no GPU here every test wants
+# the interpreter, and setting it before any import keeps that independent of test order.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
