@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from tessera.config import ConfigError, apply_overrides, from_dict, parse_overrides
+from tessera.config import ConfigError, apply_overrides, from_dict, parse_overrides, read_yaml_mapping
 from tessera.model.config import ModelConfig, get_preset
 
 
@@ -88,16 +86,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     data: dict = {}
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+        source = str(path)
+        data = read_yaml_mapping(path)
     ov = parse_overrides(overrides or [])
     model_raw = dict(data.get("model") or {})
     if "model.preset" in ov:

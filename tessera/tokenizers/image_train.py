@@ -35,7 +35,15 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from tessera.config import ConfigError, apply_overrides, from_dict, parse_overrides, save_config, to_dict
+from tessera.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    parse_overrides,
+    read_yaml_mapping,
+    save_config,
+    to_dict,
+)
 from tessera.progress import Progress
 from tessera.tokenizers.image import (
     VQ_PRESETS,
@@ -111,7 +119,6 @@ def load_train_config(
     """Preset (or defaults) <- YAML file <- ``--section.key value`` overrides."""
     import copy
 
-    import yaml
 
     data: dict = {}
     if preset is not None:
@@ -120,16 +127,8 @@ def load_train_config(
         data = copy.deepcopy(TRAIN_PRESETS[preset])
     source = f"preset {preset}" if preset else "<defaults>"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+        loaded = read_yaml_mapping(path)
         for k, v in loaded.items():
             if isinstance(v, dict) and isinstance(data.get(k), dict):
                 data[k] = {**data[k], **v}
