@@ -1,6 +1,12 @@
 """tessera.kernels: fused Triton kernels with plain-PyTorch references (docs/kernels.md)."""
 
 from ._backend import BACKENDS, resolve_backend, use_triton_interpreter
+from .cross_entropy import (
+    CrossEntropyZOutput,
+    cross_entropy_z,
+    cross_entropy_z_reference,
+    cross_entropy_z_triton,
+)
 from .sampling import (
     DecodeState,
     ModalitySampling,
@@ -14,10 +20,14 @@ from .sampling import (
 
 __all__ = [
     "BACKENDS",
+    "CrossEntropyZOutput",
     "DecodeState",
     "ModalitySampling",
     "SamplingParams",
     "TokenRules",
+    "cross_entropy_z",
+    "cross_entropy_z_reference",
+    "cross_entropy_z_triton",
     "resolve_backend",
     "sample_step",
     "sample_step_reference",

@@ -1,7 +1,9 @@
 """The language-model loss training calls: vocab-parallel cross-entropy + z-loss, per-modality CE.
 
-Logits may be vocab-sharded across TP ranks (``parallel_output=True``); megatron's
-``vocab_parallel_cross_entropy`` and an all-reduced logsumexp make the result identical to TP=1.
+Logits may be vocab-sharded across TP ranks (``parallel_output=True``). The per-token CE and
+logsumexp come from one fused pass, ``tessera.kernels.cross_entropy_z`` (Triton on CUDA, its chunked
+PyTorch reference on CPU), which all-reduces only [tokens] vectors over the TP group, so the result
+is identical to TP=1 and no fp32 copy of the logits is made.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+from tessera.kernels.cross_entropy import cross_entropy_z
 
 MODALITY_NAMES = {0: "text", 1: "image", 2: "special"}  # tessera.tokenizers.vocab.Modality
 
@@ -31,7 +35,8 @@ class LossOutput:
 
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the full (TP-sharded) vocabulary, differentiable; fp32. logits [..., V/TP]."""
+    """logsumexp over the full (TP-sharded) vocabulary, differentiable; fp32. logits [..., V/TP].
+    (Unfused; ``language_model_loss`` gets its logsumexp from ``cross_entropy_z``.)"""
     logits = logits.float()
     local_max = logits.max(dim=-1).values.detach()
     global_max = local_max.clone()
@@ -52,24 +57,36 @@ def language_model_loss(
     z_loss_weight: float,
     label_modality: torch.Tensor | None = None,
     image_loss_weight: float = 1.0,
+    *,
+    backend: str = "auto",
+    inplace_backward: bool = False,
 ) -> LossOutput:
-    """logits [b, s, V/TP] (this TP rank's vocab slice), labels [b, s] global ids, loss_mask [b, s]
-    (1 = counts), label_modality [b, s] (``Modality`` of each label; ``vocab.modality_table()[labels]``)."""
+    """logits [b, s, V/TP] (this TP rank's vocab slice; fp32/bf16/fp16), labels [b, s] global ids,
+    loss_mask [b, s] (1 = counts), label_modality [b, s] (``Modality`` of each label;
+    ``vocab.modality_table()[labels]``). ``backend`` picks the fused kernel's implementation
+    (tessera.kernels); ``inplace_backward=True`` lets its backward overwrite the logits with their
+    gradient (saves a logits-sized buffer; only when nothing reads the logits after the loss)."""
     if logits.shape[:-1] != labels.shape or labels.shape != loss_mask.shape:
         raise ValueError(
             f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, loss_mask {tuple(loss_mask.shape)}"
         )
     if image_loss_weight != 1.0 and label_modality is None:
         raise ValueError("image_loss_weight needs label_modality")
-    logits = logits.float()
-    # megatron's kernel subtracts the max from its (fp32) input in place: give it a copy, the z-loss needs ours.
-    ce_tok = tensor_parallel.vocab_parallel_cross_entropy(logits.clone(), labels)
+    tp_group = None
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    # every label counts for the kernel (no ignore_index): loss_mask does the masking, as before
+    fused = cross_entropy_z(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), 0.0, ignore_index=torch.iinfo(torch.int64).min,
+        tp_group=tp_group, inplace_backward=inplace_backward, backend=backend,
+    )
+    ce_tok = fused.ce.view(labels.shape)
     mask = loss_mask.to(ce_tok.dtype)
     n = mask.sum()
     denom = n.clamp(min=1.0)
     ce = (ce_tok * mask).sum() / denom
     if z_loss_weight:
-        lse = vocab_parallel_logsumexp(logits)
+        lse = fused.lse.view(labels.shape)
         z = z_loss_weight * (lse.square() * mask).sum() / denom
     else:
         z = torch.zeros((), dtype=ce.dtype, device=ce.device)
