@@ -23,6 +23,7 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # directory written by `tessera data pretokenize`
+    eval_path: str = ""  # held-out pretokenized directory (same vocabulary) for train.eval_interval evaluation
     weights: dict[str, float] = field(default_factory=dict)
     weave: list[dict[str, Any]] = field(default_factory=list)
     seq_length: int = 64
@@ -49,12 +50,17 @@ class TrainSection:
     eval_interval: int = 50
     eval_steps: int = 2
     save_interval: int = 50
-    keep_last_n: int = 3
+    keep_last_n: int = 3  # step checkpoints kept in RUN/checkpoints (0 = all)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from RUN/checkpoints/latest when it exists
+    init_from: str = ""  # checkpoint / run dir whose model weights start a run that has nothing to resume
+    debug_kill_at: str = ""  # tests: "step:N" / "save:N" SIGKILLs the process there (pretrain/checkpointing.py)
     max_bad_steps: int = 5
     image_loss_weight: float = 1.0
     seed: int = 1234
     run_dir: str = "runs/demo"
-    peak_flops: float | None = None  # per device, for MFU; None = 140e9 on CPU (fp32), 989e12 on H100 (bf16)
+    # per device, for MFU; None = the 2-core CPU's measured matmul peak (140e9 fp32, 770e9 bf16) or the
+    # GPU's datasheet dense bf16 peak (989e12 on H100/H200; tessera.pretrain.metrics.default_peak_flops)
+    peak_flops: float | None = None
     debug_nan_steps: list[int] = field(default_factory=list)
 
 

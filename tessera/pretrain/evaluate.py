@@ -1,0 +1,182 @@
+"""Held-out evaluation during training: forward only through megatron's schedule, text / image loss and perplexity.
+
+The held-out batches are the SAME at every evaluation (a fresh iterator from step 0 each time), so the
+curve compares like with like. Sources, in order:
+
+* ``data.eval_path``: another ``tessera data pretokenize`` directory with the training vocabulary
+  (``tessera demo`` pretokenizes its held-out split there), read through the woven iterator;
+* no ``data.path``: a deterministic random-token stand-in stream, disjoint from the training stand-in;
+* ``data.path`` without ``data.eval_path``: no evaluation (said once on rank 0).
+
+Evaluation leaves training exactly as it was: the model goes back to train mode, every RNG state (torch,
+CUDA, megatron's tracker) is restored, and the training iterator is never touched, so a run with
+evaluation gives the same training losses as one without (tests/test_train_obs.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from megatron.core import parallel_state as ps
+
+from tessera.config import ConfigError
+from tessera.model.loss import MODALITY_NAMES, language_model_loss
+from tessera.pretrain.config import TrainConfig
+
+Batch = dict[str, torch.Tensor]
+_MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
+
+
+def standin_heldout_batch(cfg: TrainConfig, step: int, micro: int) -> Batch:
+    """Held-out stand-in micro-batch ``micro`` (GLOBAL index) of eval step ``step``: random tokens from a
+    generator keyed apart from the training stand-in (which keys on step >= 1)."""
+    g = torch.Generator().manual_seed(hash((cfg.data.seed, "heldout", step, micro)) % (2**62))
+    b, s = cfg.parallel.micro_batch_size, cfg.data.seq_length
+    t = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=g)
+    return {"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(),
+            "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s).contiguous()}
+
+
+def _save_rng() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"cpu": torch.get_rng_state(),
+             "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["cpu"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Evaluator:
+    """``Evaluator(cfg, model_chunks, n_micro, dp_rank, dp_size, modality).run() -> {"eval_loss": ...}``.
+
+    Every rank calls ``run`` (it runs the pipeline schedule and all-reduces). ``modality`` is the
+    vocabulary's id -> Modality table (per-modality losses), None for the stand-in. ``batches``
+    overrides the held-out source: ``batches(eval_step) -> this rank's micro-batches`` (tests)."""
+
+    def __init__(self, cfg: TrainConfig, model: list[torch.nn.Module], n_micro: int, dp_rank: int, dp_size: int,
+                 modality: torch.Tensor | None = None, batches: Callable[[int], list[Batch]] | None = None) -> None:
+        self.cfg, self.model, self.n_micro = cfg, model, n_micro
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.modality = modality
+        self.source = None
+        self._it = None
+        self.note = ""
+        if batches is not None:
+            self._batches = batches
+        elif cfg.data.eval_path:
+            if not cfg.data.path:
+                raise ConfigError("data.eval_path needs data.path (the held-out set must use the training vocabulary)")
+            self.source = self._open_source()
+            self._batches = self._data_batches
+        elif cfg.data.path:
+            self._batches = None
+            self.note = "no data.eval_path: held-out evaluation is off for this run"
+        else:
+            self._batches = self._standin_batches
+
+    @property
+    def enabled(self) -> bool:
+        return self._batches is not None and self.cfg.train.eval_steps > 0
+
+    def _open_source(self):
+        from tessera.data.batches import PackedSource, PackingConfig
+        from tessera.tokenizers.vocab import Vocabulary
+
+        cfg = self.cfg
+        train_vocab = Vocabulary.load(cfg.data.path)
+        eval_vocab = Vocabulary.load(cfg.data.eval_path)
+        if eval_vocab != train_vocab:
+            raise ConfigError(f"data.eval_path {cfg.data.eval_path}: its vocabulary differs from data.path "
+                              f"{cfg.data.path}'s; pretokenize both with the same tokenizers")
+        return PackedSource(cfg.data.eval_path, PackingConfig(seq_length=cfg.data.seq_length, shuffle_seed=cfg.data.seed),
+                            name="heldout")
+
+    def _data_batches(self, step: int) -> list[Batch]:
+        from tessera.data.batches import WovenBatchIterator
+        from tessera.data.weave import WeaveSchedule
+
+        if step == 0:  # the same held-out batches at every evaluation
+            self._it = WovenBatchIterator({"heldout": self.source}, WeaveSchedule.constant({"heldout": 1.0}),
+                                          global_batch=self.cfg.parallel.global_batch_size,
+                                          micro_batch=self.cfg.parallel.micro_batch_size,
+                                          dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.cfg.data.seed)
+        return self._it.next_step()
+
+    def _standin_batches(self, step: int) -> list[Batch]:
+        return [standin_heldout_batch(self.cfg, step, self.dp_rank * self.n_micro + i) for i in range(self.n_micro)]
+
+    def run(self) -> dict[str, float]:
+        """Mean CE over every held-out token (no z-loss, no image weighting) and per modality, with
+        perplexities exp(CE); keys ``eval_loss``, ``eval_ppl``, ``eval_ce_text``, ``eval_ppl_text``, ...,
+        ``eval_tokens``. Empty when evaluation is off."""
+        if not self.enabled:
+            return {}
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg, fb = self.cfg, get_forward_backward_func()
+        modality = self.modality
+        keys = ["ce", "n"] + [f"{p}_{m}" for m in _MODALITIES for p in ("ce", "n")]
+
+        def forward_step(it, m):
+            b = next(it)
+            out = m(b["tokens"], b["position_ids"], None)
+
+            def loss_fn(logits):
+                lm = modality[b["labels"]] if modality is not None else None
+                lo = language_model_loss(logits, b["labels"], b["loss_mask"], 0.0, label_modality=lm)
+                stats = {"ce": lo.ce * lo.num_tokens, "n": lo.num_tokens}
+                for k, v in lo.per_modality.items():
+                    stats[f"ce_{k}"] = v * lo.per_modality_tokens[k]
+                    stats[f"n_{k}"] = lo.per_modality_tokens[k]
+                return lo.ce, stats
+            return out, loss_fn
+
+        rng = _save_rng()
+        modes = [m.training for m in self.model]
+        for m in self.model:
+            m.eval()  # no dropout
+        sums = torch.zeros(len(keys), dtype=torch.float64)
+        try:
+            with torch.no_grad():
+                for step in range(cfg.train.eval_steps):
+                    out = fb(forward_step_func=forward_step, data_iterator=iter(self._batches(step)), model=self.model,
+                             num_microbatches=self.n_micro, seq_length=cfg.data.seq_length,
+                             micro_batch_size=cfg.parallel.micro_batch_size, forward_only=True)
+                    # one contributor per DP replica (last stage, TP rank 0): the sums are replicated over TP
+                    if out and ps.get_tensor_model_parallel_rank() == 0:
+                        for o in out:
+                            for i, k in enumerate(keys):
+                                if k in o:
+                                    sums[i] += float(o[k])
+        finally:
+            for m, mode in zip(self.model, modes, strict=True):
+                m.train(mode)
+            _restore_rng(rng)
+        torch.distributed.all_reduce(sums)
+        tot = dict(zip(keys, sums.tolist(), strict=True))
+        res: dict[str, float] = {}
+        if tot["n"] > 0:
+            res["eval_loss"] = tot["ce"] / tot["n"]
+            res["eval_ppl"] = _ppl(res["eval_loss"])
+        for mname in _MODALITIES:
+            if tot[f"n_{mname}"] > 0:
+                ce = tot[f"ce_{mname}"] / tot[f"n_{mname}"]
+                res[f"eval_ce_{mname}"], res[f"eval_ppl_{mname}"] = ce, _ppl(ce)
+        res["eval_tokens"] = tot["n"]
+        return res
+
+
+def _ppl(ce: float) -> float:
+    return math.exp(ce) if ce < 700 else math.inf

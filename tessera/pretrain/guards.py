@@ -1,0 +1,104 @@
+"""Logit-drift guards: the mean L2 norm of the output logits and the largest attention logit of a step.
+
+Both are measurements only: nothing here changes what the model computes.
+
+* ``logit_norm_sums``: per token, the L2 norm of its logits over the FULL vocabulary (the squares are
+  summed over this TP rank's vocabulary slice, then all-reduced over the TP group), summed over the
+  loss-mask tokens, with the token count, so micro-batches and DP ranks average correctly.
+* ``AttentionLogitProbe``: forward pre-hooks on every ``core_attention`` module (megatron's
+  ``DotProductAttention``, our ``SDPAttention``, TE's attention: all take ``query, key [s, b, heads,
+  head_dim]`` after QK-norm and RoPE). While armed, each layer recomputes ``max(q . k) * softmax_scale``
+  over the positions its mask allows, once per arming (the first micro-batch that reaches it), one head
+  at a time so the extra memory is one [b, s, s] matrix. Disarmed, the hooks return at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+
+
+@torch.no_grad()
+def logit_norm_sums(logits: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over loss-mask tokens of ||logits_token||_2, number of those tokens); logits [b, s, V/TP]."""
+    sq = logits.float().square().sum(dim=-1)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+    mask = loss_mask.to(sq.dtype)
+    return (sq.sqrt() * mask).sum(), mask.sum()
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module  # DDP / Float16Module wrappers
+    return module
+
+
+@torch.no_grad()
+def max_attention_logit(query: torch.Tensor, key: torch.Tensor, scale: float | None,
+                        attention_mask: torch.Tensor | None = None, causal: bool = True) -> float:
+    """max over batch, heads and allowed (query, key) pairs of ``scale * q . k``.
+
+    query [sq, b, np, hn], key [sk, b, ng, hn] (megatron's layout; query head i uses key group
+    i // (np / ng)); ``attention_mask`` follows megatron (True = masked out, broadcastable to
+    [b, np, sq, sk]); without one, ``causal`` masks j > i."""
+    sq, b, np_, hn = query.shape
+    sk, ng = key.shape[0], key.shape[2]
+    scale = scale if scale is not None else 1.0 / math.sqrt(hn)
+    q = query.float().permute(1, 2, 0, 3)  # [b, np, sq, hn]
+    k = key.float().permute(1, 2, 0, 3)  # [b, ng, sk, hn]
+    allowed = None
+    if attention_mask is not None:
+        allowed = ~attention_mask.bool()
+    elif causal and sq > 1:
+        allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    best = -math.inf
+    per_group = np_ // ng
+    for h in range(np_):
+        s = torch.matmul(q[:, h], k[:, h // per_group].transpose(-1, -2)) * scale  # [b, sq, sk]
+        if allowed is not None:
+            a = allowed if allowed.dim() == 2 else allowed[:, h if allowed.shape[1] > 1 else 0]
+            s = s.masked_fill(~a, -math.inf)
+        best = max(best, float(s.max()))
+    return best
+
+
+class AttentionLogitProbe:
+    """``probe = AttentionLogitProbe(model_chunks)``; per step ``probe.arm(on)`` before the forward,
+    ``probe.value()`` after it (this rank's max, -inf when nothing was recorded); ``close()`` removes
+    the hooks."""
+
+    def __init__(self, model: torch.nn.Module | list[torch.nn.Module]) -> None:
+        chunks = model if isinstance(model, list) else [model]
+        self.modules = [m for c in chunks for name, m in _unwrap(c).named_modules()
+                        if name.endswith("core_attention")]
+        self.armed = False
+        self._seen: set[int] = set()
+        self._max = -math.inf
+        self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
+
+    def arm(self, on: bool = True) -> None:
+        self.armed, self._seen, self._max = on, set(), -math.inf
+
+    def value(self) -> float:
+        return self._max
+
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not self.armed or id(module) in self._seen:
+            return
+        self._seen.add(id(module))  # one micro-batch per layer per arming: cheap, and recompute is skipped
+        query, key = args[0], args[1]
+        mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
+        mask_type = kwargs.get("attn_mask_type") or getattr(module, "attn_mask_type", AttnMaskType.causal)
+        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        scale = getattr(module, "softmax_scale", None)
+        self._max = max(self._max, max_attention_logit(query, key, scale, mask, causal))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,223 @@
+"""What a training run reports, and where: ``RUN/metrics.jsonl``, TensorBoard (``RUN/tensorboard``), console.
+
+Rank 0 writes; every rank takes part in the reductions (``reduce_step_stats`` is a collective).
+
+* ``step_stats`` turns one micro-batch's ``LossOutput`` (plus, on guard steps, its logits) into SUMS and
+  token counts, so the step's figures are exact token-weighted means over every micro-batch of every
+  DP replica (and the last pipeline stage's numbers reach rank 0 whatever the pipeline layout).
+* ``TrainLogger`` times the steps and derives tokens/s and MFU, writes one JSON line per step (keys
+  ``step, loss, ce, ce_text, ce_image, ce_special, z, lr, grad_norm, bad_steps`` every step;
+  ``logit_norm, max_attn_logit`` on guard steps; ``tokens_per_s, mfu, step_seconds``; ``eval_*`` on
+  evaluation steps), the same scalars to TensorBoard, and a progress line every ``train.log_interval``
+  steps.
+
+MFU = tokens/s x FLOPs/token / (devices x peak FLOP/s per device), with FLOPs/token the training model
+FLOPs of ``tessera.bench.plan.flops_per_token`` (6 x matmul parameters + 12 x layers x seq x heads x
+head_dim; docs/training.md), the same function ``tessera bench train`` and ``tessera bench plan`` use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from tessera.model.loss import MODALITY_NAMES, LossOutput
+from tessera.pretrain.config import TrainConfig
+from tessera.pretrain.guards import logit_norm_sums
+from tessera.progress import format_seconds
+
+_MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
+# the order every rank packs the step sums in (one all-reduce)
+_SUM_KEYS = ["z", "n_micro", "ce", "n"] + [f"{p}_{m}" for m in _MODALITIES for p in ("ce", "n")] + ["logit_norm", "n_logit"]
+
+# DESIGN.md's measured 2-core CPU matmul peaks; datasheet dense bf16 peaks for GPUs (tessera.bench.machine)
+CPU_PEAK_FLOPS = {"float32": 140e9, "bfloat16": 770e9}
+
+
+def default_peak_flops(params_dtype: str) -> float:
+    """Peak FLOP/s of ONE device for MFU when ``train.peak_flops`` is unset."""
+    if torch.cuda.is_available():
+        from tessera.bench.machine import GPU_PEAK_BF16_TFLOPS
+
+        name = torch.cuda.get_device_name().lower()
+        for gpu, tflops in GPU_PEAK_BF16_TFLOPS.items():
+            if gpu in name:
+                return tflops * 1e12
+        return GPU_PEAK_BF16_TFLOPS["h100"] * 1e12
+    return CPU_PEAK_FLOPS.get(params_dtype, CPU_PEAK_FLOPS["float32"])
+
+
+def model_flops_per_token(cfg: TrainConfig) -> float:
+    from tessera.bench.plan import ModelShape, flops_per_token
+
+    return flops_per_token(ModelShape.from_config(cfg.model), cfg.data.seq_length)
+
+
+def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> dict:
+    """One micro-batch's sums for ``reduce_step_stats``; pass ``logits`` / ``loss_mask`` on guard steps
+    to add the output-logit norm (a TP collective: every TP rank of the last stage calls this)."""
+    n = lo.num_tokens if lo.num_tokens is not None else torch.tensor(float(lo.ce.numel()))
+    stats = {"z": lo.z.detach().clone(), "n_micro": torch.ones(()), "ce": (lo.ce * n).detach(), "n": n}
+    for k, v in lo.per_modality.items():
+        stats[f"ce_{k}"] = (v * lo.per_modality_tokens[k]).detach()
+        stats[f"n_{k}"] = lo.per_modality_tokens[k]
+    if logits is not None:
+        stats["logit_norm"], stats["n_logit"] = logit_norm_sums(logits.detach(), loss_mask)
+    return stats
+
+
+def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> dict[str, float]:
+    """Token-weighted means over the whole step (every micro-batch, every DP replica). A collective:
+    every rank calls it. ``out`` is what the schedule returned on this rank (the last pipeline stage's
+    ``step_stats`` dicts; empty elsewhere); only TP rank 0 contributes, the sums are replicated over TP.
+    ``attn_max``: this rank's max attention logit (layers / heads it holds), reduced with MAX."""
+    from megatron.core import parallel_state as ps
+
+    sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64)
+    if out and ps.get_tensor_model_parallel_rank() == 0:
+        for o in out:
+            for i, k in enumerate(_SUM_KEYS):
+                if k in o:
+                    sums[i] += float(o[k])
+    torch.distributed.all_reduce(sums)
+    tot = dict(zip(_SUM_KEYS, sums.tolist(), strict=True))
+    res: dict[str, float] = {}
+    if tot["n_micro"] > 0:
+        res["z"] = tot["z"] / tot["n_micro"]
+    if tot["n"] > 0:
+        res["ce"] = tot["ce"] / tot["n"]
+    for m in _MODALITIES:
+        if tot[f"n_{m}"] > 0:
+            res[f"ce_{m}"] = tot[f"ce_{m}"] / tot[f"n_{m}"]
+    if tot["n_logit"] > 0:
+        res["logit_norm"] = tot["logit_norm"] / tot["n_logit"]
+    if attn_max is not None:
+        mx = torch.tensor([attn_max], dtype=torch.float64)
+        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
+        if float(mx) != -math.inf:  # -inf: no rank recorded anything
+            res["max_attn_logit"] = float(mx)
+    return res
+
+
+# TensorBoard tag of each record key (eval_* keys go to eval/*)
+_TAGS = {"loss": "train/loss", "ce": "train/ce", "ce_text": "train/ce_text", "ce_image": "train/ce_image",
+         "ce_special": "train/ce_special", "z": "train/z_loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+         "bad_steps": "train/bad_steps", "logit_norm": "guards/logit_norm", "max_attn_logit": "guards/max_attn_logit",
+         "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "step_seconds": "perf/step_seconds"}
+
+
+def _tag(key: str) -> str | None:
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    return _TAGS.get(key)
+
+
+class TrainLogger:
+    """``logger.start_step()`` at the top of a step, ``logger.end_step()`` once its update is done
+    (returns step_seconds / tokens_per_s / mfu for the record), ``logger.log(rec)`` with the full record
+    (after evaluation), ``logger.close()`` at the end. Writes only where ``enabled`` (rank 0)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, world_size: int, enabled: bool,
+                 stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.run = Path(run_dir)
+        self.total = cfg.train.steps
+        self.log_interval = max(1, cfg.train.log_interval)
+        self.tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_length
+        self.flops_per_token = model_flops_per_token(cfg)
+        self.peak_flops = cfg.train.peak_flops or default_peak_flops(cfg.model.params_dtype)
+        self.devices = world_size
+        self.stream = stream or sys.stdout
+        self.writer = None
+        if enabled:
+            self.run.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # tensorboard is a dependency of tessera; say so if it went missing
+                raise RuntimeError(f"TensorBoard logging to {self.run / 'tensorboard'} needs the tensorboard "
+                                   f"package (pip install tensorboard): {e}") from e
+            self.writer = SummaryWriter(str(self.run / "tensorboard"))
+        self.start = time.perf_counter()
+        self._t0: float | None = None
+        self._steps_timed = 0
+        self._win_tokens = 0
+        self._win_s = 0.0
+
+    def is_log_step(self, step: int) -> bool:
+        """Steps that print a progress line and measure the guards (first, every log_interval, last)."""
+        return step == 1 or step == self.total or step % self.log_interval == 0
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return tokens_per_s * self.flops_per_token / (self.devices * self.peak_flops)
+
+    def start_step(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def end_step(self) -> dict[str, float]:
+        dt = time.perf_counter() - (self._t0 if self._t0 is not None else self.start)
+        self._steps_timed += 1
+        self._win_tokens += self.tokens_per_step
+        self._win_s += dt
+        tps = self.tokens_per_step / dt if dt > 0 else 0.0
+        return {"step_seconds": dt, "tokens_per_s": tps, "mfu": self.mfu(tps)}
+
+    def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        step = int(rec["step"])
+        with open(self.run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for k, v in rec.items():
+            tag = _tag(k)
+            if tag is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(tag, v, step)
+        if self.is_log_step(step):
+            self.stream.write(self.progress_line(rec) + "\n")
+            self._win_tokens, self._win_s = 0, 0.0
+            self.writer.flush()
+        if any(k.startswith("eval_") for k in rec):
+            self.stream.write(self.eval_line(rec) + "\n")
+        self.stream.flush()
+
+    def progress_line(self, rec: dict) -> str:
+        """``step 10/200 (5%) loss 5.5 ce text 4.1 image 6.2 lr 3e-04 grad 0.89 | 1.2e+03 tok/s MFU 0.4% |
+        elapsed 00:12 eta 03:48``; tokens/s and MFU over the steps since the previous line."""
+        step = int(rec["step"])
+        parts = [f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%)", f"loss {rec['loss']:.4f}"]
+        ce = [f"{m} {rec[f'ce_{m}']:.4f}" for m in ("text", "image") if f"ce_{m}" in rec]
+        if ce:
+            parts.append("ce " + " ".join(ce))
+        parts.append(f"lr {rec['lr']:.3g} grad {rec['grad_norm']:.3f}")
+        if rec.get("bad_steps"):
+            parts.append(f"bad {rec['bad_steps']}")
+        if "logit_norm" in rec:
+            parts.append(f"logit_norm {rec['logit_norm']:.3g}")
+        if "max_attn_logit" in rec:
+            parts.append(f"attn_max {rec['max_attn_logit']:.3g}")
+        tps = self._win_tokens / self._win_s if self._win_s > 0 else 0.0
+        elapsed = time.perf_counter() - self.start
+        eta = (self.total - step) * elapsed / step if step else 0.0  # evaluation and saving included
+        line = " ".join(parts)
+        return (f"{line} | {tps:.4g} tok/s MFU {100 * self.mfu(tps):.2f}% | "
+                f"elapsed {format_seconds(elapsed)} eta {format_seconds(eta)}")
+
+    @staticmethod
+    def eval_line(rec: dict) -> str:
+        parts = [f"eval step {rec['step']}:"]
+        if "eval_loss" in rec:
+            parts.append(f"loss {rec['eval_loss']:.4f} (ppl {rec['eval_ppl']:.4g})")
+        for m in ("text", "image"):
+            if f"eval_ce_{m}" in rec:
+                parts.append(f"{m} {rec[f'eval_ce_{m}']:.4f} (ppl {rec[f'eval_ppl_{m}']:.4g})")
+        return " ".join(parts)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
