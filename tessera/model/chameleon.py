@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -39,7 +42,10 @@ def transformer_config(cfg: ModelConfig, **overrides) -> TransformerConfig:
         kv_channels=cfg.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,
-        qk_layernorm=cfg.qk_norm,
+        # The spec builds our per-head QK-norm from cfg.qk_norm. megatron's flag only adds, in
+        # finalize_model_grads, a SUM over TP ranks of every q/k_layernorm grad (right for its one shared
+        # [head_dim] weight, wrong for ours, which is split across TP with the heads).
+        qk_layernorm=False,
         add_bias_linear=False,
         gated_linear_unit=True,  # SwiGLU: linear_fc1 = [gate; up]
         activation_func=F.silu,
@@ -70,6 +76,7 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     vp_stage: int | None = None,
+    init_seed: int | None = None,
     **config_overrides,
 ) -> GPTModel:
     """The GPTModel chunk this rank holds. ``pre_process`` / ``post_process`` default to whether this
@@ -78,6 +85,10 @@ def build_model(
     Forward: ``model(input_ids [b, s], position_ids [b, s], attention_mask=None (causal), labels=None)``
     -> logits ``[b, s, vocab_size / TP]`` on the last stage (hidden states [s, b, h] elsewhere).
     Decoder layers: ``model.decoder.layers[i]`` (``.self_attention.linear_qkv``, ``.q_layernorm``, ...).
+
+    ``init_seed``: re-initialise the weights with ``init_layout_invariant`` so every TP x PP (x VP) layout
+    holds the same model as one process (training). None keeps megatron's init, whose values depend on
+    the layout (PP stages consume the RNG in another order); fine when weights are loaded afterwards.
     """
     enable_cpu_compat()
     if not parallel_state.model_parallel_is_initialized():
@@ -113,5 +124,76 @@ def build_model(
         # megatron drops out embeddings with hidden_dropout; Chameleon's dropout is only on the
         # attention / MLP branches.
         model.embedding.embedding_dropout.p = 0.0
+    if init_seed is not None:
+        init_layout_invariant(model, init_seed)
     model.tessera_config = cfg  # the ModelConfig travels with the module (KV decoding reads swin_norm etc.)
     return model
+
+
+# Every randomly initialised parameter: its global-name suffix, the TransformerConfig init method
+# megatron uses for it, and its TP partition dim (megatron's column / row parallel split). Anything else
+# must be a constant-initialised norm, or init_layout_invariant refuses the model.
+_RANDOM_INIT = {
+    "embedding.word_embeddings.weight": ("embedding_init_method", 0),
+    "output_layer.weight": ("init_method", 0),
+    "self_attention.linear_qkv.weight": ("init_method", 0),
+    "mlp.linear_fc1.weight": ("init_method", 0),
+    "self_attention.linear_proj.weight": ("output_layer_init_method", 1),
+    "mlp.linear_fc2.weight": ("output_layer_init_method", 1),
+}
+
+
+def global_param_name(model: GPTModel, name: str) -> str:
+    """``name`` with the chunk-local layer index replaced by the global one (PP / VP offsets)."""
+    m = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+    if not m:
+        return name
+    layer = model.decoder.layers[int(m.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+
+
+def _param_seed(seed: int, name: str) -> int:
+    # a stable hash (Python's hash() of str is salted per process)
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def init_layout_invariant(model: GPTModel, seed: int) -> None:
+    """Initialise ``model`` (one chunk of any TP x PP x VP layout) so it equals the same chunk of the
+    1-process model initialised with ``seed``.
+
+    Each random weight draws from its own generator seeded by (seed, global parameter name), so the
+    values depend neither on which stage builds the layer nor on the build order. A TP-split weight
+    draws its FULL tensor (megatron's init method, fp32) and keeps this rank's slice exactly as
+    megatron's ``_initialize_affine_weight_cpu`` splits it (SwiGLU fc1 with stride 2: [gate_r; up_r]).
+    Memory: one full parameter at a time, never the full model. The values differ between a CPU and a
+    CUDA generator, but not between layouts on one device type. Norm weights keep their constants.
+    """
+    from megatron.core.utils import divide
+
+    config = model.config
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, p in model.named_parameters():
+        gname = global_param_name(model, name)
+        key = next((k for k in _RANDOM_INIT if gname == k or gname.endswith("." + k)), None)
+        if key is None:
+            if "layernorm" in gname or "layer_norm" in gname:
+                continue  # ones / zeros by construction, the same in every layout
+            raise ValueError(f"init_layout_invariant: no init rule for parameter {gname!r} "
+                             f"(add it to tessera/model/chameleon.py _RANDOM_INIT)")
+        method, dim = _RANDOM_INIT[key]
+        split = getattr(p, "tensor_model_parallel", False) and tp > 1
+        if split and getattr(p, "partition_dim", dim) != dim:
+            raise ValueError(f"init_layout_invariant: {gname} is split on dim {p.partition_dim}, expected {dim}")
+        stride = 2 if key == "mlp.linear_fc1.weight" and config.gated_linear_unit else 1
+        shape = list(p.shape)
+        if split:
+            shape[dim] *= tp
+        full = torch.empty(shape, dtype=torch.float32, device=p.device)
+        gen = torch.Generator(device=p.device).manual_seed(_param_seed(seed, gname))
+        getattr(config, method)(full, generator=gen)  # megatron's init_method_normal partials take generator=
+        if split:
+            pieces = torch.split(full, divide(p.shape[dim], stride), dim=dim)
+            full = torch.cat(pieces[rank::tp], dim=dim)
+        p.copy_(full.to(p.dtype))

@@ -4,12 +4,12 @@ schedules, non-finite step skipping, JSONL metrics, model checkpoints.
 Data: ``data.path`` (a directory written by ``tessera data pretokenize``) is packed and read through
 ``tessera.data``'s woven iterator, so every batch is a pure function of (seed, step). Without a path a
 deterministic random-token stand-in is used (tests, throughput runs).
-Not yet here (see docs/training.md): optimizer/RNG state in checkpoints and resume, eval, TensorBoard.
+Reporting (metrics.jsonl, TensorBoard, progress line with tokens/s and MFU), logit-drift guards and
+held-out evaluation: ``tessera.pretrain.metrics`` / ``guards`` / ``evaluate``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -17,7 +17,17 @@ from pathlib import Path
 import torch
 
 from tessera.config import save_config
+from tessera.pretrain.checkpointing import (
+    Preempted,
+    StopSignal,
+    maybe_kill_after_step,
+    resume,
+    save_checkpoint,
+)
 from tessera.pretrain.config import TrainConfig, validate_layout
+from tessera.pretrain.evaluate import Evaluator
+from tessera.pretrain.guards import AttentionLogitProbe
+from tessera.pretrain.metrics import TrainLogger, reduce_step_stats, step_stats
 
 
 def _synthetic_batch(cfg: TrainConfig, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -42,25 +52,44 @@ def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
     return it, it.vocab
 
 
-def _save(model, cfg: TrainConfig, run: Path, vocab, step: int) -> None:
-    from tessera.config import to_dict
-    from tessera.model.checkpoint import save_model_checkpoint, step_dir_name, write_latest
+def resolve_precision(precision: str, cuda: bool | None = None) -> str:
+    """``precision: auto|fp32|bf16`` -> "fp32" or "bf16" (auto: bf16 with CUDA, fp32 on the CPU)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision: expected auto, fp32 or bf16, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if (torch.cuda.is_available() if cuda is None else cuda) else "fp32"
+    return precision
 
-    name = step_dir_name(step)
-    save_model_checkpoint(model, cfg.model, run / "checkpoints" / name, vocab=vocab, extra_config=to_dict(cfg),
-                          step=step)
-    if torch.distributed.get_rank() == 0:
-        write_latest(run / "checkpoints", name)  # updated last: `latest` never names a partial checkpoint
+
+def _build_model_chunks(cfg: TrainConfig, bf16: bool) -> tuple[list, list]:
+    """This rank's GPTModel chunks (one, or ``parallel.vp`` virtual stages) and their DDP wrappers.
+
+    Weights come from ``init_layout_invariant`` (seeded by ``train.seed``), so any TP x PP x VP layout
+    starts from the 1-process model. bf16: megatron's Float16Module (bf16 compute, fp32 logits out of
+    the last stage) inside DDP, which reduces gradients in fp32.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from tessera.model.chameleon import build_model
+
+    vp = ps.get_virtual_pipeline_model_parallel_world_size()
+    chunks = [build_model(cfg.model, vp_stage=v, init_seed=cfg.train.seed) for v in (range(vp) if vp else [None])]
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    ddps = [DistributedDataParallel(c.config, ddp_cfg, Float16Module(c.config, c) if bf16 else c,
+                                    disable_bucketing=i > 0)  # as megatron-LM: only chunk 0 buckets
+            for i, c in enumerate(chunks)]
+    return chunks, ddps
 
 
 def train(cfg: TrainConfig) -> list[float]:
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from tessera.model.chameleon import build_model
     from tessera.model.loss import language_model_loss
     from tessera.model.parallel import init_distributed, initialize_parallel
 
@@ -79,12 +108,20 @@ def train(cfg: TrainConfig) -> list[float]:
         data_it, vocab = _open_data(cfg, ps.get_data_parallel_rank(), dp)
         modality = vocab.modality_table()
     torch.use_deterministic_algorithms(True)
-    model = build_model(cfg.model)
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    bf16 = resolve_precision(cfg.precision) == "bf16"
+    cfg.model.params_dtype = "bfloat16" if bf16 else "float32"  # precision decides; the saved config says which
+    chunks, ddps = _build_model_chunks(cfg, bf16)
+    model = chunks if len(chunks) > 1 else chunks[0]  # _save takes a GPTModel or the list of virtual chunks
+    # bf16=True: fp32 main params + Adam state live in the optimizer, the model holds bf16 copies
     opt = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
                         adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2, adam_eps=cfg.optim.eps,
-                        clip_grad=cfg.optim.clip_grad, bf16=False, fp16=False), [ddp])
+                        clip_grad=cfg.optim.clip_grad, bf16=bf16, fp16=False), ddps)
+    for c in chunks:
+        # what megatron-LM's training loop wires: without finalize_model_grads the DDP buffers are never
+        # all-reduced across data-parallel replicas (each replica stepped on its own gradients)
+        c.config.finalize_model_grads_func = finalize_model_grads
+        c.config.grad_scale_func = opt.scale_loss
     gbs = cfg.parallel.global_batch_size
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=cfg.optim.warmup * gbs,
@@ -97,17 +134,30 @@ def train(cfg: TrainConfig) -> list[float]:
     if is_logger:
         save_config(cfg, run / "config.yaml")
     fb = get_forward_backward_func()
-    losses, bad = [], 0
-    for step in range(1, cfg.train.steps + 1):
+    # full-state checkpoints, auto-resume, SIGTERM: tessera/pretrain/checkpointing.py
+    start = resume(cfg, run, model=model, optimizer=opt, scheduler=sched, data_iterator=data_it)
+    stop = StopSignal().install()
+    # reporting (metrics.jsonl, TensorBoard, progress line), logit guards, held-out eval: metrics/guards/evaluate.py
+    logger = TrainLogger(cfg, run, world, enabled=is_logger, first_step=start.step)
+    probe = AttentionLogitProbe(ddps)
+    evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality if cfg.data.path else None)
+    if is_logger and evaluator.note:
+        print(evaluator.note, flush=True)
+    losses, bad = [], start.bad_steps
+    for step in range(start.step + 1, cfg.train.steps + 1):
+        logger.start_step()
+        guard = logger.is_log_step(step)  # output-logit norm and max attention logit on logged steps only
+        probe.arm(guard)
         if data_it is not None:
-            batches = iter([next(data_it) for _ in range(n_micro)])
+            micro = [next(data_it) for _ in range(n_micro)]
         else:
-            batches = iter([_synthetic_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i)
-                            for i in range(n_micro)])
+            micro = [_synthetic_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i) for i in range(n_micro)]
+        # virtual pipeline: each chunk reads the same micro-batches through its own iterator
+        batches = [iter(micro) for _ in ddps] if len(ddps) > 1 else iter(micro)
 
         nan = float("nan") if step in cfg.train.debug_nan_steps else 1.0
 
-        def forward_step(it, m, nan=nan):
+        def forward_step(it, m, nan=nan, guard=guard):
             b = next(it)
             out = m(b["tokens"], b["position_ids"], None)
 
@@ -118,22 +168,22 @@ def train(cfg: TrainConfig) -> list[float]:
                                          image_loss_weight=cfg.train.image_loss_weight)
                 total = lo.total * nan
                 # clone: the schedule divides the returned loss by num_microbatches in place
-                stats = {"loss": total.detach().clone(), "z": lo.z.detach().clone()}
-                for k, v in lo.per_modality.items():
-                    stats[f"ce_{k}"] = v.detach().clone()
+                stats = {"loss": total.detach().clone(),
+                         **step_stats(lo, logits if guard else None, b["loss_mask"])}
                 return total, stats
             return out, loss_fn
 
-        ddp.zero_grad_buffer()
+        for d in ddps:
+            d.zero_grad_buffer()
         opt.zero_grad()
-        out = fb(forward_step_func=forward_step, data_iterator=batches, model=[ddp], num_microbatches=n_micro,
+        out = fb(forward_step_func=forward_step, data_iterator=batches, model=ddps, num_microbatches=n_micro,
                  seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size, forward_only=False)
         # one contributor per DP replica: the last pipeline stage's TP rank 0; sum over DP then average
         counts = out and ps.get_tensor_model_parallel_rank() == 0
         local = torch.tensor([sum(float(o["loss"]) for o in out) / n_micro if counts else 0.0])
         torch.distributed.all_reduce(local)
         loss = float(local) / dp
-        finite = torch.tensor([float(all(torch.isfinite(p.main_grad).all() for p in ddp.parameters()))])
+        finite = torch.tensor([float(all(torch.isfinite(p.main_grad).all() for d in ddps for p in d.parameters()))])
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if not math.isfinite(loss) or finite.item() < 1:
             bad += 1
@@ -145,19 +195,25 @@ def train(cfg: TrainConfig) -> list[float]:
             _, grad_norm, _ = opt.step()
             sched.step(increment=gbs)
         losses.append(loss)
-        if is_logger:
-            rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
-                   "bad_steps": bad}
-            # per-modality CE and z-loss as seen on this rank's micro-batches (text / image curves in the demo)
-            for key in sorted({k for o in (out or []) for k in o if k != "loss"}):
-                vals = [float(o[key]) for o in out if key in o and math.isfinite(float(o[key]))]
-                if vals:
-                    rec[key] = sum(vals) / len(vals)
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"step {step} loss {loss:.4f} grad_norm {grad_norm:.3f}", flush=True)
-        if step % cfg.train.save_interval == 0 or step == cfg.train.steps:
-            _save(model, cfg, run, vocab, step)
+        timing = logger.end_step()
+        rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "bad_steps": bad}
+        # z, ce, ce_text/image/special, logit_norm, max_attn_logit over every micro-batch and rank (collective)
+        rec.update(reduce_step_stats(out, probe.value() if guard else None))
+        rec.update(timing)
+        if step == cfg.train.steps or (cfg.train.eval_interval > 0 and step % cfg.train.eval_interval == 0):
+            rec.update(evaluator.run())  # every rank; forward only; training RNG and data position untouched
+        logger.log(rec)
+        maybe_kill_after_step(cfg, step)
+        stopping = stop.requested()  # every rank agrees (all-reduce) to save and stop at this boundary
+        if step % cfg.train.save_interval == 0 or step == cfg.train.steps or stopping:
+            save_checkpoint(run, step, model=model, optimizer=opt, scheduler=sched, cfg=cfg, vocab=vocab,
+                            data_iterator=data_it, bad_steps=bad)
+        if stopping:
+            stop.restore()
+            raise Preempted(run, step)
+    stop.restore()
+    probe.close()
+    logger.close()
     return losses
 
 
