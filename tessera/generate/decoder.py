@@ -47,6 +47,11 @@ class _Layer:
     post_mlp: nn.Module | None
     fc1: torch.Tensor  # [2 * ffn, hidden] ([gate; up]) or [ffn, hidden]
     fc2: torch.Tensor  # [hidden, ffn]
+    # q_norm and k_norm as one LayerNorm over [q heads of a group..., k] with these affine tables
+    # [groups, q_per_group + 1, head_dim] (q rows pre-scaled by the softmax scale), or None.
+    qk_w: torch.Tensor | None = None
+    qk_b: torch.Tensor | None = None
+    qk_eps: float = 0.0
 
 
 def _is_identity(module: nn.Module | None) -> bool:
@@ -58,6 +63,21 @@ def _cast_module(module: nn.Module | None, dtype: torch.dtype, device: torch.dev
     if _is_identity(module):
         return None
     return copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+
+
+def _layer_norm_affine(module: nn.Module | None, heads: int, head_dim: int) -> tuple | None:
+    """(weight [heads, hd], bias [heads, hd], eps) of a LayerNorm over the head dimension: Chameleon's
+    ``PerHeadLayerNorm`` or a torch ``LayerNorm((hd,))`` shared by the heads (megatron's qk_layernorm);
+    None for anything else (RMSNorm, Transformer Engine norms), which then runs as a module."""
+    if module is None:
+        return None
+    if type(module).__name__ == "PerHeadLayerNorm" and tuple(module.weight.shape) == (heads, head_dim):
+        return module.weight.detach(), module.bias.detach(), float(module.eps)
+    if type(module) is nn.LayerNorm and tuple(module.normalized_shape) == (head_dim,) and module.elementwise_affine:
+        w = module.weight.detach()
+        b = module.bias.detach() if module.bias is not None else torch.zeros_like(w)
+        return w.expand(heads, head_dim), b.expand(heads, head_dim), float(module.eps)
+    return None
 
 
 def _mkldnn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -142,6 +162,10 @@ class KVCacheDecoder:
         self.gated = bool(cfg.gated_linear_unit)
         self.activation = cfg.activation_func
         self.vocab_size = out_w.shape[0]
+        # Attention (QK-norm, RoPE, the cache, softmax) runs in fp32 on the CPU: batched bf16 matmuls
+        # there go through oneDNN, ~2.5x slower than MKL's fp32 ones at one query (measured), and the
+        # tensors are tiny next to the weights. On a GPU it stays in the decoding dtype.
+        self.attn_dtype = torch.float32 if dev.type == "cpu" else dt
 
         self.embedding = first.detach().to(device=dev, dtype=dt)
         self.output = out_w.detach().to(device=dev, dtype=dt)
@@ -160,8 +184,8 @@ class KVCacheDecoder:
                     ln_attn=_cast_module(pre_attn, dt, dev),
                     post_attn=_cast_module(post_attn, dt, dev),
                     qkv=_weight(attn.linear_qkv, f"layer {i} linear_qkv", dt, dev),
-                    q_norm=_cast_module(getattr(attn, "q_layernorm", None), dt, dev),
-                    k_norm=_cast_module(getattr(attn, "k_layernorm", None), dt, dev),
+                    q_norm=_cast_module(getattr(attn, "q_layernorm", None), self.attn_dtype, dev),
+                    k_norm=_cast_module(getattr(attn, "k_layernorm", None), self.attn_dtype, dev),
                     proj=_weight(attn.linear_proj, f"layer {i} linear_proj", dt, dev),
                     ln_mlp=_cast_module(pre_mlp, dt, dev),
                     post_mlp=_cast_module(post_mlp, dt, dev),
@@ -170,6 +194,8 @@ class KVCacheDecoder:
                 )
             )
         self.softmax_scale = float(layer.self_attention.core_attention.softmax_scale)
+        for lw in self.layers:
+            self._fuse_qk_norm(lw)
         self._lin = F.linear
         if _can_prepack(dt, dev):
             packed = [_prepack(w) for lw in self.layers for w in (lw.qkv, lw.proj, lw.fc1, lw.fc2)]
@@ -189,6 +215,22 @@ class KVCacheDecoder:
         self.cache: torch.Tensor | None = None
         self.length = 0  # columns of the cache filled so far (same for every row)
 
+    def _fuse_qk_norm(self, lw: _Layer) -> None:
+        """Per-head LayerNorm of q and of k as ONE layer_norm + one addcmul over the [q..., k] slots of
+        each group (6 small ops -> 2 per layer), with the softmax scale folded into the q affine
+        (RoPE is linear, so the rotated q comes out scaled)."""
+        ng, qpg, hd = self.num_groups, self.num_heads // self.num_groups, self.head_dim
+        q = _layer_norm_affine(lw.q_norm, self.num_heads, hd)
+        k = _layer_norm_affine(lw.k_norm, ng, hd)
+        if q is None or k is None or q[2] != k[2]:
+            return
+        dt = self.attn_dtype
+        lw.qk_w = torch.cat((q[0].reshape(ng, qpg, hd) * self.softmax_scale, k[0].reshape(ng, 1, hd)), 1).to(
+            device=self.device, dtype=dt)
+        lw.qk_b = torch.cat((q[1].reshape(ng, qpg, hd) * self.softmax_scale, k[1].reshape(ng, 1, hd)), 1).to(
+            device=self.device, dtype=dt)
+        lw.qk_eps = q[2]
+
     # ---- rotary ----------------------------------------------------------------------------
     def _rope_tables(self, max_len: int) -> None:
         if max_len <= self._rope_len:
@@ -198,17 +240,18 @@ class KVCacheDecoder:
         # rotate_half(t) * sin == roll(t, rot/2) * [-sin, sin]: one roll instead of chunk/neg/cat.
         sin = emb.sin()
         half = sin.shape[-1] // 2
-        self._cos = emb.cos().to(self.dtype)
-        self._sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
+        self._cos = emb.cos().to(self.attn_dtype)
+        self._sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.attn_dtype)
         self._rope_len = max_len
 
     def _rope_for(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos / signed sin for rotary positions pos [b, s] -> [b, 1, s, rot] each (once per forward)."""
-        return self._cos[pos].unsqueeze(1), self._sin_signed[pos].unsqueeze(1)
+        """cos / signed sin for rotary positions pos [b, s] -> [b, s, 1, 1, rot] each (once per forward),
+        to broadcast over q/k laid out [b, s, groups, heads of the group, hd]."""
+        return self._cos[pos][:, :, None, None], self._sin_signed[pos][:, :, None, None]
 
     @staticmethod
     def _apply_rope(t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """t [b, heads, s, hd] rotated like megatron's (non-interleaved) ``apply_rotary_pos_emb``."""
+        """t [b, s, groups, heads, hd] rotated like megatron's (non-interleaved) ``apply_rotary_pos_emb``."""
         cos, sin = rope
         rot = cos.shape[-1]
         if rot == t.shape[-1]:
@@ -222,7 +265,7 @@ class KVCacheDecoder:
         """Preallocate the cache for ``batch`` rows of at most ``max_len`` tokens."""
         shape = (self.num_layers, 2, batch, self.num_groups, max_len, self.head_dim)
         if self.cache is None or self.cache.shape != shape:
-            self.cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.cache = torch.empty(shape, dtype=self.attn_dtype, device=self.device)
         self._rope_tables(max_len)
         self.length = 0
         self.batch, self.max_len = batch, max_len
@@ -237,37 +280,41 @@ class KVCacheDecoder:
         b, s, _ = x.shape
         ng, hd = self.num_groups, self.head_dim
         qpg = self.num_heads // ng
-        mixed = self._lin(x, lw.qkv).view(b, s, ng, (qpg + 2) * hd)
-        q, k, v = torch.split(mixed, [qpg * hd, hd, hd], dim=-1)
-        q = q.reshape(b, s, self.num_heads, hd)
-        # The norm modules expect megatron's [s, b, heads, hd]; per-head norms broadcast over s, b.
-        if lw.q_norm is not None:
-            q = lw.q_norm(q)
-        if lw.k_norm is not None:
-            k = lw.k_norm(k)
-        q = self._apply_rope(q.transpose(1, 2), rope)  # [b, np, s, hd]
-        k = self._apply_rope(k.transpose(1, 2), rope)  # [b, ng, s, hd]
+        # megatron's grouped QKV rows: per group [its q heads..., k, v].
+        mixed = self._lin(x, lw.qkv).view(b, s, ng, qpg + 2, hd).to(self.attn_dtype)
+        if lw.qk_w is not None:
+            qk = F.layer_norm(mixed[:, :, :, : qpg + 1], (hd,), None, None, lw.qk_eps)
+            qk = self._apply_rope(torch.addcmul(lw.qk_b, qk, lw.qk_w), rope)  # q already scaled
+            q, k = qk[:, :, :, :qpg], qk[:, :, :, qpg]
+        else:  # norms as modules (they take [..., heads, hd]), then RoPE and the scale
+            q, k = mixed[:, :, :, :qpg], mixed[:, :, :, qpg]
+            if lw.q_norm is not None:
+                q = lw.q_norm(q.reshape(b, s, self.num_heads, hd)).view(b, s, ng, qpg, hd)
+            if lw.k_norm is not None:
+                k = lw.k_norm(k)
+            q = self._apply_rope(q, rope) * self.softmax_scale
+            k = self._apply_rope(k.unsqueeze(3), rope).squeeze(3)
+        v = mixed[:, :, :, qpg + 1]  # [b, s, ng, hd]
         start, end = self.length, self.length + s
-        self.cache[li, 0, :, :, start:end] = k
+        self.cache[li, 0, :, :, start:end] = k.transpose(1, 2)
         self.cache[li, 1, :, :, start:end] = v.transpose(1, 2)
-        keys = self.cache[li, 0, :, :, :end]
+        keys = self.cache[li, 0, :, :, :end]  # [b, ng, end, hd]
         values = self.cache[li, 1, :, :, :end]
         if s == 1:
             # One query per row: two small batched matmuls beat SDPA's flash kernel here, and the query
             # heads of a group share their K/V without repeating them. Softmax in fp32, like SDPA's.
-            qg = q.reshape(b, ng, qpg, hd)
-            scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.softmax_scale  # [b, ng, qpg, end]
+            scores = torch.matmul(q.squeeze(1), keys.transpose(-1, -2)).float()  # [b, ng, qpg, end]
             if mask is not None:
                 scores = scores.masked_fill(~mask.view(b, 1, 1, end), float("-inf"))
             ctx = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # [b, ng, qpg, hd]
             ctx = ctx.reshape(b, 1, self.num_heads * hd)
         else:
             ctx = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
-                enable_gqa=ng != self.num_heads,
+                q.reshape(b, s, self.num_heads, hd).transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal,
+                scale=1.0, enable_gqa=ng != self.num_heads,
             )
             ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * hd)
-        return self._lin(ctx, lw.proj)
+        return self._lin(ctx.to(self.dtype), lw.proj)
 
     def _mlp(self, li: int, x: torch.Tensor) -> torch.Tensor:
         lw = self.layers[li]
