@@ -203,3 +203,20 @@ def test_tensor_parallel_2_matches_single_process(tmp_path):
             torch.testing.assert_close(lse0, full.lse, rtol=1e-6, atol=1e-5)
             tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
             torch.testing.assert_close(torch.cat([g0, g1], dim=1).float(), grad.float(), **tol)
+
+
+@pytest.mark.slow  # torch.compile's first call: 5-50 s on the shared 2-core machine
+def test_benchmark_rows_with_torch_compile():
+    """The kernel benchmark's rows: eager reference, torch.compile of it (or why not), the unfused baseline;
+    on a CPU the Triton row says why it was not run."""
+    from tessera.kernels.bench import benchmark_kernels
+
+    rows = benchmark_kernels(batches=(1,), vocab=256, device="cpu", ce_seq=8, repeats=1, kernels=("cross_entropy_z",))
+    by = {r["impl"]: r for r in rows}
+    assert set(by) == {"triton", "reference (eager)", "torch.compile(reference)", "unfused fp32 (eager)"}
+    assert by["triton"]["ms"] is None and "CUDA" in by["triton"]["note"]
+    assert by["reference (eager)"]["ms"] > 0 and by["reference (eager)"]["speedup_vs_eager"] == 1.0
+    comp = by["torch.compile(reference)"]
+    assert (comp["ms"] or 0) > 0 or "failed" in comp["note"], comp
+    with pytest.raises(ValueError, match="unknown kernels"):
+        benchmark_kernels(batches=(1,), vocab=256, kernels=("softmax",))

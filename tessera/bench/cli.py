@@ -53,6 +53,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) rows (slow to compile)")
     p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("vq", help="VQ encode/decode images/s against transformers' ChameleonVQVAE encoder")
@@ -157,7 +158,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     from tessera.bench.suites import run_kernels
 
     machine = _machine(args)
-    res = run_kernels(batches=_ints(args.batches), vocab=args.vocab, device=args.device)
+    res = run_kernels(batches=_ints(args.batches), vocab=args.vocab, device=args.device, compile=not args.no_compile)
     emit(format_table(res["rows"], title=res.get("note", "kernels")))
     return _finish(args, "kernels", res, machine)
 

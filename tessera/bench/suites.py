@@ -82,10 +82,11 @@ def run_data(data: Path | None = None, seq_length: int = 1024, batch: int = 8, s
 
 
 # ---- kernels --------------------------------------------------------------------------------------
-def run_kernels(batches: tuple[int, ...] = (1, 8, 64), vocab: int = 65536, device: str | None = None) -> dict:
+def run_kernels(batches: tuple[int, ...] = (1, 8, 64), vocab: int = 65536, device: str | None = None,
+                compile: bool = True) -> dict:
     from tessera.kernels.bench import benchmark_kernels
 
-    rows = benchmark_kernels(batches=batches, vocab=vocab, device=device)
+    rows = benchmark_kernels(batches=batches, vocab=vocab, device=device, compile=compile)
     on_gpu = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     note = ("kernels: Triton vs PyTorch reference" if on_gpu else
             "kernels on CPU: Triton cannot run natively here, so these time the PyTorch references only")
