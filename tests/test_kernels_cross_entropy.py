@@ -122,6 +122,13 @@ def test_inplace_backward_overwrites_intermediate_logits_only(backend):
     ((g_ce * out.ce).sum() + (g_z * out.z).sum()).backward()
     assert torch.equal(leaf.detach(), logits)
     torch.testing.assert_close(leaf.grad, want, rtol=1e-6, atol=1e-7)
+    # nor a view of a leaf (language_model_loss flattens [b, s, V] with a reshape)
+    leaf3 = logits.clone().view(1, T, V).requires_grad_()
+    out = cross_entropy_z(leaf3.reshape(T, V), labels, ZW, ignore_index=IGNORE, backend=backend, block=BLOCK,
+                          inplace_backward=True)
+    ((g_ce * out.ce).sum() + (g_z * out.z).sum()).backward()
+    assert torch.equal(leaf3.detach()[0], logits)
+    torch.testing.assert_close(leaf3.grad[0], want, rtol=1e-6, atol=1e-7)
 
 
 def test_dispatch_and_errors():

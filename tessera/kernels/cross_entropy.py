@@ -182,8 +182,10 @@ def _run(impl, logits, labels, z_loss_weight, ignore_index, tp_group, inplace_ba
     if logits.shape[0] == 0:
         empty = logits.new_zeros(0, dtype=torch.float32) + logits.sum() * 0  # keeps the graph connected
         return CrossEntropyZOutput(empty, empty, empty, empty)
-    # in place over a leaf would overwrite the caller's own tensor: only intermediate logits qualify
-    inplace = bool(inplace_backward) and logits.grad_fn is not None
+    # in place over a leaf (or a view of one) would overwrite the caller's own tensor: only
+    # intermediate logits qualify
+    root = logits._base if logits._base is not None else logits
+    inplace = bool(inplace_backward) and logits.grad_fn is not None and root.grad_fn is not None
     ce, lse = _CrossEntropyZ.apply(logits, labels, ignore_index, tp_group, inplace, impl, block)
     valid = labels != ignore_index
     z = torch.where(valid, z_loss_weight * lse.square(), 0.0) if z_loss_weight else torch.zeros_like(ce)
