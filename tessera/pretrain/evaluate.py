@@ -31,8 +31,9 @@ _MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
 
 def standin_heldout_batch(cfg: TrainConfig, step: int, micro: int) -> Batch:
     """Held-out stand-in micro-batch ``micro`` (GLOBAL index) of eval step ``step``: random tokens from a
-    generator keyed apart from the training stand-in (which keys on step >= 1)."""
-    g = torch.Generator().manual_seed(hash((cfg.data.seed, "heldout", step, micro)) % (2**62))
+    generator keyed apart from the training stand-in (which keys on step >= 1). Integers only in the key:
+    Python randomises str hashes per process, and every rank and run must draw the same batches."""
+    g = torch.Generator().manual_seed(hash((cfg.data.seed, -1 - step, micro)) % (2**62))
     b, s = cfg.parallel.micro_batch_size, cfg.data.seq_length
     t = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=g)
     return {"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(),
@@ -151,7 +152,10 @@ class Evaluator:
         try:
             with torch.no_grad():
                 for step in range(cfg.train.eval_steps):
-                    out = fb(forward_step_func=forward_step, data_iterator=iter(self._batches(step)), model=self.model,
+                    micro = self._batches(step)
+                    # virtual pipeline: each model chunk reads the same micro-batches through its own iterator
+                    its = [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
+                    out = fb(forward_step_func=forward_step, data_iterator=its, model=self.model,
                              num_microbatches=self.n_micro, seq_length=cfg.data.seq_length,
                              micro_batch_size=cfg.parallel.micro_batch_size, forward_only=True)
                     # one contributor per DP replica (last stage, TP rank 0): the sums are replicated over TP

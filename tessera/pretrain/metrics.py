@@ -124,10 +124,11 @@ class TrainLogger:
     (after evaluation), ``logger.close()`` at the end. Writes only where ``enabled`` (rank 0)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, world_size: int, enabled: bool,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, first_step: int = 0) -> None:
         self.enabled = enabled
         self.run = Path(run_dir)
         self.total = cfg.train.steps
+        self.first_step = first_step  # steps already done before this process (resume): not in the ETA rate
         self.log_interval = max(1, cfg.train.log_interval)
         self.tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_length
         self.flops_per_token = model_flops_per_token(cfg)
@@ -202,7 +203,8 @@ class TrainLogger:
             parts.append(f"attn_max {rec['max_attn_logit']:.3g}")
         tps = self._win_tokens / self._win_s if self._win_s > 0 else 0.0
         elapsed = time.perf_counter() - self.start
-        eta = (self.total - step) * elapsed / step if step else 0.0  # evaluation and saving included
+        done = step - self.first_step
+        eta = (self.total - step) * elapsed / done if done > 0 else 0.0  # evaluation and saving included
         line = " ".join(parts)
         return (f"{line} | {tps:.4g} tok/s MFU {100 * self.mfu(tps):.2f}% | "
                 f"elapsed {format_seconds(elapsed)} eta {format_seconds(eta)}")

@@ -1,0 +1,306 @@
+"""Training observability: TensorBoard + metrics.jsonl + progress line, MFU, the logit-drift guards
+(output-logit norm, max attention logit) against references, held-out evaluation against a manual
+forward, evaluation leaving training untouched, and TP=2 reporting the TP=1 figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+TINY = ["configs/demo.yaml", "--model.preset", "tiny", "--optim.warmup", "1", "--data.seq_length", "32",
+        "--parallel.micro_batch_size", "2", "--parallel.global_batch_size", "4"]
+
+
+def _train(run, *extra, nproc=1):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "tessera.pretrain.trainer", *TINY, "--train.run_dir", str(run), *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], r.stdout
+
+
+# ---- guards, in process -------------------------------------------------------------------------
+@pytest.fixture
+def tiny_model(megatron_1proc):
+    from tessera.model.chameleon import build_model
+    from tessera.model.config import get_preset
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")  # 4 query heads in 2 K/V groups: the probe must handle GQA
+    return build_model(cfg), cfg
+
+
+def test_logit_norm_sums_match_torch(megatron_1proc):
+    from tessera.pretrain.guards import logit_norm_sums
+
+    logits = torch.randn(2, 5, 256) * 3
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    total, count = logit_norm_sums(logits, mask)
+    ref = torch.linalg.vector_norm(logits, dim=-1)[mask.bool()]
+    assert float(count) == 8
+    assert float(total) / float(count) == pytest.approx(float(ref.mean()), rel=1e-6)
+
+
+def test_logit_norm_through_the_schedule_equals_the_models_logits(tiny_model):
+    """step_stats in the loss function of megatron's schedule, reduced like a training step, gives the
+    mean L2 norm of the logits the model produces for the same batches."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from tessera.model.loss import language_model_loss
+    from tessera.pretrain.metrics import reduce_step_stats, step_stats
+
+    model, cfg = tiny_model
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, cfg.vocab_size, (2, 17), generator=g) for _ in range(2)]
+
+    def forward_step(it, m):
+        t = next(it)
+        pos = torch.arange(16).expand(2, 16)
+        out = m(t[:, :-1], pos, None)
+
+        def loss_fn(logits):
+            lo = language_model_loss(logits, t[:, 1:], torch.ones(2, 16), cfg.z_loss_weight)
+            return lo.total, step_stats(lo, logits, torch.ones(2, 16))
+        return out, loss_fn
+
+    out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+                                      num_microbatches=2, seq_length=16, micro_batch_size=2, forward_only=True)
+    got = reduce_step_stats(out)
+    with torch.no_grad():
+        norms = [torch.linalg.vector_norm(model(t[:, :-1], torch.arange(16).expand(2, 16), None).float(), dim=-1)
+                 for t in batches]
+    assert got["logit_norm"] == pytest.approx(float(torch.cat(norms).mean()), rel=1e-5)
+
+
+def _manual_max_logit(q, k, scale):
+    """max over b, heads, j <= i of scale * q_i . k_j; q [s, b, np, hn], k [s, b, ng, hn] (megatron layout)."""
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scores = torch.einsum("ibhd,jbhd->bhij", q.double(), k.double()) * scale
+    causal = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).tril()
+    return float(scores.masked_fill(~causal, -math.inf).max())
+
+
+def test_max_attention_logit_equals_manual_and_leaves_numerics_alone(tiny_model):
+    from tessera.pretrain.guards import AttentionLogitProbe
+
+    model, cfg = tiny_model
+    seen = []
+    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    hooks = [c.register_forward_pre_hook(lambda mod, args: seen.append((args[0].detach(), args[1].detach())))
+             for c in cores]
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(24).expand(2, 24)
+    with torch.no_grad():
+        plain = model(tokens, pos, None)
+        seen.clear()
+        probe = AttentionLogitProbe([model])
+        assert len(probe.modules) == cfg.num_layers
+        probe.arm(True)
+        probed = model(tokens, pos, None)
+        got = probe.value()
+        # once per layer per arming: a second (different) forward does not move the recorded value
+        model(tokens.flip(1), pos, None)
+        assert probe.value() == got
+        probe.arm(False)
+        model(tokens, pos, None)
+        assert probe.value() == -math.inf
+        probe.close()
+    for h in hooks:
+        h.remove()
+    assert torch.equal(plain, probed)  # the probe only reads q and k
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    want = max(_manual_max_logit(q, k, scale) for q, k in seen[: cfg.num_layers])
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+# ---- evaluation, in process ---------------------------------------------------------------------
+def _eval_cfg(vocab_size):
+    from tessera.model.config import get_preset
+    from tessera.pretrain.config import TrainConfig
+
+    cfg = TrainConfig(model=get_preset("tiny"))
+    cfg.model.vocab_size = vocab_size
+    cfg.parallel.micro_batch_size, cfg.parallel.global_batch_size = 2, 4
+    cfg.data.seq_length, cfg.train.eval_steps = 16, 2
+    return cfg
+
+
+def test_eval_equals_manual_forward_and_restores_rng(tiny_model):
+    from megatron.core import tensor_parallel
+
+    from tessera.pretrain.evaluate import Evaluator
+
+    model, mcfg = tiny_model
+    cfg = _eval_cfg(mcfg.vocab_size)
+    modality = torch.full((mcfg.vocab_size,), 2)  # 0-99 text, 100-199 image, the rest special
+    modality[:100], modality[100:200] = 0, 1
+    g = torch.Generator().manual_seed(11)
+    held = {}
+    for step in range(2):
+        held[step] = []
+        for _ in range(2):
+            t = torch.randint(0, 220, (2, 17), generator=g)
+            mask = torch.ones(2, 16)
+            mask[0, :3] = 0
+            held[step].append({"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": mask,
+                               "position_ids": torch.arange(16).expand(2, 16)})
+    # the batch source draws from the global RNG, as a data pipeline might: run() must still restore it
+    ev = Evaluator(cfg, [model], n_micro=2, dp_rank=0, dp_size=1, modality=modality,
+                   batches=lambda s: (torch.rand(1), held[s])[1])
+    model.train()
+    rng = torch.get_rng_state()
+    tracker = {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()}
+    got = ev.run()
+    assert model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, tracker[k]) for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items())
+
+    ce, labels, masks = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for b in (b for s in range(2) for b in held[s]):
+            logits = model(b["tokens"], b["position_ids"], None).float()
+            ce.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1), reduction="none"))
+            labels.append(b["labels"].reshape(-1))
+            masks.append(b["loss_mask"].reshape(-1).bool())
+    model.train()
+    ce, labels, masks = torch.cat(ce), torch.cat(labels), torch.cat(masks)
+    assert got["eval_tokens"] == masks.sum()
+    assert got["eval_loss"] == pytest.approx(float(ce[masks].mean()), rel=1e-5)
+    assert got["eval_ppl"] == pytest.approx(math.exp(float(ce[masks].mean())), rel=1e-5)
+    for code, name in ((0, "text"), (1, "image"), (2, "special")):
+        sel = masks & (modality[labels] == code)
+        assert got[f"eval_ce_{name}"] == pytest.approx(float(ce[sel].mean()), rel=1e-5)
+        assert got[f"eval_ppl_{name}"] == pytest.approx(math.exp(float(ce[sel].mean())), rel=1e-5)
+
+
+def test_standin_heldout_is_deterministic_and_not_the_training_stream(tiny_model):
+    from tessera.pretrain.evaluate import Evaluator, standin_heldout_batch
+    from tessera.pretrain.trainer import _synthetic_batch
+
+    model, mcfg = tiny_model
+    cfg = _eval_cfg(mcfg.vocab_size)
+    ev = Evaluator(cfg, [model], n_micro=2, dp_rank=0, dp_size=1)
+    first, second = ev.run(), ev.run()
+    assert first == second and "eval_ce_text" not in first  # no vocabulary: no modalities
+    assert not torch.equal(standin_heldout_batch(cfg, 1, 0)["tokens"], _synthetic_batch(cfg, 1, 0)["tokens"])
+
+
+def test_mfu_uses_bench_flops_per_token():
+    from tessera.bench.plan import ModelShape, flops_per_token
+    from tessera.model.config import get_preset
+    from tessera.pretrain.config import TrainConfig
+    from tessera.pretrain.metrics import TrainLogger, default_peak_flops
+
+    cfg = TrainConfig(model=get_preset("tiny"))
+    cfg.train.peak_flops = 2e12
+    log = TrainLogger(cfg, "/nonexistent", world_size=4, enabled=False)
+    fpt = flops_per_token(ModelShape.from_config(cfg.model), cfg.data.seq_length)
+    assert log.flops_per_token == fpt
+    assert log.mfu(1000.0) == pytest.approx(1000.0 * fpt / (4 * 2e12))
+    if not torch.cuda.is_available():
+        assert default_peak_flops("float32") == 140e9 and default_peak_flops("bfloat16") == 770e9
+
+
+# ---- a real run: pretokenized train + held-out data ---------------------------------------------
+@pytest.fixture(scope="module")
+def pretok(tmp_path_factory):
+    from test_data_standins import ByteTokenizer, PatchColourTokenizer
+
+    from tessera.data.pretokenize import pretokenize
+    from tessera.data.synth import write_synth
+
+    root = tmp_path_factory.mktemp("obs_data")
+    out = {}
+    for name, seed, docs in (("train", 1, 30), ("heldout", 2, 10)):
+        m = write_synth(root / f"raw_{name}", docs, image_size=32, seed=seed, shard_size=100, progress=False)
+        pretokenize(m["train_pattern"], root / name, ByteTokenizer(), PatchColourTokenizer(), progress=False)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def obs_run(pretok, tmp_path_factory):
+    run = tmp_path_factory.mktemp("obs") / "run"
+    recs, stdout = _train(run, "--train.steps", "3", "--train.log_interval", "2", "--train.eval_interval", "2",
+                          "--train.eval_steps", "1", "--train.peak_flops", "1e12", "--data.path", str(pretok["train"]),
+                          "--data.eval_path", str(pretok["heldout"]))
+    return run, recs, stdout
+
+
+def test_run_writes_tensorboard_scalars(obs_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, recs, _ = obs_run
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    want = {"train/loss", "train/ce_text", "train/ce_image", "train/z_loss", "train/lr", "train/grad_norm",
+            "train/bad_steps", "guards/logit_norm", "guards/max_attn_logit", "perf/tokens_per_s", "perf/mfu",
+            "eval/loss", "eval/ppl", "eval/ce_text", "eval/ppl_text", "eval/ce_image", "eval/ppl_image"}
+    assert want <= tags, want - tags
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([r["loss"] for r in recs], rel=1e-6)
+    # eval every 2 steps and once at the end; guards on logged steps (1, every 2, last)
+    assert [e.step for e in ea.Scalars("eval/ce_image")] == [2, 3]
+    assert [e.step for e in ea.Scalars("guards/max_attn_logit")] == [1, 2, 3]
+
+
+def test_run_jsonl_keys_mfu_and_progress_line(obs_run):
+    import dataclasses
+
+    import yaml
+
+    from tessera.bench.plan import ModelShape, flops_per_token
+    from tessera.model.config import get_preset
+
+    run, recs, stdout = obs_run
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:  # the keys the demo report reads, every step
+        assert {"loss", "ce_text", "ce_image", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(r)
+        assert r["loss"] == pytest.approx(r["ce"] + r["z"], rel=1e-5)  # image_loss_weight 1
+    # MFU = tokens/s x bench.plan's FLOPs/token / (1 device x train.peak_flops); the trainer sized the
+    # vocabulary to the data's, which the saved config records
+    vocab = yaml.safe_load((run / "config.yaml").read_text())["model"]["vocab_size"]
+    fpt = flops_per_token(ModelShape.from_config(dataclasses.replace(get_preset("tiny"), vocab_size=vocab)), 32)
+    for r in recs:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e12, rel=1e-9)
+        assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_seconds"], rel=1e-9)
+    assert "eval_ce_text" in recs[1] and "eval_ce_text" in recs[2] and "eval_loss" not in recs[0]
+    assert recs[1]["eval_ppl_text"] == pytest.approx(math.exp(recs[1]["eval_ce_text"]))
+    lines = [x for x in stdout.splitlines() if x.startswith("step ")]
+    assert [x.split()[1] for x in lines] == ["1/3", "2/3", "3/3"]
+    for x in lines:
+        for word in ("loss", "ce text", "image", "lr", "grad", "tok/s", "MFU", "elapsed", "eta"):
+            assert word in x, (word, x)
+    assert sum(x.startswith("eval step") for x in stdout.splitlines()) == 2
+
+
+# ---- evaluation leaves training alone; TP=2 reports the TP=1 figures ------------------------------
+@pytest.mark.slow
+def test_eval_does_not_perturb_training(pretok, tmp_path):
+    """Dropout on, real train + held-out data: evaluating every step must not change the training losses
+    (RNG, data position and train mode untouched)."""
+    common = ("--train.steps", "3", "--model.hidden_dropout", "0.1", "--model.attention_dropout", "0.1",
+              "--train.eval_steps", "2", "--data.path", str(pretok["train"]), "--data.eval_path", str(pretok["heldout"]))
+    with_eval, _ = _train(tmp_path / "a", *common, "--train.eval_interval", "1")
+    without, _ = _train(tmp_path / "b", *common, "--train.eval_interval", "0")
+    assert [r["loss"] for r in with_eval] == [r["loss"] for r in without]
+    assert with_eval[-1]["eval_loss"] == without[-1]["eval_loss"]
+
+
+@pytest.mark.slow
+def test_tp2_reports_the_tp1_guards_and_eval(tmp_path):
+    common = ("--train.steps", "2", "--train.eval_interval", "1", "--train.eval_steps", "1")
+    ref, _ = _train(tmp_path / "tp1", *common)
+    got, _ = _train(tmp_path / "tp2", *common, "--parallel.tp", "2", nproc=2)
+    for key in ("loss", "logit_norm", "max_attn_logit", "eval_loss"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-5, abs=1e-6), key
