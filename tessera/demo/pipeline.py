@@ -126,6 +126,7 @@ def train_command(cfg: DemoConfig, paths: Paths) -> list[str]:
     config = resolve_path(cfg.train_config)
     overrides = {
         "data.path": str(paths.pretok_train),
+        "data.eval_path": str(paths.pretok_heldout),  # held-out loss / perplexity during training
         "train.run_dir": str(paths.run_dir),
         **cfg.train_overrides,
     }
