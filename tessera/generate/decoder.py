@@ -24,6 +24,7 @@ float32 inside torch's kernels.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,14 +38,14 @@ class DecoderError(RuntimeError):
 
 @dataclass
 class _Layer:
-    ln_attn: nn.Module | None  # applied to the branch input (pre-norm)
-    post_attn: nn.Module | None  # applied to the branch output (Swin-style norm, Chameleon-34B)
+    ln_attn: Callable | None  # applied to the branch input (pre-norm)
+    post_attn: Callable | None  # applied to the branch output (Swin-style norm, Chameleon-34B)
     qkv: torch.Tensor  # [ng * (np/ng + 2) * hd, hidden]
     q_norm: nn.Module | None
     k_norm: nn.Module | None
     proj: torch.Tensor  # [hidden, np * hd]
-    ln_mlp: nn.Module | None
-    post_mlp: nn.Module | None
+    ln_mlp: Callable | None
+    post_mlp: Callable | None
     fc1: torch.Tensor  # [2 * ffn, hidden] ([gate; up]) or [ffn, hidden]
     fc2: torch.Tensor  # [hidden, ffn]
     # q_norm and k_norm as one LayerNorm over [q heads of a group..., k] with these affine tables
@@ -63,6 +64,26 @@ def _cast_module(module: nn.Module | None, dtype: torch.dtype, device: torch.dev
     if _is_identity(module):
         return None
     return copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+
+
+class _RMSNorm:
+    """torch's RMSNorm as a direct ``F.rms_norm`` call (no nn.Module dispatch: 13 calls a step)."""
+
+    def __init__(self, module: nn.RMSNorm, dtype: torch.dtype, device: torch.device) -> None:
+        self.weight = module.weight.detach().to(device=device, dtype=dtype, copy=True)  # private copy
+        self.shape, self.eps = tuple(module.normalized_shape), module.eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.shape, self.weight, self.eps)
+
+
+def _norm(module: nn.Module | None, dtype: torch.dtype, device: torch.device) -> Callable | None:
+    """A norm as a callable in ``dtype`` (the model's module is left untouched)."""
+    if _is_identity(module):
+        return None
+    if type(module) is nn.RMSNorm and module.weight is not None:
+        return _RMSNorm(module, dtype, device)
+    return _cast_module(module, dtype, device)
 
 
 def _layer_norm_affine(module: nn.Module | None, heads: int, head_dim: int) -> tuple | None:
@@ -162,14 +183,16 @@ class KVCacheDecoder:
         self.gated = bool(cfg.gated_linear_unit)
         self.activation = cfg.activation_func
         self.vocab_size = out_w.shape[0]
-        # Attention (QK-norm, RoPE, the cache, softmax) runs in fp32 on the CPU: batched bf16 matmuls
-        # there go through oneDNN, ~2.5x slower than MKL's fp32 ones at one query (measured), and the
-        # tensors are tiny next to the weights. On a GPU it stays in the decoding dtype.
+        # Everything but the weight matmuls (residual stream, norms, QK-norm, RoPE, the cache,
+        # attention) runs in fp32 on the CPU: batched bf16 matmuls there go through oneDNN, ~2.5x
+        # slower than MKL's fp32 ones at one query, bf16 norms upcast internally (measured), and these
+        # tensors are tiny next to the weights. On a GPU it all stays in the decoding dtype.
         self.attn_dtype = torch.float32 if dev.type == "cpu" else dt
+        wt = self.attn_dtype
 
-        self.embedding = first.detach().to(device=dev, dtype=dt)
+        self.embedding = first.detach().to(device=dev, dtype=wt)  # gathered, never multiplied
         self.output = out_w.detach().to(device=dev, dtype=dt)
-        self.final_norm = _cast_module(gpt.decoder.final_layernorm, dt, dev)
+        self.final_norm = _norm(gpt.decoder.final_layernorm, wt, dev)
         self.layers: list[_Layer] = []
         for i, layer in enumerate(gpt.decoder.layers):
             attn = layer.self_attention
@@ -181,14 +204,14 @@ class KVCacheDecoder:
                 pre_attn, pre_mlp, post_attn, post_mlp = None, None, pre_attn, pre_mlp
             self.layers.append(
                 _Layer(
-                    ln_attn=_cast_module(pre_attn, dt, dev),
-                    post_attn=_cast_module(post_attn, dt, dev),
+                    ln_attn=_norm(pre_attn, wt, dev),
+                    post_attn=_norm(post_attn, wt, dev),
                     qkv=_weight(attn.linear_qkv, f"layer {i} linear_qkv", dt, dev),
                     q_norm=_cast_module(getattr(attn, "q_layernorm", None), self.attn_dtype, dev),
                     k_norm=_cast_module(getattr(attn, "k_layernorm", None), self.attn_dtype, dev),
                     proj=_weight(attn.linear_proj, f"layer {i} linear_proj", dt, dev),
-                    ln_mlp=_cast_module(pre_mlp, dt, dev),
-                    post_mlp=_cast_module(post_mlp, dt, dev),
+                    ln_mlp=_norm(pre_mlp, wt, dev),
+                    post_mlp=_norm(post_mlp, wt, dev),
                     fc1=_weight(layer.mlp.linear_fc1, f"layer {i} linear_fc1", dt, dev),
                     fc2=_weight(layer.mlp.linear_fc2, f"layer {i} linear_fc2", dt, dev),
                 )
@@ -275,7 +298,7 @@ class KVCacheDecoder:
         self, li: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
         causal: bool,
     ) -> torch.Tensor:
-        """x [b, s, h] (already normed for pre-norm); writes k/v of the s new columns; returns [b, s, h]."""
+        """x [b, s, h] in the weights' dtype (already normed for pre-norm); writes k/v of the s new columns; returns [b, s, h]."""
         lw = self.layers[li]
         b, s, _ = x.shape
         ng, hd = self.num_groups, self.head_dim
@@ -337,16 +360,18 @@ class KVCacheDecoder:
         x = F.embedding(ids, self.embedding)
         rope = self._rope_for(pos)
         for li, lw in enumerate(self.layers):
-            h = self._attention_block(li, lw.ln_attn(x) if lw.ln_attn is not None else x, rope, mask, causal)
-            x = x + (lw.post_attn(h) if lw.post_attn is not None else h)
-            h = self._mlp(li, lw.ln_mlp(x) if lw.ln_mlp is not None else x)
-            x = x + (lw.post_mlp(h) if lw.post_mlp is not None else h)
+            a = lw.ln_attn(x) if lw.ln_attn is not None else x
+            h = self._attention_block(li, a.to(self.dtype), rope, mask, causal)
+            x = x + (lw.post_attn(h.to(x.dtype)) if lw.post_attn is not None else h)
+            a = lw.ln_mlp(x) if lw.ln_mlp is not None else x
+            h = self._mlp(li, a.to(self.dtype))
+            x = x + (lw.post_mlp(h.to(x.dtype)) if lw.post_mlp is not None else h)
         self.length += s
         if last_only:
             x = x[:, -1]
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return self._lin(x, self.output)
+        return self._lin(x.to(self.dtype), self.output)
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
