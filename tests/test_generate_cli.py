@@ -162,3 +162,48 @@ def test_text_sampling_params_reach_the_document(run_dir):
     b = generate_document(model, toks, ["a small red"], GenerationConfig(**{**cfg.__dict__, "seed": 99}))
     assert a.new_ids == b.new_ids  # greedy ignores the seed
     assert a.generated_text == "".join(s.text for s in a.generated_segments)
+
+
+@pytest.fixture(scope="module")
+def imported_ckpt(tmp_path_factory) -> Path:
+    """A tiny random transformers Chameleon imported with ``from_hf``: CKPT/tokenizers/text/ holds its
+    tokenizer.json + id map (no sentencepiece model anywhere)."""
+    from tessera.convert.hf import from_hf
+    from tessera.convert.testing import make_hf_chameleon
+
+    root = tmp_path_factory.mktemp("imported")
+    make_hf_chameleon(root / "hf", seed=5)
+    from_hf(root / "hf", root / "ck")
+    return root / "ck"
+
+
+@pytest.mark.parametrize("kind", ["native", "imported"])
+def test_cli_loads_native_and_imported_text_tokenizers(kind, run_dir, imported_ckpt, tmp_path, capsys):
+    """``tessera generate --checkpoint`` finds the text tokenizer by convention, a sentencepiece
+    RUN/tokenizers/text.model or an imported CKPT/tokenizers/text/, and its greedy text equals the
+    Python API's with that tokenizer loaded explicitly (``tessera.convert.load_text_tokenizer``)."""
+    import tessera.model
+    from tessera.convert import HFTextTokenizer, load_text_tokenizer
+    from tessera.generate.tokenizers import find_tokenizer_paths
+    from tessera.tokenizers.text import TextTokenizer
+
+    if kind == "native":
+        ckpt, tok_path, cls = run_dir / "run", run_dir / "run" / "tokenizers" / "text.model", TextTokenizer
+    else:
+        ckpt, tok_path, cls = imported_ckpt, imported_ckpt / "tokenizers" / "text", HFTextTokenizer
+    assert find_tokenizer_paths(ckpt)[0] == tok_path
+    prompt = "a small red circle"
+    out = tmp_path / "o"
+    rc = cli_main(["generate", "--checkpoint", str(ckpt), "--prompt", prompt, "--mode", "text", "--temperature", "0",
+                   "--max-new-tokens", "8", "--dtype", "float32", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "document.json").read_text())
+    tok = load_text_tokenizer(tok_path)
+    assert isinstance(tok, cls)
+    assert data["prompt_tokens"] == 1 + len(tok.encode(prompt))  # <bos> + this tokenizer's pieces
+    assert data["segments"][0] == {"text": prompt} and data["new_tokens"] == 8
+
+    model = tessera.model.load(ckpt, device="cpu")
+    cfg = GenerationConfig(mode="text", max_new_tokens=8, dtype="float32", text=SamplingParams(0.0, 0, 1.0))
+    doc = generate_document(model, Tokenizers(text=tok), [prompt], cfg)
+    assert [s["text"] for s in data["segments"][1:]] == [s.text for s in doc.generated_segments]

@@ -48,7 +48,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (small models on a busy CPU decode faster with 1)")
     p.add_argument("--config", default=None, help="YAML file with GenerationConfig fields")
-    p.add_argument("--text-tokenizer", default=None, help="sentencepiece model (default: CKPT/tokenizers/text.model)")
+    p.add_argument("--text-tokenizer", default=None,
+                   help="sentencepiece model, or an imported checkpoint's tokenizers/text/ dir "
+                        "(default: CKPT/tokenizers/text.model or CKPT/tokenizers/text/)")
     p.add_argument("--image-tokenizer", default=None, help="VQ tokenizer dir (default: CKPT/tokenizers/image/)")
     p.add_argument("--stream", action="store_true", help="print the generated text as it is produced")
     p.add_argument("--out", required=True, help="output directory (document.json, *.png, document.html)")
@@ -147,13 +149,15 @@ class _Streamer:
 
 
 def main(args: argparse.Namespace) -> int:
+    from tessera.convert.errors import ConvertError
     from tessera.generate.engine import GenerationError
     from tessera.model.checkpoint import CheckpointError
     from tessera.tokenizers.image import ImageTokenizerError
     from tessera.tokenizers.text import TextTokenizerError
     from tessera.tokenizers.vocab import VocabularyError
 
-    errors = (GenerationError, ConfigError, VocabularyError, CheckpointError, ImageTokenizerError, TextTokenizerError)
+    errors = (GenerationError, ConfigError, VocabularyError, CheckpointError, ImageTokenizerError, TextTokenizerError,
+              ConvertError)
     try:
         run(args)
     except errors as exc:

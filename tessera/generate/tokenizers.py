@@ -2,7 +2,9 @@
 
 Convention (docs/generation.md): a checkpoint or run directory holds its tokenizers as
 
-    CKPT/tokenizers/text.model      sentencepiece model (TextTokenizer)
+    CKPT/tokenizers/text.model      sentencepiece model (TextTokenizer), or
+    CKPT/tokenizers/text/           an imported Hugging Face Chameleon's tokenizer.json + hf_id_map.json
+                                    (``tessera convert from-hf``; HFTextTokenizer)
     CKPT/tokenizers/image/          ImageTokenizer directory (config.json + model.safetensors)
 
 Looked up in the checkpoint directory first, then in the run directory above ``checkpoints/``.
@@ -20,6 +22,7 @@ from tessera.tokenizers.vocab import Vocabulary
 
 TOKENIZER_DIR = "tokenizers"
 TEXT_MODEL = "text.model"
+TEXT_DIR = "text"  # imported checkpoints (tessera.convert): tokenizer.json + hf_id_map.json
 IMAGE_DIR = "image"
 
 
@@ -69,6 +72,8 @@ def find_tokenizer_paths(checkpoint: str | Path) -> tuple[Path | None, Path | No
     for d in _candidates(Path(checkpoint)):
         if text is None and (d / TEXT_MODEL).is_file():
             text = d / TEXT_MODEL
+        elif text is None and (d / TEXT_DIR / "tokenizer.json").is_file():
+            text = d / TEXT_DIR
         if image is None and (d / IMAGE_DIR).is_dir():
             image = d / IMAGE_DIR
     return text, image
@@ -81,18 +86,22 @@ def load_tokenizers(
     need_image: bool = True,
     device: str = "cpu",
 ) -> Tokenizers:
-    """Load the checkpoint's tokenizers (explicit paths win). A missing image tokenizer is an error
-    only when ``need_image``."""
+    """Load the checkpoint's tokenizers (explicit paths win). ``text`` may be a sentencepiece model or
+    an imported checkpoint's ``tokenizers/text/`` directory. A missing image tokenizer is an error only
+    when ``need_image``."""
+    from tessera.convert import load_text_tokenizer
     from tessera.tokenizers.image import ImageTokenizer
-    from tessera.tokenizers.text import TextTokenizer
 
     found_text, found_image = find_tokenizer_paths(checkpoint) if checkpoint is not None else (None, None)
     text_path = Path(text) if text else found_text
     image_path = Path(image) if image else found_image
     where = f"{checkpoint}/{TOKENIZER_DIR}/" if checkpoint is not None else "the checkpoint"
     if text_path is None:
-        raise GenerationError(f"no text tokenizer: expected {where}{TEXT_MODEL} or pass --text-tokenizer")
-    text_tok = TextTokenizer.load(text_path)
+        raise GenerationError(
+            f"no text tokenizer: expected {where}{TEXT_MODEL} (or {where}{TEXT_DIR}/ with tokenizer.json) "
+            "or pass --text-tokenizer"
+        )
+    text_tok = load_text_tokenizer(text_path)
     image_tok = None
     if image_path is not None:
         image_tok = ImageTokenizer.load(image_path, device=device)
