@@ -207,3 +207,27 @@ def test_cli_loads_native_and_imported_text_tokenizers(kind, run_dir, imported_c
     cfg = GenerationConfig(mode="text", max_new_tokens=8, dtype="float32", text=SamplingParams(0.0, 0, 1.0))
     doc = generate_document(model, Tokenizers(text=tok), [prompt], cfg)
     assert [s["text"] for s in data["segments"][1:]] == [s.text for s in doc.generated_segments]
+
+
+def test_docs_example_regenerates_with_one_command(run_dir, tmp_path, capsys):
+    """``python -m tessera.generate.example --run RUN --out DIR`` rebuilds docs/generation_example/:
+    the documented prompt, one generated image, and the same files again on a second run (seed 0)."""
+    from tessera.generate import example
+
+    threads = torch.get_num_threads()  # the example pins one thread (--threads 1): restore it for later tests
+    out = tmp_path / "example"
+    try:
+        assert example.main(["--run", str(run_dir / "run"), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads((out / "document.json").read_text())
+    assert doc["segments"] == [{"text": example.PROMPT}, {"image": "0.png"}]
+    assert doc["finish_reason"] == "image" and doc["config"]["seed"] == 0 and doc["config"]["cfg_scale"] == 3.0
+    first = (out / "0.png").read_bytes()
+    try:
+        assert example.main(["--run", str(run_dir / "run"), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (out / "0.png").read_bytes() == first  # reproducible
+    assert example.main(["--run", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "tessera demo" in capsys.readouterr().err
