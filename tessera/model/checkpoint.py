@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,17 @@ def save_model_checkpoint(
     extra_config: Any = None,
     step: int = 0,
     extra_state: dict | None = None,
+    extra_meta: dict | None = None,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``model`` (collective: every rank of the layout calls it) to ``ckpt_dir``.
 
     Everything is written to ``ckpt_dir.tmp-<pid>`` and renamed at the end, so a crash never leaves a
     directory that looks complete. ``extra_config`` is the resolved run config (dataclass or dict); its
     ``model`` section is replaced by ``model_cfg``. ``extra_state`` (optimizer, scheduler, rng, ...)
-    goes into the same dist_checkpointing save under its own keys.
+    goes into the same dist_checkpointing save under its own keys. ``extra_meta`` adds keys to
+    tessera.json. ``before_commit(tmp_dir)`` runs on rank 0 after everything is written, before the
+    rename (crash-consistency tests kill the process there).
     """
     from megatron.core import dist_checkpointing
 
@@ -105,8 +110,10 @@ def save_model_checkpoint(
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(run_cfg, sort_keys=False))
         if vocab is not None:
             vocab.save(tmp / VOCAB_FILE)
-        meta = {"format": FORMAT, "step": int(step), "model_config": to_dict(model_cfg)}
+        meta = {"format": FORMAT, "step": int(step), "model_config": to_dict(model_cfg), **(extra_meta or {})}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks the save complete
+        if before_commit is not None:
+            before_commit(tmp)
         if ckpt_dir.exists():
             old = ckpt_dir.with_name(f"{ckpt_dir.name}.old-{os.getpid()}")
             ckpt_dir.rename(old)
