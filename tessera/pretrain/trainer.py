@@ -1,5 +1,10 @@
 """megatron-core training loop: model, DDP, megatron optimizer + scheduler, forward_backward
-schedules, non-finite step skipping, JSONL metrics, model checkpoints.
+schedules, non-finite step skipping, JSONL metrics, full-state checkpoints.
+
+Checkpoints (``tessera.pretrain.checkpointing``): model + optimizer + scheduler + data position + RNG +
+step every ``train.save_interval`` steps, at the end and on SIGTERM (then exit 0); the newest
+``train.keep_last_n`` are kept. On start a run resumes from ``RUN/checkpoints/latest`` (``train.resume:
+auto``) exactly where it stopped, under any TP/PP/DP layout; ``train.init_from`` loads weights only.
 
 Data: ``data.path`` (a directory written by ``tessera data pretokenize``) is packed and read through
 ``tessera.data``'s woven iterator, so every batch is a pure function of (seed, step). Without a path a
