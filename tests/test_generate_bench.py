@@ -15,7 +15,8 @@ def test_benchmark_decode_tiny():
     assert r["speedup"]["batch1_same_dtype"] > 0
     f = r["floor"]["float32"]
     assert f["floor_ms"] > 0 and f["copy_gbps"] > 0 and f["weight_bytes"] > 0
-    assert "tokens/s" in format_decode_table(r)
+    assert f["ratio_to_floor"] == f["measured_ms"] / f["floor_ms"]
+    assert "tokens/s" in format_decode_table(r) and "x the floor" in format_decode_table(r)
 
 
 def test_benchmark_decode_step_tiny():

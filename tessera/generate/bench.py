@@ -195,11 +195,15 @@ def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes
         for dt in dtypes:
             nbytes = _decode_weight_bytes(engines[dt])
             r1 = next((r for r in rows if r["impl"] == "tessera" and r["dtype"] == dt and r["batch"] == 1), None)
+            floor_ms = nbytes / (gbps * 1e9) * 1e3
+            measured = r1["per_token_ms"] if r1 else None
             floor[dt] = {
-                "weight_bytes": nbytes, "copy_gbps": gbps, "floor_ms": nbytes / (gbps * 1e9) * 1e3,
-                "measured_ms": r1["per_token_ms"] if r1 else None,
+                "weight_bytes": nbytes, "copy_gbps": gbps, "floor_ms": floor_ms, "measured_ms": measured,
+                # the goal: batch-1 latency within 2x of the floor
+                "ratio_to_floor": measured / floor_ms if measured else None,
             }
     result["floor"] = floor
+    result["load_average_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if verbose:
         print(format_decode_table(result))
     return result
@@ -208,7 +212,8 @@ def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes
 def format_decode_table(result: dict) -> str:
     lines = [
         f"decode: preset {result['preset']}, prompt {result['prompt_len']}, {result['new_tokens']} new tokens, "
-        f"greedy text, {result['device']}, {result['torch_threads']} threads",
+        f"greedy text, {result['device']}, {result['torch_threads']} threads, 1-min load average "
+        f"{_fmt_load(result.get('load_average_1m_start'))} -> {_fmt_load(result.get('load_average_1m_end'))}",
         f"{'impl':<13} {'dtype':<9} {'batch':>5} {'tokens/s':>10} {'TTFT ms':>9} {'ms/token':>9}",
     ]
     for r in result["rows"]:
@@ -218,12 +223,17 @@ def format_decode_table(result: dict) -> str:
     for k, v in result["speedup"].items():
         lines.append(f"speed-up {k}: {v:.2f}x")
     for dt, f in result["floor"].items():
-        meas = f"{f['measured_ms']:.2f} ms" if f["measured_ms"] is not None else "-"
+        meas = (f"{f['measured_ms']:.2f} ms = {f['ratio_to_floor']:.1f}x the floor"
+                if f["measured_ms"] is not None else "-")
         lines.append(f"batch-1 floor {dt}: {f['weight_bytes'] / 1e6:.1f} MB weights / {f['copy_gbps']:.1f} GB/s = "
                      f"{f['floor_ms']:.2f} ms/token (measured {meas})")
     if result.get("greedy_match_fp32") is not None:
         lines.append(f"fp32 greedy tokens equal to transformers: {result['greedy_match_fp32']}")
     return "\n".join(lines)
+
+
+def _fmt_load(x: float | None) -> str:
+    return f"{x:.1f}" if x is not None else "?"
 
 
 def benchmark_decode_step(
