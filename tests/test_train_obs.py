@@ -88,6 +88,25 @@ def _manual_max_logit(q, k, scale):
     return float(scores.masked_fill(~causal, -math.inf).max())
 
 
+@pytest.mark.parametrize("chunk", [1, 1 << 24])
+def test_max_attention_logit_masks_gqa_and_chunks(monkeypatch, chunk):
+    from tessera.pretrain import guards
+
+    monkeypatch.setattr(guards, "_CHUNK_ELEMENTS", chunk)  # 1: one head per baddbmm
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(12, 3, 4, 8, generator=g), torch.randn(12, 3, 2, 8, generator=g)
+    assert guards.max_attention_logit(q, k, 0.3) == pytest.approx(_manual_max_logit(q, k, 0.3), rel=1e-6)
+    # an explicit megatron mask (True = masked out), per batch element: the max must skip masked pairs
+    kk = k.repeat_interleave(2, dim=2)
+    scores = torch.einsum("ibhd,jbhd->bhij", q.double(), kk.double()) * 0.3
+    mask = torch.rand(3, 1, 12, 12, generator=g) > 0.5
+    bi, _, i, j = (int(x) for x in torch.unravel_index(scores.argmax(), scores.shape))
+    mask[bi, 0, i, j] = True  # hide the largest score
+    want = float(scores.masked_fill(mask, -math.inf).max())
+    assert guards.max_attention_logit(q, k, 0.3, attention_mask=mask) == pytest.approx(want, rel=1e-6)
+    assert want < float(scores.max())  # the mask did hide the largest score
+
+
 def test_max_attention_logit_equals_manual_and_leaves_numerics_alone(tiny_model):
     from tessera.pretrain.guards import AttentionLogitProbe
 

@@ -8,8 +8,8 @@ Both are measurements only: nothing here changes what the model computes.
 * ``AttentionLogitProbe``: forward pre-hooks on every ``core_attention`` module (megatron's
   ``DotProductAttention``, our ``SDPAttention``, TE's attention: all take ``query, key [s, b, heads,
   head_dim]`` after QK-norm and RoPE). While armed, each layer recomputes ``max(q . k) * softmax_scale``
-  over the positions its mask allows, once per arming (the first micro-batch that reaches it), one head
-  at a time so the extra memory is one [b, s, s] matrix. Disarmed, the hooks return at once.
+  over the positions its mask allows, once per arming (the first micro-batch that reaches it), in
+  chunks of heads so the extra memory stays under 64 MiB. Disarmed, the hooks return at once.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+_CHUNK_ELEMENTS = 1 << 24  # scores materialised at once: 64 MiB of fp32, whatever b, heads and s are
+
+
 @torch.no_grad()
 def max_attention_logit(query: torch.Tensor, key: torch.Tensor, scale: float | None,
                         attention_mask: torch.Tensor | None = None, causal: bool = True) -> float:
@@ -45,25 +48,32 @@ def max_attention_logit(query: torch.Tensor, key: torch.Tensor, scale: float | N
 
     query [sq, b, np, hn], key [sk, b, ng, hn] (megatron's layout; query head i uses key group
     i // (np / ng)); ``attention_mask`` follows megatron (True = masked out, broadcastable to
-    [b, np, sq, sk]); without one, ``causal`` masks j > i."""
+    [b, np, sq, sk]); without one, ``causal`` masks j > i. The disallowed pairs get -inf through the
+    additive input of one ``baddbmm`` per chunk of (batch, head) rows, so each score is written once
+    and read once (by the max)."""
     sq, b, np_, hn = query.shape
     sk, ng = key.shape[0], key.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(hn)
     q = query.float().permute(1, 2, 0, 3)  # [b, np, sq, hn]
-    k = key.float().permute(1, 2, 0, 3)  # [b, ng, sk, hn]
-    allowed = None
+    k = key.float().repeat_interleave(np_ // ng, dim=2) if ng != np_ else key.float()
+    kt = k.permute(1, 2, 3, 0)  # [b, np, hn, sk]
     if attention_mask is not None:
-        allowed = ~attention_mask.bool()
+        m = attention_mask.bool()
+        bias = torch.zeros(m.shape, dtype=torch.float32, device=q.device).masked_fill_(m, -math.inf)
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # [b or 1, np or 1, sq, sk]
     elif causal and sq > 1:
-        allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        bias = torch.full((sq, sk), -math.inf, device=q.device).triu_(sk - sq + 1).view(1, 1, sq, sk)
+    else:
+        bias = torch.zeros((1, 1, 1, 1), device=q.device)
+    heads = max(1, _CHUNK_ELEMENTS // (sq * sk))
     best = -math.inf
-    per_group = np_ // ng
-    for h in range(np_):
-        s = torch.matmul(q[:, h], k[:, h // per_group].transpose(-1, -2)) * scale  # [b, sq, sk]
-        if allowed is not None:
-            a = allowed if allowed.dim() == 2 else allowed[:, h if allowed.shape[1] > 1 else 0]
-            s = s.masked_fill(~a, -math.inf)
-        best = max(best, float(s.max()))
+    for bi in range(b):
+        for h in range(0, np_, heads):
+            h1 = min(np_, h + heads)
+            cb = bias[bi if bias.shape[0] > 1 else 0]
+            cb = (cb[h:h1] if cb.shape[0] > 1 else cb).expand(h1 - h, sq, sk)
+            s = torch.baddbmm(cb, q[bi, h:h1], kt[bi, h:h1], alpha=scale)
+            best = max(best, float(s.amax()))
     return best
 
 
