@@ -227,3 +227,25 @@ def test_benchmark_rows_with_torch_compile():
     assert (comp["ms"] or 0) > 0 or "failed" in comp["note"], comp
     with pytest.raises(ValueError, match="unknown kernels"):
         benchmark_kernels(batches=(1,), vocab=256, kernels=("softmax",))
+
+
+def test_interpreter_switched_on_after_triton_import_is_a_clear_error():
+    """triton's own @jit helpers (tl.max, tl.sum) are decorated when triton is imported and cannot be redone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "import torch, triton.language\n"
+        "from tessera.kernels import cross_entropy_z, use_triton_interpreter\n"
+        "use_triton_interpreter()\n"
+        "try:\n"
+        "    cross_entropy_z(torch.randn(2, 8), torch.tensor([1, 2]), backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'TRITON_INTERPRET=1 before' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -35,11 +35,15 @@ def interpreter_requested() -> bool:
 
 
 def _kernels_interpreted() -> bool:
+    """Every kernel module written so far is decorated for the interpreter (one imported before
+    TRITON_INTERPRET was set would still hold compiled kernels)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from . import _sampling_triton
+    from . import _ce_triton, _sampling_triton
 
-    return isinstance(_sampling_triton.sample_step_kernel, InterpretedFunction)
+    return all(isinstance(k, InterpretedFunction) for k in (_sampling_triton.sample_step_kernel,
+                                                             _ce_triton.ce_forward_kernel,
+                                                             _ce_triton.ce_backward_kernel))
 
 
 def use_triton_interpreter() -> None:
@@ -70,4 +74,18 @@ def resolve_backend(backend: str, tensor: torch.Tensor, what: str) -> str:
             )
         if not _kernels_interpreted():
             use_triton_interpreter()
+        if not _stdlib_interpreted():
+            raise RuntimeError(
+                f"{what}: backend='triton' on CPU: triton was imported before the interpreter was switched on, so "
+                "its own library functions (tl.max, tl.sum) stay compiled and cannot run on the CPU; set "
+                "TRITON_INTERPRET=1 before anything imports triton"
+            )
     return "triton"
+
+
+def _stdlib_interpreted() -> bool:
+    # triton.language's @jit helpers are decorated once, when triton is imported; they cannot be re-decorated.
+    import triton.language.standard as tl_std
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl_std.max, InterpretedFunction)
