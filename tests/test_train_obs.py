@@ -303,7 +303,7 @@ def test_run_jsonl_keys_mfu_and_progress_line(obs_run):
     assert sum(x.startswith("eval step") for x in stdout.splitlines()) == 2
 
 
-# ---- evaluation leaves training alone; TP=2 reports the TP=1 figures ------------------------------
+# ---- evaluation leaves training alone; TP=2, PP=2, DP=2 report the 1-process figures -------------
 @pytest.mark.slow
 def test_eval_does_not_perturb_training(pretok, tmp_path):
     """Dropout on, real train + held-out data: evaluating every step must not change the training losses
@@ -316,10 +316,20 @@ def test_eval_does_not_perturb_training(pretok, tmp_path):
     assert with_eval[-1]["eval_loss"] == without[-1]["eval_loss"]
 
 
+LAYOUT_COMMON = ("--train.steps", "2", "--train.eval_interval", "1", "--train.eval_steps", "1")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("one") / "run", *LAYOUT_COMMON)[0]
+
+
 @pytest.mark.slow
-def test_tp2_reports_the_tp1_guards_and_eval(tmp_path):
-    common = ("--train.steps", "2", "--train.eval_interval", "1", "--train.eval_steps", "1")
-    ref, _ = _train(tmp_path / "tp1", *common)
-    got, _ = _train(tmp_path / "tp2", *common, "--parallel.tp", "2", nproc=2)
-    for key in ("loss", "logit_norm", "max_attn_logit", "eval_loss"):
+@pytest.mark.parametrize("layout", [("--parallel.tp", "2"), ("--parallel.pp", "2"), ()], ids=["tp2", "pp2", "dp2"])
+def test_two_processes_report_the_one_process_guards_and_eval(one_process_run, tmp_path, layout):
+    """Same figures for any layout: the reductions count every token once, and the attention probe
+    reads the step's first global micro-batch (DP rank 0)."""
+    ref = one_process_run
+    got, _ = _train(tmp_path / "two", *LAYOUT_COMMON, *layout, nproc=2)
+    for key in ("loss", "ce", "z", "logit_norm", "max_attn_logit", "eval_loss"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-5, abs=1e-6), key

@@ -8,8 +8,9 @@ Both are measurements only: nothing here changes what the model computes.
 * ``AttentionLogitProbe``: forward pre-hooks on every ``core_attention`` module (megatron's
   ``DotProductAttention``, our ``SDPAttention``, TE's attention: all take ``query, key [s, b, heads,
   head_dim]`` after QK-norm and RoPE). While armed, each layer recomputes ``max(q . k) * softmax_scale``
-  over the positions its mask allows, once per arming (the first micro-batch that reaches it), in
-  chunks of heads so the extra memory stays under 64 MiB. Disarmed, the hooks return at once.
+  over the positions its mask allows, once per arming (the first micro-batch that reaches it, on
+  data-parallel rank 0 only), in chunks of heads so the extra memory stays under 64 MiB. Disarmed, the
+  hooks return at once.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ class AttentionLogitProbe:
         self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
 
     def arm(self, on: bool = True) -> None:
-        self.armed, self._seen, self._max = on, set(), -math.inf
+        """Record on the next forward of each layer. Only data-parallel rank 0 records, so the figure is the
+        max over the step's first GLOBAL micro-batch whatever the DP size (runs compare across layouts)."""
+        dp_rank = parallel_state.get_data_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+        self.armed, self._seen, self._max = on and dp_rank == 0, set(), -math.inf
 
     def value(self) -> float:
         return self._max
