@@ -289,6 +289,8 @@ class KVCacheDecoder:
         shape = (self.num_layers, 2, batch, self.num_groups, max_len, self.head_dim)
         if self.cache is None or self.cache.shape != shape:
             self.cache = torch.empty(shape, dtype=self.attn_dtype, device=self.device)
+            # per-layer [b, ng, max_len, hd] views: narrow() on them is cheaper than multi-axis indexing
+            self._kv = [(self.cache[li, 0], self.cache[li, 1]) for li in range(self.num_layers)]
         self._rope_tables(max_len)
         self.length = 0
         self.batch, self.max_len = batch, max_len
@@ -306,23 +308,24 @@ class KVCacheDecoder:
         # megatron's grouped QKV rows: per group [its q heads..., k, v].
         mixed = self._lin(x, lw.qkv).view(b, s, ng, qpg + 2, hd).to(self.attn_dtype)
         if lw.qk_w is not None:
-            qk = F.layer_norm(mixed[:, :, :, : qpg + 1], (hd,), None, None, lw.qk_eps)
+            qk = F.layer_norm(mixed.narrow(3, 0, qpg + 1), (hd,), None, None, lw.qk_eps)
             qk = self._apply_rope(torch.addcmul(lw.qk_b, qk, lw.qk_w), rope)  # q already scaled
-            q, k = qk[:, :, :, :qpg], qk[:, :, :, qpg]
+            q, k = qk.narrow(3, 0, qpg), qk.select(3, qpg)
         else:  # norms as modules (they take [..., heads, hd]), then RoPE and the scale
-            q, k = mixed[:, :, :, :qpg], mixed[:, :, :, qpg]
+            q, k = mixed.narrow(3, 0, qpg), mixed.select(3, qpg)
             if lw.q_norm is not None:
                 q = lw.q_norm(q.reshape(b, s, self.num_heads, hd)).view(b, s, ng, qpg, hd)
             if lw.k_norm is not None:
                 k = lw.k_norm(k)
             q = self._apply_rope(q, rope) * self.softmax_scale
             k = self._apply_rope(k.unsqueeze(3), rope).squeeze(3)
-        v = mixed[:, :, :, qpg + 1]  # [b, s, ng, hd]
+        v = mixed.select(3, qpg + 1)  # [b, s, ng, hd]
         start, end = self.length, self.length + s
-        self.cache[li, 0, :, :, start:end] = k.transpose(1, 2)
-        self.cache[li, 1, :, :, start:end] = v.transpose(1, 2)
-        keys = self.cache[li, 0, :, :, :end]  # [b, ng, end, hd]
-        values = self.cache[li, 1, :, :, :end]
+        kc, vc = self._kv[li]
+        kc.narrow(2, start, s).copy_(k.transpose(1, 2))
+        vc.narrow(2, start, s).copy_(v.transpose(1, 2))
+        keys = kc.narrow(2, 0, end)  # [b, ng, end, hd]
+        values = vc.narrow(2, 0, end)
         if s == 1:
             # One query per row: two small batched matmuls beat SDPA's flash kernel here, and the query
             # heads of a group share their K/V without repeating them. Softmax in fp32, like SDPA's.
