@@ -333,3 +333,34 @@ def test_two_processes_report_the_one_process_guards_and_eval(one_process_run, t
     got, _ = _train(tmp_path / "two", *LAYOUT_COMMON, *layout, nproc=2)
     for key in ("loss", "ce", "z", "logit_norm", "max_attn_logit", "eval_loss"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-5, abs=1e-6), key
+
+
+def test_resumed_logger_replaces_the_rows_past_the_checkpoint_in_tensorboard(tmp_path):
+    """A run killed after step 5 with its checkpoint at step 3 logs steps 4, 5 again: TensorBoard must show
+    the new values once (SummaryWriter purge_step), as metrics.jsonl is trimmed by the resume code."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tessera.model.config import get_preset
+    from tessera.pretrain.config import TrainConfig
+    from tessera.pretrain.metrics import TrainLogger
+
+    cfg = TrainConfig(model=get_preset("tiny"))
+    cfg.train.steps = 6
+
+    def rec(step, loss):
+        return {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "bad_steps": 0}
+
+    first = TrainLogger(cfg, tmp_path, world_size=1, enabled=True, stream=io.StringIO())
+    for step in range(1, 6):
+        first.log(rec(step, float(step)))
+    first.close()
+    second = TrainLogger(cfg, tmp_path, world_size=1, enabled=True, stream=io.StringIO(), first_step=3)
+    for step in (4, 5, 6):
+        second.log(rec(step, 10.0 + step))
+    second.close()
+    ea = EventAccumulator(str(tmp_path / "tensorboard"))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0),
+                                                                    (5, 15.0), (6, 16.0)]

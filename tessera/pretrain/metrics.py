@@ -143,7 +143,8 @@ class TrainLogger:
             except ImportError as e:  # tensorboard is a dependency of tessera; say so if it went missing
                 raise RuntimeError(f"TensorBoard logging to {self.run / 'tensorboard'} needs the tensorboard "
                                    f"package (pip install tensorboard): {e}") from e
-            self.writer = SummaryWriter(str(self.run / "tensorboard"))
+            # resumed: TensorBoard hides what an earlier process logged past the checkpoint (as metrics.jsonl is trimmed)
+            self.writer = SummaryWriter(str(self.run / "tensorboard"), purge_step=first_step + 1 if first_step else None)
         self.start = time.perf_counter()
         self._t0: float | None = None
         self._steps_timed = 0
