@@ -263,7 +263,7 @@ def test_run_writes_tensorboard_scalars(obs_run):
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     want = {"train/loss", "train/ce_text", "train/ce_image", "train/z_loss", "train/lr", "train/grad_norm",
-            "train/bad_steps", "guards/logit_norm", "guards/max_attn_logit", "perf/tokens_per_s", "perf/mfu",
+            "train/bad_steps", "train/bad_steps_total", "guards/logit_norm", "guards/max_attn_logit", "perf/tokens_per_s", "perf/mfu",
             "eval/loss", "eval/ppl", "eval/ce_text", "eval/ppl_text", "eval/ce_image", "eval/ppl_image"}
     assert want <= tags, want - tags
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3]
@@ -350,7 +350,7 @@ def test_resumed_logger_replaces_the_rows_past_the_checkpoint_in_tensorboard(tmp
     cfg.train.steps = 6
 
     def rec(step, loss):
-        return {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "bad_steps": 0}
+        return {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "bad_steps": int(step in (2, 6))}
 
     first = TrainLogger(cfg, tmp_path, world_size=1, enabled=True, stream=io.StringIO())
     for step in range(1, 6):
@@ -364,3 +364,5 @@ def test_resumed_logger_replaces_the_rows_past_the_checkpoint_in_tensorboard(tmp
     ea.Reload()
     assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0),
                                                                     (5, 15.0), (6, 16.0)]
+    # skipped steps so far: step 2 (read back from the first process's metrics.jsonl), then step 6
+    assert [(e.step, e.value) for e in ea.Scalars("train/bad_steps_total")][-3:] == [(4, 1.0), (5, 1.0), (6, 2.0)]

@@ -6,10 +6,10 @@ Rank 0 writes; every rank takes part in the reductions (``reduce_step_stats`` is
   token counts, so the step's figures are exact token-weighted means over every micro-batch of every
   DP replica (and the last pipeline stage's numbers reach rank 0 whatever the pipeline layout).
 * ``TrainLogger`` times the steps and derives tokens/s and MFU, writes one JSON line per step (keys
-  ``step, loss, ce, ce_text, ce_image, ce_special, z, lr, grad_norm, bad_steps`` every step;
-  ``logit_norm, max_attn_logit`` on guard steps; ``tokens_per_s, mfu, step_seconds``; ``eval_*`` on
-  evaluation steps), the same scalars to TensorBoard, and a progress line every ``train.log_interval``
-  steps.
+  ``step, loss, ce, ce_text, ce_image, ce_special, z, lr, grad_norm, bad_steps`` (consecutive skips),
+  ``bad_steps_total`` (skips so far), ``tokens_per_s, mfu, step_seconds`` every step; ``logit_norm,
+  max_attn_logit`` on guard steps; ``eval_*`` on evaluation steps), the same scalars to TensorBoard,
+  and a progress line every ``train.log_interval`` steps.
 
 MFU = tokens/s x FLOPs/token / (devices x peak FLOP/s per device), with FLOPs/token the training model
 FLOPs of ``tessera.bench.plan.flops_per_token`` (6 x matmul parameters + 12 x layers x seq x heads x
@@ -108,7 +108,8 @@ def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> 
 # TensorBoard tag of each record key (eval_* keys go to eval/*)
 _TAGS = {"loss": "train/loss", "ce": "train/ce", "ce_text": "train/ce_text", "ce_image": "train/ce_image",
          "ce_special": "train/ce_special", "z": "train/z_loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-         "bad_steps": "train/bad_steps", "logit_norm": "guards/logit_norm", "max_attn_logit": "guards/max_attn_logit",
+         "bad_steps": "train/bad_steps", "bad_steps_total": "train/bad_steps_total",
+         "logit_norm": "guards/logit_norm", "max_attn_logit": "guards/max_attn_logit",
          "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "step_seconds": "perf/step_seconds"}
 
 
@@ -145,11 +146,25 @@ class TrainLogger:
                                    f"package (pip install tensorboard): {e}") from e
             # resumed: TensorBoard hides what an earlier process logged past the checkpoint (as metrics.jsonl is trimmed)
             self.writer = SummaryWriter(str(self.run / "tensorboard"), purge_step=first_step + 1 if first_step else None)
+        self.bad_total = self._bad_rows_so_far() if enabled and first_step else 0
         self.start = time.perf_counter()
         self._t0: float | None = None
         self._steps_timed = 0
         self._win_tokens = 0
         self._win_s = 0.0
+
+    def _bad_rows_so_far(self) -> int:
+        """Skipped steps an earlier process of this run logged (metrics.jsonl is already trimmed to the checkpoint)."""
+        path = self.run / "metrics.jsonl"
+        if not path.exists():
+            return 0
+        n = 0
+        for line in path.read_text().splitlines():
+            try:
+                n += int(json.loads(line).get("bad_steps", 0) > 0)
+            except (json.JSONDecodeError, AttributeError, TypeError):
+                continue  # a torn line
+        return n
 
     def is_log_step(self, step: int) -> bool:
         """Steps that print a progress line and measure the guards (first, every log_interval, last)."""
@@ -173,16 +188,18 @@ class TrainLogger:
         if not self.enabled:
             return
         step = int(rec["step"])
+        self.bad_total += int(rec.get("bad_steps", 0) > 0)  # bad_steps counts CONSECUTIVE skips: > 0 = this one
+        rec = {**rec, "bad_steps_total": self.bad_total}
         with open(self.run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         for k, v in rec.items():
             tag = _tag(k)
             if tag is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.writer.add_scalar(tag, v, step)
+        self.writer.flush()  # a run that dies (max_bad_steps) keeps every scalar it logged
         if self.is_log_step(step):
             self.stream.write(self.progress_line(rec) + "\n")
             self._win_tokens, self._win_s = 0, 0.0
-            self.writer.flush()
         if any(k.startswith("eval_") for k in rec):
             self.stream.write(self.eval_line(rec) + "\n")
         self.stream.flush()
@@ -196,8 +213,8 @@ class TrainLogger:
         if ce:
             parts.append("ce " + " ".join(ce))
         parts.append(f"lr {rec['lr']:.3g} grad {rec['grad_norm']:.3f}")
-        if rec.get("bad_steps"):
-            parts.append(f"bad {rec['bad_steps']}")
+        if rec.get("bad_steps_total"):
+            parts.append(f"skipped {rec['bad_steps_total']}")
         if "logit_norm" in rec:
             parts.append(f"logit_norm {rec['logit_norm']:.3g}")
         if "max_attn_logit" in rec:
