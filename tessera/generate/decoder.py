@@ -77,12 +77,57 @@ class _RMSNorm:
         return F.rms_norm(x, self.shape, self.weight, self.eps)
 
 
+class _AffineNorm:
+    """RMSNorm / LayerNorm from raw tables (weight, optional bias, eps): Transformer Engine's norms, fused
+    into ``linear_qkv`` / ``linear_fc1`` (``layer_norm_weight`` / ``layer_norm_bias``) or standalone
+    (``TENorm``). ``zero_centered_gamma`` stores gamma - 1, so the applied weight is 1 + stored."""
+
+    def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                 zero_centered: bool, dtype: torch.dtype, device: torch.device, where: str) -> None:
+        if kind not in ("RMSNorm", "LayerNorm"):
+            raise DecoderError(f"{where}: unsupported normalization {kind!r} (expected RMSNorm or LayerNorm)")
+        w = weight.detach().to(device=device, dtype=torch.float32)
+        self.weight = ((w + 1) if zero_centered else w).to(dtype)  # private copy either way
+        self.bias = None if bias is None or not bias.numel() else bias.detach().to(device=device, dtype=dtype, copy=True)
+        if kind == "RMSNorm" and self.bias is not None:
+            raise DecoderError(f"{where}: RMSNorm with a bias is not supported")
+        self.kind, self.shape, self.eps = kind, (weight.shape[-1],), float(eps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "RMSNorm":
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+
+
+def _te_kind(module: nn.Module) -> str:
+    """TE modules say ``normalization``; a standalone TE norm is named by its class."""
+    return str(getattr(module, "normalization", None) or type(module).__name__)
+
+
+def _fused_norm(linear: nn.Module, dtype: torch.dtype, device: torch.device, where: str) -> _AffineNorm | None:
+    """The pre-norm that Transformer Engine fused into a LayerNorm+Linear (``TELayerNormColumnParallelLinear``:
+    its ``layer_norm_weight``, ``layer_norm_bias``, ``normalization``, ``eps``, ``zero_centered_gamma``),
+    or None for a plain linear."""
+    w = getattr(linear, "layer_norm_weight", None)
+    if w is None:
+        return None
+    eps = getattr(linear, "eps", None)
+    if eps is None:
+        raise DecoderError(f"{where}: fused layer_norm_weight without an eps attribute ({type(linear).__name__})")
+    return _AffineNorm(_te_kind(linear), w, getattr(linear, "layer_norm_bias", None), eps,
+                       bool(getattr(linear, "zero_centered_gamma", False)), dtype, device, where)
+
+
 def _norm(module: nn.Module | None, dtype: torch.dtype, device: torch.device) -> Callable | None:
     """A norm as a callable in ``dtype`` (the model's module is left untouched)."""
     if _is_identity(module):
         return None
     if type(module) is nn.RMSNorm and module.weight is not None:
         return _RMSNorm(module, dtype, device)
+    if type(module).__module__.startswith("transformer_engine") and _te_kind(module) in ("RMSNorm", "LayerNorm"):
+        # TENorm returns TE's own RMSNorm/LayerNorm (CUDA-only kernels): the same maths from its tables.
+        return _AffineNorm(_te_kind(module), module.weight, getattr(module, "bias", None), module.eps,
+                           bool(getattr(module, "zero_centered_gamma", False)), dtype, device, type(module).__name__)
     return _cast_module(module, dtype, device)
 
 
@@ -202,15 +247,23 @@ class KVCacheDecoder:
             if self.swin_norm and _is_identity(post_attn):
                 # Swin ordering expressed with the usual names: the two norms move to the branch outputs.
                 pre_attn, pre_mlp, post_attn, post_mlp = None, None, pre_attn, pre_mlp
+            # Transformer Engine's spec fuses the pre-norms into linear_qkv / linear_fc1 and leaves
+            # input_layernorm / pre_mlp_layernorm as IdentityOp: read the fused tables then.
+            ln_attn = _fused_norm(attn.linear_qkv, wt, dev, f"layer {i} linear_qkv")
+            ln_mlp = _fused_norm(layer.mlp.linear_fc1, wt, dev, f"layer {i} linear_fc1")
+            for fused, sep, name in ((ln_attn, pre_attn, "input_layernorm"), (ln_mlp, pre_mlp, "pre_mlp_layernorm")):
+                if fused is not None and not _is_identity(sep):
+                    raise DecoderError(f"layer {i}: both a fused layer_norm_weight and a separate {name}; "
+                                       "the model would normalise twice, which no Tessera spec builds")
             self.layers.append(
                 _Layer(
-                    ln_attn=_norm(pre_attn, wt, dev),
+                    ln_attn=ln_attn if ln_attn is not None else _norm(pre_attn, wt, dev),
                     post_attn=_norm(post_attn, wt, dev),
                     qkv=_weight(attn.linear_qkv, f"layer {i} linear_qkv", dt, dev),
                     q_norm=_cast_module(getattr(attn, "q_layernorm", None), self.attn_dtype, dev),
                     k_norm=_cast_module(getattr(attn, "k_layernorm", None), self.attn_dtype, dev),
                     proj=_weight(attn.linear_proj, f"layer {i} linear_proj", dt, dev),
-                    ln_mlp=_norm(pre_mlp, wt, dev),
+                    ln_mlp=ln_mlp if ln_mlp is not None else _norm(pre_mlp, wt, dev),
                     post_mlp=_norm(post_mlp, wt, dev),
                     fc1=_weight(layer.mlp.linear_fc1, f"layer {i} linear_fc1", dt, dev),
                     fc2=_weight(layer.mlp.linear_fc2, f"layer {i} linear_fc2", dt, dev),
