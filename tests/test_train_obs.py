@@ -37,13 +37,15 @@ def tiny_model(megatron_1proc):
     return build_model(cfg), cfg
 
 
-def test_logit_norm_sums_match_torch(megatron_1proc):
-    from tessera.pretrain.guards import logit_norm_sums
+@pytest.mark.parametrize("chunk", [300, 1 << 24])
+def test_logit_norm_sums_match_torch(megatron_1proc, monkeypatch, chunk):
+    from tessera.pretrain import guards
 
+    monkeypatch.setattr(guards, "_CHUNK_ELEMENTS", chunk)  # 300: one token per chunk
     logits = torch.randn(2, 5, 256) * 3
     mask = torch.ones(2, 5)
     mask[1, 3:] = 0
-    total, count = logit_norm_sums(logits, mask)
+    total, count = guards.logit_norm_sums(logits, mask)
     ref = torch.linalg.vector_norm(logits, dim=-1)[mask.bool()]
     assert float(count) == 8
     assert float(total) / float(count) == pytest.approx(float(ref.mean()), rel=1e-6)

@@ -22,11 +22,17 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 
+_CHUNK_ELEMENTS = 1 << 24  # fp32 values materialised at once by a guard: 64 MiB, whatever b, heads, s, V are
+
 
 @torch.no_grad()
 def logit_norm_sums(logits: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over loss-mask tokens of ||logits_token||_2, number of those tokens); logits [b, s, V/TP]."""
-    sq = logits.float().square().sum(dim=-1)
+    """(sum over loss-mask tokens of ||logits_token||_2, number of those tokens); logits [b, s, V/TP].
+    fp32 sums of squares, a chunk of tokens at a time (no fp32 copy of the whole logits tensor)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = max(1, _CHUNK_ELEMENTS // flat.shape[1])
+    sq = torch.cat([torch.linalg.vector_norm(flat[i : i + rows], dim=-1, dtype=torch.float32).square()
+                    for i in range(0, flat.shape[0], rows)]).view(logits.shape[:-1])
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
     mask = loss_mask.to(sq.dtype)
@@ -37,9 +43,6 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
         module = module.module  # DDP / Float16Module wrappers
     return module
-
-
-_CHUNK_ELEMENTS = 1 << 24  # scores materialised at once: 64 MiB of fp32, whatever b, heads and s are
 
 
 @torch.no_grad()
