@@ -278,3 +278,51 @@ def test_kernel_streams_row_in_several_blocks(monkeypatch, dtype):
         assert torch.equal(t_ref, t_tri)
         _assert_same_state(s_ref, s_tri)
         torch.testing.assert_close(p_tri, p_ref, atol=1e-6, rtol=1e-5)
+
+
+GREEDY = ModalitySampling(temperature=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(text=GREEDY, image=GREEDY),
+        SamplingParams(text=GREEDY, image=GREEDY, cfg_groups=2, cfg_scale=3.0),
+        SamplingParams(text=GREEDY, image=GREEDY, cfg_groups=3, cfg_scale=2.5, cfg_scale_text=1.5),
+        SamplingParams(text=GREEDY, image=ModalitySampling(temperature=1.0, top_p=0.9)),  # fast while all text
+        SamplingParams(text=ModalitySampling(top_k=5), image=GREEDY),  # fast while all in an image
+        SamplingParams(),  # no truncation: keep = allowed without _keep_reference
+    ],
+    ids=["greedy", "greedy_cfg2", "greedy_cfg3", "greedy_text", "greedy_image", "untruncated"],
+)
+def test_reference_fast_paths_equal_general_path(params, dtype):
+    """The reference's greedy / untruncated fast paths give the general path's tokens and states (the
+    general path runs when probs_out is requested). Integer logits make ties (first maximum wins);
+    rows cover text, image, forced <eoi>, done, and <boi> fitting exactly / not fitting."""
+    rules = _rules()
+    g = params.cfg_groups
+    rows = [(0, 0, 3, 0), (1, 1, 10, 0), (1, N_CODES, 12, 0), (0, 0, MAX_LEN - N_CODES - 2, 0),
+            (0, 0, MAX_LEN - N_CODES - 1, 0), (0, 0, 5, 1)]
+    text_rows = [r for r in rows if r[0] == 0]
+    img_rows = [r for r in rows if r[0] == 1 and r[1] < N_CODES]
+    gen = torch.Generator().manual_seed(5)
+    for state_rows in (rows, text_rows, img_rows):
+        fast, general = _state(state_rows, g), _state(state_rows, g)
+        for step in range(4):
+            logits = torch.randint(-3, 4, (g * len(state_rows), V), generator=gen).to(dtype)
+            logits[:, BOI] = 5  # <boi> wins whenever it is allowed
+            t_fast = sample_step(logits, fast, rules, params, 3, step, backend="reference")
+            t_gen, _ = _step("reference", logits, general, rules, params, seed=3, offset=step)
+            assert torch.equal(t_fast, t_gen), (state_rows, step, t_fast, t_gen)
+            _assert_same_state(fast, general)
+
+
+def test_untruncated_keep_is_allowed():
+    """What the untruncated shortcut (keep = allowed) skips: _keep_reference with top-k and top-p off."""
+    from tessera.kernels.sampling import _keep_reference
+
+    gen = torch.Generator().manual_seed(0)
+    allowed = torch.rand(3, V, generator=gen) > 0.3
+    z = torch.where(allowed, torch.randint(-3, 4, (3, V), generator=gen).float(), float("-inf"))
+    assert torch.equal(_keep_reference(z, allowed, 0, 1.0), allowed)

@@ -220,13 +220,15 @@ def sample_step_reference(
     n = _check(logits, state, rules, params)
     g_rows = params.cfg_groups
     dev = logits.device
-    x = logits.float().view(g_rows, n, -1)
-    v = x.shape[-1]
     mode = state.mode[:n].long()
     cw = state.codes_written[:n].long()
     pos = state.position[:n].long()
     done = state.done[:n] != 0
     in_img = mode == MODE_IMAGE
+    if probs_out is None and _all_greedy(params, in_img):
+        return _greedy_step(logits, state, rules, params, n, mode, cw, pos, done, in_img)
+    x = logits.float().view(g_rows, n, -1)
+    v = x.shape[-1]
     c = x[0]
     if g_rows == 2:
         comb = x[1] + params.cfg_scale * (c - x[1])
@@ -248,11 +250,14 @@ def sample_step_reference(
     inv_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, temps))
     z = torch.where(allowed, xg * inv_t[:, None], float("-inf")) + 0.0
     m = z.max(-1, keepdim=True).values
-    keep = torch.zeros_like(allowed)
-    for flag, mp in ((False, params.text), (True, params.image)):
-        rows = in_img == flag
-        if bool(rows.any()):
-            keep[rows] = _keep_reference(z[rows], allowed[rows], mp.top_k, mp.top_p)
+    if all(mp.top_k == 0 and mp.top_p >= 1.0 for mp in (params.text, params.image)):
+        keep = allowed  # no truncation in either modality: _keep_reference would return allowed
+    else:
+        keep = torch.zeros_like(allowed)
+        for flag, mp in ((False, params.text), (True, params.image)):
+            rows = in_img == flag
+            if bool(rows.any()):
+                keep[rows] = _keep_reference(z[rows], allowed[rows], mp.top_k, mp.top_p)
     w = torch.where(keep, torch.exp(z - m), 0.0)
     total = w.sum(-1)
     u = sampling_uniforms(seed, offset, n, dev)
@@ -273,6 +278,11 @@ def sample_step_reference(
         stochastic = ~done & ~forced & ~greedy
         probs_out.copy_(torch.where(stochastic[:, None], probs, onehot))
 
+    return _advance(state, rules, g_rows, tok, mode, cw, pos, done, in_img, forced)
+
+
+def _advance(state, rules, g_rows, tok, mode, cw, pos, done, in_img, forced) -> torch.Tensor:
+    """Write the new state of every row of each group (in place) and return the tokens [g_rows * n]."""
     new_mode = torch.where(in_img, torch.where(forced, 0, 1), (tok == rules.boi_id).long())
     new_cw = torch.where(in_img & ~forced, cw + 1, 0)
     new_pos = pos + 1
@@ -280,13 +290,68 @@ def sample_step_reference(
     new_mode = torch.where(done, mode, new_mode)
     new_cw = torch.where(done, cw, new_cw)
     new_pos = torch.where(done, pos, new_pos)
-    new_done = torch.where(done, True, new_done)
+    new_done = done | new_done
+    if g_rows == 1:  # copy_ casts to int32 itself; no repeat needed
+        state.mode.copy_(new_mode)
+        state.codes_written.copy_(new_cw)
+        state.position.copy_(new_pos)
+        state.done.copy_(new_done)
+        return tok
     rep = (g_rows,)
     state.mode.copy_(new_mode.repeat(rep).to(torch.int32))
     state.codes_written.copy_(new_cw.repeat(rep).to(torch.int32))
     state.position.copy_(new_pos.repeat(rep).to(torch.int32))
     state.done.copy_(new_done.repeat(rep).to(torch.int32))
     return tok.repeat(rep)
+
+
+def _all_greedy(params: SamplingParams, in_img: torch.Tensor) -> bool:
+    """Every row's modality samples greedily (temperature 0): top-k / top-p and the uniform cannot
+    change an argmax, so the step is a masked argmax (``_greedy_step``)."""
+    t, i = params.text.temperature <= 0, params.image.temperature <= 0
+    if t and i:
+        return True
+    if not (t or i):
+        return False
+    any_img = bool(in_img.any())  # one host sync; this path is the CPU reference
+    return (t and not any_img) or (i and bool(in_img.all()))
+
+
+def _greedy_step(logits, state, rules, params, n, mode, cw, pos, done, in_img) -> torch.Tensor:
+    """The reference's greedy branch with less work: no temperature / exp / cumsum / uniforms, no
+    [n, V] id comparisons (the allowed set is two [V] masks and one column). Same tokens: the
+    reference's greedy token is ``argmax(where(allowed, x * 1.0, -inf) + 0.0)`` (first maximum), and
+    masking x directly ranks the same values (bf16 -> fp32 is exact; -0.0 == 0.0)."""
+    g_rows = params.cfg_groups
+    any_img = bool(in_img.any())
+    if g_rows == 1 or not any_img:
+        xg = logits[:n]  # text rows use the conditional row as is
+    else:
+        x = logits.float().view(g_rows, n, -1)
+        c = x[0]
+        if g_rows == 2:
+            comb = x[1] + params.cfg_scale * (c - x[1])
+        else:
+            u, i = x[1], x[2]
+            comb = u + params.cfg_scale * (i - u) + params.cfg_scale_text * (c - i)
+        xg = torch.where(in_img[:, None], comb, c)
+    table = rules.modality_table
+    text_ok = table == 0
+    text_ok[rules.eos_id] = True
+    img_ok = table == 1
+    fits = pos + rules.image_tokens_per_image + 2 <= rules.max_seq_len
+    # <boi>'s column per row, exactly as the reference: text rows (text id | eos | fits), image rows (code)
+    boi_col = torch.where(in_img, img_ok[rules.boi_id], text_ok[rules.boi_id] | fits)
+    if any_img:
+        allowed = torch.where(in_img[:, None], img_ok[None, :], text_ok[None, :])
+    else:
+        allowed = text_ok.expand(n, -1).clone()
+    allowed[:, rules.boi_id] = boi_col
+    tok = torch.where(allowed, xg, float("-inf")).argmax(-1)
+    forced = in_img & (cw >= rules.image_tokens_per_image)
+    tok = torch.where(forced, rules.eoi_id, tok)
+    tok = torch.where(done, rules.pad_id, tok)
+    return _advance(state, rules, g_rows, tok, mode, cw, pos, done, in_img, forced)
 
 
 # ---- Triton ---------------------------------------------------------------------------------------
