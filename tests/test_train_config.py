@@ -29,6 +29,7 @@ def test_overrides_apply_on_top_of_preset():
         (["--parallel.tp", "8"], 8, "num_attention_heads 4"),
         (["--model.num_layers", "3", "--parallel.pp", "2"], 2, "num_layers 3"),
         (["--parallel.vp", "2"], 1, "needs parallel.pp"),
+        (["--train.steps", "5", "--optim.warmup", "5"], 1, "optim.warmup 5 must be smaller than train.steps 5"),
     ],
 )
 def test_bad_layouts_name_the_field(overrides, world, match):

@@ -133,4 +133,7 @@ def validate_layout(cfg: TrainConfig, world_size: int) -> int:
         )
     if cfg.data.seq_length > m.seq_length:
         raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds model.seq_length {m.seq_length}")
+    if cfg.optim.warmup >= cfg.train.steps:
+        # megatron's scheduler asserts warmup < decay steps; say which config keys to change instead
+        raise ConfigError(f"optim.warmup {cfg.optim.warmup} must be smaller than train.steps {cfg.train.steps}")
     return dp
