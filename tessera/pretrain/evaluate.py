@@ -24,6 +24,7 @@ from megatron.core import parallel_state as ps
 from tessera.config import ConfigError
 from tessera.model.loss import MODALITY_NAMES, language_model_loss
 from tessera.pretrain.config import TrainConfig
+from tessera.pretrain.metrics import reduce_device, sum_stats
 
 Batch = dict[str, torch.Tensor]
 _MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
@@ -148,7 +149,7 @@ class Evaluator:
         modes = [m.training for m in self.model]
         for m in self.model:
             m.eval()  # no dropout
-        sums = torch.zeros(len(keys), dtype=torch.float64)
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=reduce_device())
         try:
             with torch.no_grad():
                 for step in range(cfg.train.eval_steps):
@@ -160,10 +161,7 @@ class Evaluator:
                              micro_batch_size=cfg.parallel.micro_batch_size, forward_only=True)
                     # one contributor per DP replica (last stage, TP rank 0): the sums are replicated over TP
                     if out and ps.get_tensor_model_parallel_rank() == 0:
-                        for o in out:
-                            for i, k in enumerate(keys):
-                                if k in o:
-                                    sums[i] += float(o[k])
+                        sums += sum_stats(out, keys)
         finally:
             for m, mode in zip(self.model, modes, strict=True):
                 m.train(mode)

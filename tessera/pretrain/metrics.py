@@ -72,6 +72,23 @@ def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: to
     return stats
 
 
+def reduce_device() -> torch.device:
+    """Where reductions live: NCCL only reduces CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sum_stats(out: list[dict], keys: list[str]) -> torch.Tensor:
+    """float64 [len(keys)] sums of ``keys`` over the stats dicts, on ``reduce_device()``, with no host
+    sync per value (one per step, after the all-reduce)."""
+    dev = reduce_device()
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=dev)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    for o in out:
+        sums += torch.stack([torch.as_tensor(o[k]).to(dev, torch.float64).reshape(()) if k in o else zero
+                             for k in keys])
+    return sums
+
+
 def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> dict[str, float]:
     """Token-weighted means over the whole step (every micro-batch, every DP replica). A collective:
     every rank calls it. ``out`` is what the schedule returned on this rank (the last pipeline stage's
@@ -79,12 +96,7 @@ def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> 
     ``attn_max``: this rank's max attention logit (layers / heads it holds), reduced with MAX."""
     from megatron.core import parallel_state as ps
 
-    sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64)
-    if out and ps.get_tensor_model_parallel_rank() == 0:
-        for o in out:
-            for i, k in enumerate(_SUM_KEYS):
-                if k in o:
-                    sums[i] += float(o[k])
+    sums = sum_stats(out if out and ps.get_tensor_model_parallel_rank() == 0 else [], _SUM_KEYS)
     torch.distributed.all_reduce(sums)
     tot = dict(zip(_SUM_KEYS, sums.tolist(), strict=True))
     res: dict[str, float] = {}
@@ -98,7 +110,7 @@ def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> 
     if tot["n_logit"] > 0:
         res["logit_norm"] = tot["logit_norm"] / tot["n_logit"]
     if attn_max is not None:
-        mx = torch.tensor([attn_max], dtype=torch.float64)
+        mx = torch.tensor([attn_max], dtype=torch.float64, device=reduce_device())
         torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
         if float(mx) != -math.inf:  # -inf: no rank recorded anything
             res["max_attn_logit"] = float(mx)
