@@ -94,10 +94,12 @@ class VQConfig:
 
 VQ_PRESETS: dict[str, dict] = {
     "chameleon": {},
-    # CPU demo: 64 px -> 8 x 8 = 64 codes from a 512-code codebook.
+    # CPU demo (`tessera demo`): 32 px -> 8 x 8 = 64 codes from a 512-code codebook. Small and without the
+    # middle attention block so it trains in a few minutes on 2 cores; the synthetic corpus' detector reads
+    # shapes and colours back at 32 px as well as at 64 px (docs/benchmarks.md, "The demo").
     "demo": dict(
-        image_size=64, base_channels=32, channel_mults=(1, 2, 2, 4), num_res_blocks=1, num_groups=8,
-        z_channels=64, embed_dim=64, codebook_size=512,
+        image_size=32, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=1, num_groups=8,
+        mid_attention=False, z_channels=32, embed_dim=32, codebook_size=512,
     ),
     # Unit tests: 32 px -> 8 x 8 codes, 64-code codebook, a few thousand parameters per layer.
     "tiny": dict(
