@@ -64,12 +64,15 @@ class StageRunner:
             shutil.rmtree(d)  # leftovers of a killed attempt: never mixed into a fresh one
         d.mkdir(parents=True, exist_ok=True)
         self.log(f"{where}: {stage.description or 'running'} -> {d}")
-        t0 = time.perf_counter()
+        t0, cpu0, load0 = time.perf_counter(), cpu_seconds(), _loadavg()
         info = dict(stage.run(d) or {})
         seconds = time.perf_counter() - t0
         budget = self.budget_s.get(stage.name)
+        # CPU seconds (this process + finished children) and the load average: on a shared machine the wall
+        # time overstates what the stage costs on a quiet one, cpu_seconds / cores is the quiet estimate
         info.update(stage=stage.name, seconds=round(seconds, 2), budget_s=budget,
-                    over_budget=bool(budget is not None and seconds > budget))
+                    over_budget=bool(budget is not None and seconds > budget),
+                    cpu_seconds=round(cpu_seconds() - cpu0, 2), load_avg_start=load0, load_avg_end=_loadavg())
         write_json_atomic(d / MARKER, info)
         msg = f"{where}: finished in {format_seconds(seconds)}"
         if info["over_budget"]:
@@ -77,6 +80,21 @@ class StageRunner:
         self.log(msg)
         self.results[stage.name] = info
         return info
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its waited-for children (e.g. `tessera train`)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
