@@ -12,7 +12,7 @@ class DemoConfig:
     preset: str = "full"
     seed: int = 0
     # corpus (tessera data synth)
-    image_size: int = 64
+    image_size: int = 32
     train_docs: int = 6000
     heldout_docs: int = 300
     shard_size: int = 1000
@@ -49,13 +49,24 @@ class DemoConfig:
 
 FULL = DemoConfig(
     preset="full",
-    # the tokenizer preset's 600 bf16 steps took ~8 minutes here; fp32 convolutions are ~3x faster than bf16
-    # autocast on this CPU, and 300 steps without the GAN loss fit the budget
-    vq_overrides={"train.steps": "300", "train.disc_start": "100000", "train.ckpt_every": "100", "train.bf16": "false"},
-    # sized to the train budget from the model engineer's ~1.7k tokens/s fp32 for the demo preset (not yet run end to end)
-    train_overrides={"train.steps": "150", "data.seq_length": "512", "train.save_interval": "50"},
-    budget_s={"synth": 60, "text_tokenizer": 30, "image_tokenizer": 240, "pretokenize": 90, "train": 600,
-              "evaluate": 120, "report": 30},
+    # 32 px: the detector reads colour, shape, size and layout back perfectly at 32 px, and an image is then
+    # 8 x 8 = 64 codes (the `demo` VQ preset), so the LM's sequences and the VQ's convolutions are 4x cheaper
+    # than at 64 px. Sizes below are from measured runs (docs/benchmarks.md, "The demo").
+    image_size=32,
+    # the `demo` VQ preset: 800 fp32 steps, foreground-weighted loss (keeps the palette colours), no GAN
+    vq_overrides={"train.ckpt_every": "200"},
+    # the `demo` model preset (4 x 256, ~3.5M params) in fp32 (faster than bf16 on this CPU at this size):
+    # 16 x 256 tokens per step, 260 steps ~ 1.06M tokens ~ 1.8 passes over the ~575k-token corpus
+    train_overrides={"train.steps": "260", "data.seq_length": "256", "parallel.micro_batch_size": "8",
+                     "parallel.global_batch_size": "16", "optim.lr": "2e-3", "optim.min_lr": "2e-4",
+                     "optim.warmup": "20", "train.save_interval": "65", "train.eval_interval": "65",
+                     "precision": "fp32"},
+    # images: low temperature + classifier-free guidance give the clean, typical picture the caption names
+    image_temperature=0.5,
+    image_top_k=0,
+    cfg_scale=3.0,
+    budget_s={"synth": 15, "text_tokenizer": 15, "image_tokenizer": 300, "pretokenize": 90, "train": 420,
+              "evaluate": 90, "report": 15},
 )
 
 FAST = DemoConfig(
