@@ -330,11 +330,14 @@ class KVCacheDecoder:
         """t [b, s, groups, heads, hd] rotated like megatron's (non-interleaved) ``apply_rotary_pos_emb``."""
         cos, sin = rope
         rot = cos.shape[-1]
+        half = rot // 2
         if rot == t.shape[-1]:
-            return t * cos + torch.roll(t, rot // 2, dims=-1) * sin
+            # roll(t, rot/2) as one cat of the two halves: aten's roll is ~10x a cat at these sizes (profiled)
+            swapped = torch.cat((t[..., half:], t[..., :half]), dim=-1)
+            return torch.addcmul(t * cos, swapped, sin)
         t_rot, t_pass = t[..., :rot], t[..., rot:]
-        out = t_rot * cos + torch.roll(t_rot, rot // 2, dims=-1) * sin
-        return torch.cat((out, t_pass), dim=-1)
+        swapped = torch.cat((t_rot[..., half:], t_rot[..., :half]), dim=-1)
+        return torch.cat((torch.addcmul(t_rot * cos, swapped, sin), t_pass), dim=-1)
 
     # ---- cache -----------------------------------------------------------------------------
     def allocate(self, batch: int, max_len: int) -> None:
