@@ -12,6 +12,11 @@ architecture's maths written from a paper:
   (SwiGLU: ``linear_fc1`` = [gate; up]), and the Swin-style norm placement when the model uses it,
 * ``decoder.final_layernorm`` and ``output_layer``.
 
+With Transformer Engine layers (the GPU spec) the pre-attention / pre-MLP norms are fused into
+``linear_qkv`` / ``linear_fc1`` (``layer_norm_weight``, ``layer_norm_bias``, ``normalization``, ``eps``,
+``zero_centered_gamma``) and ``input_layernorm`` / ``pre_mlp_layernorm`` are IdentityOp: the decoder
+reads the fused tables then (``_fused_norm``), and TE's standalone ``TENorm`` from its tables too.
+
 The cache is one preallocated tensor ``[layers, 2, batch, kv_heads, max_len, head_dim]``. Prompts are
 LEFT-padded so every row writes the same cache column at every step; each row has its own rotary
 position (``column - pad``) and padded keys are masked out of attention.
