@@ -381,7 +381,9 @@ class StopSignal:
         self._previous.clear()
 
     def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        # on the CUDA device when there is one: NCCL cannot reduce CPU tensors
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=dev)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)

@@ -32,7 +32,7 @@ from tessera.pretrain.checkpointing import (
 from tessera.pretrain.config import TrainConfig, validate_layout
 from tessera.pretrain.evaluate import Evaluator
 from tessera.pretrain.guards import AttentionLogitProbe
-from tessera.pretrain.metrics import TrainLogger, reduce_step_stats, step_stats
+from tessera.pretrain.metrics import TrainLogger, reduce_device, reduce_step_stats, step_stats
 
 
 def _synthetic_batch(cfg: TrainConfig, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -185,10 +185,15 @@ def train(cfg: TrainConfig) -> list[float]:
                  seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size, forward_only=False)
         # one contributor per DP replica: the last pipeline stage's TP rank 0; sum over DP then average
         counts = out and ps.get_tensor_model_parallel_rank() == 0
-        local = torch.tensor([sum(float(o["loss"]) for o in out) / n_micro if counts else 0.0])
+        dev = reduce_device()  # NCCL reduces only CUDA tensors
+        local = torch.zeros(1, dtype=torch.float64, device=dev)
+        if counts:
+            local += torch.stack([o["loss"].to(dev, torch.float64) for o in out]).sum() / n_micro
         torch.distributed.all_reduce(local)
         loss = float(local) / dp
-        finite = torch.tensor([float(all(torch.isfinite(p.main_grad).all() for d in ddps for p in d.parameters()))])
+        # one device-side reduction over every gradient, one host sync: no per-parameter .item()
+        grads = [p.main_grad for d in ddps for p in d.parameters()]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(dev, torch.float64).reshape(1)
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if not math.isfinite(loss) or finite.item() < 1:
             bad += 1
