@@ -1,7 +1,7 @@
 """The cached decoder with Transformer Engine's module layout, on the CPU: TE fuses the pre-attention and
 pre-MLP norms into ``linear_qkv`` / ``linear_fc1`` (``layer_norm_weight``, ``layer_norm_bias``,
 ``normalization``, ``eps``, ``zero_centered_gamma``) and leaves ``input_layernorm`` /
-``pre_mlp_layernorm`` as IdentityOp. TE cannot run here, so the test rebuilds that layout with
+``pre_mlp_layernorm`` as IdentityOp; the final norm is TE's own RMSNorm (``TENorm``). TE cannot run here, so the test rebuilds that layout with
 duck-typed modules carrying the local model's own weights and checks the decoder reads the fused norms."""
 
 from __future__ import annotations
@@ -27,6 +27,18 @@ class FakeTELayerNormLinear(nn.Module):
         self.normalization, self.eps, self.zero_centered_gamma = normalization, eps, zero_centered
 
 
+class RMSNorm(nn.Module):
+    """Attribute layout of Transformer Engine's standalone RMSNorm (what megatron's TENorm returns)."""
+
+    def __init__(self, weight, eps, zero_centered):
+        super().__init__()
+        self.weight = nn.Parameter((weight - 1 if zero_centered else weight).detach().clone())
+        self.eps, self.zero_centered_gamma = eps, zero_centered
+
+
+RMSNorm.__module__ = "transformer_engine.pytorch.module.rmsnorm"  # how the decoder recognises TE's norms
+
+
 def te_layout(model, zero_centered: bool):
     """``model`` rearranged in place (a GPTModel holds process groups: no deepcopy) with each layer's
     pre-norms moved into its qkv / fc1 linears, TE-style; same weights, same function."""
@@ -39,6 +51,8 @@ def te_layout(model, zero_centered: bool):
         layer.mlp.linear_fc1 = FakeTELayerNormLinear(layer.mlp.linear_fc1.weight, mlp_norm.weight, mlp_norm.eps,
                                                      zero_centered)
         layer.input_layernorm, layer.pre_mlp_layernorm = IdentityOp(), IdentityOp()
+    final = te.decoder.final_layernorm
+    te.decoder.final_layernorm = RMSNorm(final.weight, final.eps, zero_centered)
     return te
 
 
