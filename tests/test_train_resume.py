@@ -172,6 +172,29 @@ def test_sigterm_on_one_rank_saves_tp2_and_tp1_resume_matches(tmp_path):
     assert got[k + 1] == pytest.approx(ref_loss[k + 1], abs=1e-5, rel=0)
 
 
+@pytest.mark.slow
+def test_resume_never_and_init_from(tmp_path):
+    """resume: never starts over in a run dir that has checkpoints; init_from loads weights only (dropout may
+    differ, shapes may not)."""
+    args = ("--train.steps", "3", "--train.save_interval", "2")
+    src = tmp_path / "src"
+    assert _run(src, *args).returncode == 0
+    first = _metrics(src)
+    r = _run(src, *args, "--train.resume", "never")
+    assert r.returncode == 0 and "resumed" not in r.stdout
+    assert _compared(_metrics(src)) == _compared(first)  # same run again from step 1, one row per step
+
+    dst = tmp_path / "dst"
+    r = _run(dst, *args, "--train.init_from", str(src), "--model.hidden_dropout", "0.1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"initialised weights from {src / 'checkpoints' / step_dir_name(3)}" in r.stdout
+    got = _metrics(dst)
+    assert [x["step"] for x in got] == [1, 2, 3] and got[0]["loss"] < first[0]["loss"]  # trained weights
+
+    r = _run(tmp_path / "bad", *args, "--train.init_from", str(src), "--model.hidden_size", "128")
+    assert r.returncode != 0 and "hidden_size: checkpoint 64 vs run 128" in r.stderr
+
+
 # ---- unit tests of the pieces --------------------------------------------------------------------
 def _fake_ckpt(checkpoints: Path, step: int, complete: bool = True) -> Path:
     d = checkpoints / step_dir_name(step)
