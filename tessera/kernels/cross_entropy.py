@@ -63,9 +63,12 @@ def _forward_stats_reference(logits, labels, vocab_start: int, block: int | None
     s = torch.zeros(tokens, dtype=torch.float32, device=logits.device)
     step = _ref_chunk(tokens, v, block)
     for c0 in range(0, v, step):
-        x = logits[:, c0 : c0 + step].float()
+        # one fp32 copy of the chunk, then in place: a fresh [tokens, chunk] temporary per elementwise op
+        # costs more than the op itself on the CPU (allocation + first-touch page faults); copy=True
+        # because .float() of fp32 logits would alias them
+        x = logits[:, c0 : c0 + step].to(torch.float32, copy=True)
         m_new = torch.maximum(m, x.amax(dim=1))
-        s = s * torch.exp(m - m_new) + torch.exp(x - m_new.unsqueeze(1)).sum(dim=1)
+        s = s * torch.exp(m - m_new) + x.sub_(m_new.unsqueeze(1)).exp_().sum(dim=1)
         m = m_new
     local = labels - vocab_start
     owned = (local >= 0) & (local < v)
@@ -80,10 +83,11 @@ def _backward_reference(logits, labels, lse, coef_sm, coef_hot, vocab_start: int
     rows = torch.arange(tokens, device=logits.device)
     for c0 in range(0, v, step):
         x = logits[:, c0 : c0 + step]
-        g = coef_sm.unsqueeze(1) * torch.exp(x.float() - lse.unsqueeze(1))
+        # same arithmetic as coef_sm * exp(x - lse), in place on one fp32 copy (see the forward)
+        g = x.to(torch.float32, copy=True).sub_(lse.unsqueeze(1)).exp_().mul_(coef_sm.unsqueeze(1))
         hit = (local >= c0) & (local < c0 + x.shape[1])
         g[rows[hit], local[hit] - c0] -= coef_hot[hit]
-        grad[:, c0 : c0 + step] = g.to(grad.dtype)
+        grad[:, c0 : c0 + step].copy_(g)  # casts to grad's dtype without another temporary
 
 
 def _triton_block(v: int, block: int | None) -> int:
