@@ -146,7 +146,9 @@ def write_report(cfg: DemoConfig, paths, d: Path) -> dict:
                      f"<td class='muted'>{escape(r['truth'])}</td><td>{_verdict(r)}</td></tr>")
     parts.append("</table>")
 
-    parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>budget</th><th>facts</th></tr>")
+    parts.append("<h2>Stages</h2><p class='muted'>wall seconds; CPU seconds (this process and its children) and "
+                 "the 1-minute load average at the stage's start and end tell a busy machine from a slow stage.</p>"
+                 "<table><tr><th>stage</th><th>seconds</th><th>CPU s</th><th>load avg</th><th>budget</th><th>facts</th></tr>")
     total = 0.0
     for name in ("synth", "text_tokenizer", "image_tokenizer", "pretokenize", "train", "evaluate"):
         mpath = paths.stage(name) / MARKER
@@ -154,9 +156,13 @@ def write_report(cfg: DemoConfig, paths, d: Path) -> dict:
             continue
         m = json.loads(mpath.read_text())
         total += float(m.get("seconds", 0.0))
-        facts = {k: v for k, v in m.items() if k not in ("stage", "seconds", "budget_s", "over_budget", "command")}
+        facts = {k: v for k, v in m.items() if k not in ("stage", "seconds", "budget_s", "over_budget", "command",
+                                                           "cpu_seconds", "load_avg_start", "load_avg_end")}
         cls = "bad" if m.get("over_budget") else ""
+        cpu = f"{m['cpu_seconds']:.1f}" if isinstance(m.get("cpu_seconds"), (int, float)) else "-"
+        load = f"{m.get('load_avg_start')} &rarr; {m.get('load_avg_end')}" if "load_avg_start" in m else "-"
         parts.append(f"<tr><td>{name}</td><td class='num {cls}'>{m.get('seconds', 0):.1f}</td>"
+                     f"<td class='num'>{cpu}</td><td class='num'>{load}</td>"
                      f"<td class='num'>{m.get('budget_s') or '-'}</td><td class='muted'>{escape(json.dumps(facts))[:400]}</td></tr>")
     parts.append(f"</table><p>total before the report: {total:.0f} s</p></body></html>")
     html = "\n".join(parts)
