@@ -13,7 +13,6 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -130,49 +129,3 @@ class SDPAttention(DotProductAttention):
                 scale=self.softmax_scale, enable_gqa=k.shape[1] != np_,
             )
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
-
-
-class _SwiGLU(torch.autograd.Function):
-    """``silu(x1) * x2`` for ``x = [x1; x2]`` (last dim), the gradient written straight into one [dx1; dx2].
-
-    Same elementwise ops as megatron's unfused GLU (``silu``, ``mul``, ``silu_backward``), so the values are
-    bit-identical; what goes is autograd's ``chunk`` backward (zeros + two copies), the ``x2 + 0.0`` copy
-    megatron makes for ``glu_linear_offset`` and its backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        x1, x2 = torch.chunk(x, 2, dim=-1)
-        act = F.silu(x1)
-        ctx.save_for_backward(x, act)
-        return act * x2
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, act = ctx.saved_tensors
-        x1, x2 = torch.chunk(x, 2, dim=-1)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        d1, d2 = torch.chunk(dx, 2, dim=-1)
-        torch.mul(grad, act, out=d2)
-        torch.ops.aten.silu_backward.grad_input(grad * x2, x1, grad_input=d1)
-        return dx
-
-
-class SwiGLUMLP(MLP):
-    """megatron's ``MLP`` with the SwiGLU activation as one autograd function (``_SwiGLU``).
-
-    Only the case Chameleon uses (gated, ``F.silu``, no bias, no offset/clamp/per-token scale, no fused or
-    TE activation) takes the fast path; anything else is megatron's own forward.
-    """
-
-    def forward(self, hidden_states, per_token_scale=None, **kwargs):
-        cfg = self.config
-        if (per_token_scale is not None or not cfg.gated_linear_unit or cfg.activation_func is not F.silu
-                or cfg.bias_activation_fusion or getattr(cfg, "use_te_activation_func", False)
-                or getattr(cfg, "activation_func_clamp_value", None) is not None
-                or getattr(cfg, "glu_linear_offset", 0.0) != 0.0):
-            return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
-        intermediate, bias = self.linear_fc1(hidden_states)
-        if bias is not None:
-            intermediate = intermediate + bias
-        return self.linear_fc2(_SwiGLU.apply(intermediate))

@@ -20,7 +20,6 @@ from tessera.model.layers import (
     SDPAttention,
     SwinNormTransformerLayer,
     SwinNormTransformerLayerSubmodules,
-    SwiGLUMLP,
 )
 
 
@@ -83,11 +82,9 @@ def chameleon_layer_spec(cfg: ModelConfig, use_te: bool | None = None) -> Module
         mlp = ModuleSpec(module=sub.mlp.module, submodules=mlp_sub)
     else:
         mlp = sub.mlp
-    if not use_te:  # the local MLP's SwiGLU as one autograd function (layers.py); TE keeps its own
-        mlp = ModuleSpec(module=SwiGLUMLP, params=dict(mlp.params), submodules=mlp.submodules)
     attention = ModuleSpec(module=sub.self_attention.module, params=dict(sub.self_attention.params), submodules=attn_sub)
     if not cfg.swin_norm:
-        layer_sub = dataclasses.replace(sub, self_attention=attention, mlp=mlp)
+        layer_sub = dataclasses.replace(sub, self_attention=attention)
         return ModuleSpec(module=spec.module, submodules=layer_sub)
     norm = _norm_spec(use_te)
     layer_sub = SwinNormTransformerLayerSubmodules(
