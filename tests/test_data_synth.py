@@ -138,3 +138,15 @@ def test_caption_image_pairs_match_their_images(tmp_path):
     for text, img in pairs:
         assert score_text_to_image(text, img)["exact"] == 1.0
     assert len(caption_image_pairs(m["heldout_pattern"], limit=5)) == 5
+
+
+def test_detector_ignores_a_blob_with_no_palette_colour():
+    """A light smudge on gray (as a generated image can hold) differs from the background but projects onto
+    no palette colour: it used to crash the shape fit (empty coverage); now it is simply not an object,
+    while a real object next to it is still found."""
+    img = np.full((32, 32, 3), 128, dtype=np.uint8)
+    img[23:29, 18:24] = (175, 166, 176)
+    assert detect_scene(Image.fromarray(img)) is None
+    img[2:12, 2:12] = (220, 30, 30)
+    scene = detect_scene(Image.fromarray(img))
+    assert scene is not None and [o.colour for o in scene.objects] == ["red"]

@@ -171,6 +171,10 @@ def detect(image: Image.Image, max_objects: int = 2) -> tuple[str, list[Detected
         grown[:, 1:] |= grown[:, :-1]
         grown[:, :-1] |= grown[:, 1:]
         alpha = np.where(grown, alpha, 0.0)
+        if not (alpha > 0.05).any():
+            # a blob that differs from the background but not towards any palette colour (e.g. a light
+            # smudge on gray in a generated image): no shape to fit, so it is not an object
+            continue
         sel = alpha >= 0.5
         yy, xx = np.nonzero(sel) if sel.any() else (ys, xs)
         box = (int(xx.min()), int(yy.min()), int(xx.max()) + 1, int(yy.max()) + 1)
