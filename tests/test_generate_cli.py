@@ -211,7 +211,8 @@ def test_cli_loads_native_and_imported_text_tokenizers(kind, run_dir, imported_c
 
 def test_docs_example_regenerates_with_one_command(run_dir, tmp_path, capsys):
     """``python -m tessera.generate.example --run RUN --out DIR`` rebuilds docs/generation_example/:
-    the documented prompt, one generated image, and the same files again on a second run (seed 0)."""
+    the documented prompt first, then whatever the model writes (interleaved mode: this untrained tiny
+    model writes text; the demo model draws an image), and the same document again on a second run (seed 0)."""
     from tessera.generate import example
 
     threads = torch.get_num_threads()  # the example pins one thread (--threads 1): restore it for later tests
@@ -221,13 +222,14 @@ def test_docs_example_regenerates_with_one_command(run_dir, tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     doc = json.loads((out / "document.json").read_text())
-    assert doc["segments"] == [{"text": example.PROMPT}, {"image": "0.png"}]
-    assert doc["finish_reason"] == "image" and doc["config"]["seed"] == 0 and doc["config"]["cfg_scale"] == 3.0
-    first = (out / "0.png").read_bytes()
+    assert doc["segments"][0] == {"text": example.PROMPT} and doc["prompt_segments"] == 1
+    assert doc["config"]["seed"] == 0 and doc["config"]["cfg_scale"] == 3.0 and doc["config"]["mode"] == "interleaved"
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".png"}
     try:
         assert example.main(["--run", str(run_dir / "run"), "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert (out / "0.png").read_bytes() == first  # reproducible
+    assert json.loads((out / "document.json").read_text())["segments"] == doc["segments"]  # reproducible
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".png"} == first
     assert example.main(["--run", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "tessera demo" in capsys.readouterr().err

@@ -3,8 +3,8 @@
     python -m tessera.generate.example                      # demo_out/train/run -> docs/generation_example/
     python -m tessera.generate.example --run RUN --out DIR  # any run or checkpoint dir with its tokenizers
 
-It is ``tessera generate`` with the example's fixed prompt and settings (text -> image, classifier-free
-guidance 3, seed 0, one thread), so the page's files are reproducible from the checkpoint alone:
+It is ``tessera generate`` with the example's fixed prompt and settings (interleaved mode, image temperature
+0.5, classifier-free guidance 3, seed 0, one thread), so the page's files are reproducible from the checkpoint alone:
 ``tessera demo --out demo_out`` installs the tokenizers into ``demo_out/train/run/tokenizers/``.
 """
 
@@ -16,9 +16,13 @@ from pathlib import Path
 
 DEFAULT_RUN = "demo_out/train/run"
 DEFAULT_OUT = "docs/generation_example"
-PROMPT = "a small red circle above a large blue square."
+# the first held-out caption of the demo corpus (seed 0), in the corpus grammar (no final period)
+PROMPT = "a large red square on the right"
 # One thread: the example's tokens do not depend on it, its reported tokens/s on a shared 2-core machine do.
-SETTINGS = ("--mode", "image", "--cfg-scale", "3", "--seed", "0", "--threads", "1")
+# interleaved: the model itself decides to open an image after the text, draws it, and ends the document;
+# image sampling as in the demo's evaluation (temperature 0.5, guidance 3)
+SETTINGS = ("--mode", "interleaved", "--image-temperature", "0.5", "--cfg-scale", "3", "--seed", "0", "--threads", "1",
+            "--max-new-tokens", "200")
 
 
 def command(run: str | Path, out: str | Path) -> list[str]:
