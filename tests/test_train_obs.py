@@ -233,19 +233,9 @@ def test_mfu_uses_bench_flops_per_token():
 
 # ---- a real run: pretokenized train + held-out data ---------------------------------------------
 @pytest.fixture(scope="module")
-def pretok(tmp_path_factory):
-    from test_data_standins import ByteTokenizer, PatchColourTokenizer
-
-    from tessera.data.pretokenize import pretokenize
-    from tessera.data.synth import write_synth
-
-    root = tmp_path_factory.mktemp("obs_data")
-    out = {}
-    for name, seed, docs in (("train", 1, 30), ("heldout", 2, 10)):
-        m = write_synth(root / f"raw_{name}", docs, image_size=32, seed=seed, shard_size=100, progress=False)
-        pretokenize(m["train_pattern"], root / name, ByteTokenizer(), PatchColourTokenizer(), progress=False)
-        out[name] = root / name
-    return out
+def pretok(tiny_pretok):
+    """The session's tiny pretokenized corpus (conftest.tiny_pretok)."""
+    return tiny_pretok
 
 
 @pytest.fixture(scope="module")

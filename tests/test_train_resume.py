@@ -76,17 +76,9 @@ def _latest(run: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def pretok(tmp_path_factory):
-    """A tiny pretokenized dataset (stand-in byte / colour-patch tokenizers), so the data position is real."""
-    from test_data_standins import ByteTokenizer, PatchColourTokenizer
-
-    from tessera.data.pretokenize import pretokenize
-    from tessera.data.synth import write_synth
-
-    root = tmp_path_factory.mktemp("resume_data")
-    m = write_synth(root / "raw", 30, image_size=32, seed=1, shard_size=100, progress=False)
-    pretokenize(m["train_pattern"], root / "tok", ByteTokenizer(), PatchColourTokenizer(), progress=False)
-    return root / "tok"
+def pretok(tiny_pretok):
+    """The session's tiny pretokenized corpus (conftest.tiny_pretok)."""
+    return tiny_pretok["train"]
 
 
 def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, pretok):
