@@ -52,7 +52,7 @@ def _png(img: Image.Image, path: Path) -> str:
 
 def evaluate(cfg: DemoConfig, paths, d: Path) -> dict:
     import tessera.model as tmodel
-    from tessera.data.detect import CHANCE, score_image_to_text
+    from tessera.data.detect import CHANCE, detect_scene, score_image_to_text, score_text_to_image
     from tessera.generate.config import GenerationConfig, SamplingParams
     from tessera.generate.engine import GenerationEngine
     from tessera.tokenizers.image import ImageTokenizer
@@ -86,7 +86,7 @@ def evaluate(cfg: DemoConfig, paths, d: Path) -> dict:
             if images:
                 gen = image_tok.decode(torch.tensor([images[0].codes]))[0]
                 row["image"] = _png(gen, d / "t2i" / f"{i:03d}_generated.png")
-                row.update({k: v for k, v in _score_t2i(caption, gen).items() if k in SCORE_KEYS})
+                row.update({k: v for k, v in score_text_to_image(caption, gen).items() if k in SCORE_KEYS})
             else:
                 row.update({k: 0.0 for k in SCORE_KEYS})
                 row["parsed"] = 1.0
@@ -119,8 +119,8 @@ def evaluate(cfg: DemoConfig, paths, d: Path) -> dict:
     for i, (real, rec, cap) in enumerate(zip(reals, recon, captions, strict=False)):
         row = {"caption": cap, "real": _png(real, d / "recon" / f"{i:03d}_real.png"),
                "recon": _png(rec, d / "recon" / f"{i:03d}_recon.png"),
-               "psnr": _psnr(real, rec), "detected": _scene_text(rec)}
-        row.update({k: v for k, v in _score_t2i(cap, rec).items() if k in SCORE_KEYS})
+               "psnr": _psnr(real, rec), "detected": _scene_text(detect_scene(rec))}
+        row.update({k: v for k, v in score_text_to_image(cap, rec).items() if k in SCORE_KEYS})
         samples["recon"].append(row)
 
     scores = {
@@ -140,17 +140,6 @@ def evaluate(cfg: DemoConfig, paths, d: Path) -> dict:
             "chance_colour_shape": CHANCE["colour_shape"], "prompts": {k: len(v) for k, v in pairs.items()}}
 
 
-def _score_t2i(caption: str, image: Image.Image) -> dict:
-    """``score_text_to_image``, but a generated image the detector cannot fit (it raises ValueError on some
-    degenerate blobs) scores 0 on every attribute instead of ending the evaluation."""
-    from tessera.data.detect import score_text_to_image
-
-    try:
-        return score_text_to_image(caption, image)
-    except ValueError:
-        return {k: 0.0 for k in SCORE_KEYS} | {"parsed": 1.0}
-
-
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -164,13 +153,7 @@ def _psnr(a: Image.Image, b: Image.Image) -> float:
     return 10 * math.log10(255.0**2 / max(mse, 1e-12))
 
 
-def _scene_text(image: Image.Image) -> str:
-    from tessera.data.detect import detect_scene
-
-    try:
-        scene = detect_scene(image)
-    except ValueError:
-        return "(detector failed)"
+def _scene_text(scene) -> str:
     if scene is None:
         return "(nothing detected)"
     from tessera.data.synth import caption
