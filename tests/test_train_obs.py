@@ -204,15 +204,15 @@ def test_eval_equals_manual_forward_and_restores_rng(tiny_model):
 
 
 def test_standin_heldout_is_deterministic_and_not_the_training_stream(tiny_model):
-    from tessera.pretrain.evaluate import Evaluator, standin_heldout_batch
-    from tessera.pretrain.trainer import _synthetic_batch
+    from tessera.pretrain.evaluate import Evaluator
+    from tessera.pretrain.standin import heldout_standin_batch, train_standin_batch
 
     model, mcfg = tiny_model
     cfg = _eval_cfg(mcfg.vocab_size)
     ev = Evaluator(cfg, [model], n_micro=2, dp_rank=0, dp_size=1)
     first, second = ev.run(), ev.run()
     assert first == second and "eval_ce_text" not in first  # no vocabulary: no modalities
-    assert not torch.equal(standin_heldout_batch(cfg, 1, 0)["tokens"], _synthetic_batch(cfg, 1, 0)["tokens"])
+    assert not torch.equal(heldout_standin_batch(cfg, 1, 0)["tokens"], train_standin_batch(cfg, 1, 0)["tokens"])
 
 
 def test_mfu_uses_bench_flops_per_token():

@@ -50,6 +50,7 @@ from tessera.model.checkpoint import (
     step_dir_name,
     write_latest,
 )
+from tessera.pretrain.metrics import reduce_device
 
 TRAIN_STATE_VERSION = 1
 # megatron's reshardable layout for the distributed optimizer; the plain optimizer ignores it
@@ -113,7 +114,9 @@ def _load_model_state(model: Any, state: dict) -> None:
 
 
 # ---- RNG ---------------------------------------------------------------------------------------
-def _rng_state() -> dict:
+def capture_rng_state() -> dict:
+    """Every RNG a training step draws from (python, numpy, torch CPU, CUDA, megatron's tracker), as copies:
+    saved in checkpoints, and put back by held-out evaluation (tessera.pretrain.evaluate)."""
     from megatron.core import tensor_parallel
 
     return {
@@ -121,11 +124,11 @@ def _rng_state() -> dict:
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
@@ -172,7 +175,7 @@ def save_checkpoint(run: str | Path, step: int, *, model: Any, optimizer: Any, s
             "data": data_iterator.state_dict() if data_iterator is not None else None,
             "layout": _layout(), "optim_metadata": OPTIM_METADATA,
         },
-        "rng_state": _rng_sharded(_rng_state()),
+        "rng_state": _rng_sharded(capture_rng_state()),
     }
     kill = debug_kill_step(cfg, "save")
 
@@ -272,7 +275,7 @@ def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: 
         data_iterator.load_state_dict(ts["data"])
     step = int(ts["step"])
     if same_layout:
-        _set_rng_state(state["rng_state"])
+        restore_rng_state(state["rng_state"])
     else:
         _reseed(cfg.train.seed, step)
         if _rank() == 0:
@@ -381,9 +384,7 @@ class StopSignal:
         self._previous.clear()
 
     def requested(self) -> bool:
-        # on the CUDA device when there is one: NCCL cannot reduce CPU tensors
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=dev)
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=reduce_device())
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)

@@ -22,42 +22,13 @@ import torch
 from megatron.core import parallel_state as ps
 
 from tessera.config import ConfigError
-from tessera.model.loss import MODALITY_NAMES, language_model_loss
+from tessera.model.loss import language_model_loss
+from tessera.pretrain.checkpointing import capture_rng_state, restore_rng_state
 from tessera.pretrain.config import TrainConfig
-from tessera.pretrain.metrics import reduce_device, sum_stats
+from tessera.pretrain.metrics import CE_KEYS, MODALITIES, reduce_device, step_stats, sum_stats
+from tessera.pretrain.standin import heldout_standin_batch
 
 Batch = dict[str, torch.Tensor]
-_MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
-
-
-def standin_heldout_batch(cfg: TrainConfig, step: int, micro: int) -> Batch:
-    """Held-out stand-in micro-batch ``micro`` (GLOBAL index) of eval step ``step``: random tokens from a
-    generator keyed apart from the training stand-in (which keys on step >= 1). Integers only in the key:
-    Python randomises str hashes per process, and every rank and run must draw the same batches."""
-    g = torch.Generator().manual_seed(hash((cfg.data.seed, -1 - step, micro)) % (2**62))
-    b, s = cfg.parallel.micro_batch_size, cfg.data.seq_length
-    t = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=g)
-    return {"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(),
-            "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s).contiguous()}
-
-
-def _save_rng() -> dict:
-    from megatron.core import tensor_parallel
-
-    state = {"cpu": torch.get_rng_state(),
-             "tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    torch.set_rng_state(state["cpu"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Evaluator:
@@ -117,7 +88,7 @@ class Evaluator:
         return self._it.next_step()
 
     def _standin_batches(self, step: int) -> list[Batch]:
-        return [standin_heldout_batch(self.cfg, step, self.dp_rank * self.n_micro + i) for i in range(self.n_micro)]
+        return [heldout_standin_batch(self.cfg, step, self.dp_rank * self.n_micro + i) for i in range(self.n_micro)]
 
     def run(self) -> dict[str, float]:
         """Mean CE over every held-out token (no z-loss, no image weighting) and per modality, with
@@ -129,7 +100,6 @@ class Evaluator:
 
         cfg, fb = self.cfg, get_forward_backward_func()
         modality = self.modality
-        keys = ["ce", "n"] + [f"{p}_{m}" for m in _MODALITIES for p in ("ce", "n")]
 
         def forward_step(it, m):
             b = next(it)
@@ -138,18 +108,14 @@ class Evaluator:
             def loss_fn(logits):
                 lm = modality[b["labels"]] if modality is not None else None
                 lo = language_model_loss(logits, b["labels"], b["loss_mask"], 0.0, label_modality=lm)
-                stats = {"ce": lo.ce * lo.num_tokens, "n": lo.num_tokens}
-                for k, v in lo.per_modality.items():
-                    stats[f"ce_{k}"] = v * lo.per_modality_tokens[k]
-                    stats[f"n_{k}"] = lo.per_modality_tokens[k]
-                return lo.ce, stats
+                return lo.ce, step_stats(lo)
             return out, loss_fn
 
-        rng = _save_rng()
+        rng = capture_rng_state()
         modes = [m.training for m in self.model]
         for m in self.model:
             m.eval()  # no dropout
-        sums = torch.zeros(len(keys), dtype=torch.float64, device=reduce_device())
+        sums = torch.zeros(len(CE_KEYS), dtype=torch.float64, device=reduce_device())
         try:
             with torch.no_grad():
                 for step in range(cfg.train.eval_steps):
@@ -161,18 +127,18 @@ class Evaluator:
                              micro_batch_size=cfg.parallel.micro_batch_size, forward_only=True)
                     # one contributor per DP replica (last stage, TP rank 0): the sums are replicated over TP
                     if out and ps.get_tensor_model_parallel_rank() == 0:
-                        sums += sum_stats(out, keys)
+                        sums += sum_stats(out, CE_KEYS)
         finally:
             for m, mode in zip(self.model, modes, strict=True):
                 m.train(mode)
-            _restore_rng(rng)
+            restore_rng_state(rng)
         torch.distributed.all_reduce(sums)
-        tot = dict(zip(keys, sums.tolist(), strict=True))
+        tot = dict(zip(CE_KEYS, sums.tolist(), strict=True))
         res: dict[str, float] = {}
         if tot["n"] > 0:
             res["eval_loss"] = tot["ce"] / tot["n"]
             res["eval_ppl"] = _ppl(res["eval_loss"])
-        for mname in _MODALITIES:
+        for mname in MODALITIES:
             if tot[f"n_{mname}"] > 0:
                 ce = tot[f"ce_{mname}"] / tot[f"n_{mname}"]
                 res[f"eval_ce_{mname}"], res[f"eval_ppl_{mname}"] = ce, _ppl(ce)

@@ -32,9 +32,11 @@ from tessera.pretrain.config import TrainConfig
 from tessera.pretrain.guards import logit_norm_sums
 from tessera.progress import format_seconds
 
-_MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
-# the order every rank packs the step sums in (one all-reduce)
-_SUM_KEYS = ["z", "n_micro", "ce", "n"] + [f"{p}_{m}" for m in _MODALITIES for p in ("ce", "n")] + ["logit_norm", "n_logit"]
+MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
+# token-weighted CE sums and their token counts, overall and per label modality (training and evaluation)
+CE_KEYS = ["ce", "n"] + [f"{p}_{m}" for m in MODALITIES for p in ("ce", "n")]
+# the order every rank packs the step sums in (one all-reduce); loss and z are per-micro-batch means
+_SUM_KEYS = ["loss", "z", "n_micro", *CE_KEYS, "logit_norm", "n_logit"]
 
 # DESIGN.md's measured 2-core CPU matmul peaks; datasheet dense bf16 peaks for GPUs (tessera.bench.machine)
 CPU_PEAK_FLOPS = {"float32": 140e9, "bfloat16": 770e9}
@@ -60,8 +62,9 @@ def model_flops_per_token(cfg: TrainConfig) -> float:
 
 
 def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> dict:
-    """One micro-batch's sums for ``reduce_step_stats``; pass ``logits`` / ``loss_mask`` on guard steps
-    to add the output-logit norm (a TP collective: every TP rank of the last stage calls this)."""
+    """One micro-batch's sums for ``reduce_step_stats`` (and ``CE_KEYS`` for evaluation); pass ``logits`` /
+    ``loss_mask`` on guard steps to add the output-logit norm (a TP collective: every TP rank of the last
+    stage calls this). The trainer adds the micro-batch's ``loss``."""
     n = lo.num_tokens if lo.num_tokens is not None else torch.tensor(float(lo.ce.numel()))
     stats = {"z": lo.z.detach().clone(), "n_micro": torch.ones(()), "ce": (lo.ce * n).detach(), "n": n}
     for k, v in lo.per_modality.items():
@@ -90,7 +93,8 @@ def sum_stats(out: list[dict], keys: list[str]) -> torch.Tensor:
 
 
 def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> dict[str, float]:
-    """Token-weighted means over the whole step (every micro-batch, every DP replica). A collective:
+    """Token-weighted means over the whole step (every micro-batch, every DP replica; ``loss`` and ``z``:
+    the mean over micro-batches, each already a token mean). A collective:
     every rank calls it. ``out`` is what the schedule returned on this rank (the last pipeline stage's
     ``step_stats`` dicts; empty elsewhere); only TP rank 0 contributes, the sums are replicated over TP.
     ``attn_max``: this rank's max attention logit (layers / heads it holds), reduced with MAX."""
@@ -101,10 +105,11 @@ def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> 
     tot = dict(zip(_SUM_KEYS, sums.tolist(), strict=True))
     res: dict[str, float] = {}
     if tot["n_micro"] > 0:
+        res["loss"] = tot["loss"] / tot["n_micro"]
         res["z"] = tot["z"] / tot["n_micro"]
     if tot["n"] > 0:
         res["ce"] = tot["ce"] / tot["n"]
-    for m in _MODALITIES:
+    for m in MODALITIES:
         if tot[f"n_{m}"] > 0:
             res[f"ce_{m}"] = tot[f"ce_{m}"] / tot[f"n_{m}"]
     if tot["n_logit"] > 0:

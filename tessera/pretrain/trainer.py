@@ -33,15 +33,7 @@ from tessera.pretrain.config import TrainConfig, validate_layout
 from tessera.pretrain.evaluate import Evaluator
 from tessera.pretrain.guards import AttentionLogitProbe
 from tessera.pretrain.metrics import TrainLogger, reduce_device, reduce_step_stats, step_stats
-
-
-def _synthetic_batch(cfg: TrainConfig, step: int, micro: int) -> dict[str, torch.Tensor]:
-    # keyed by the GLOBAL micro-batch index so any DP size sees the same global batch
-    g = torch.Generator().manual_seed(hash((cfg.data.seed, step, micro)) % (2**62))
-    b, s = cfg.parallel.micro_batch_size, cfg.data.seq_length
-    t = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=g)
-    return {"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(),
-            "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s).contiguous()}
+from tessera.pretrain.standin import train_standin_batch
 
 
 def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
@@ -156,7 +148,8 @@ def train(cfg: TrainConfig) -> list[float]:
         if data_it is not None:
             micro = [next(data_it) for _ in range(n_micro)]
         else:
-            micro = [_synthetic_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i) for i in range(n_micro)]
+            micro = [train_standin_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i)
+                     for i in range(n_micro)]
         # virtual pipeline: each chunk reads the same micro-batches through its own iterator
         batches = [iter(micro) for _ in ddps] if len(ddps) > 1 else iter(micro)
 
@@ -183,14 +176,11 @@ def train(cfg: TrainConfig) -> list[float]:
         opt.zero_grad()
         out = fb(forward_step_func=forward_step, data_iterator=batches, model=ddps, num_microbatches=n_micro,
                  seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size, forward_only=False)
-        # one contributor per DP replica: the last pipeline stage's TP rank 0; sum over DP then average
-        counts = out and ps.get_tensor_model_parallel_rank() == 0
+        # loss, z, ce, ce_text/image/special, logit_norm, max_attn_logit over every micro-batch and DP replica
+        # (a collective; the last pipeline stage's TP rank 0 contributes)
+        stats = reduce_step_stats(out, probe.value() if guard else None)
+        loss = stats["loss"]
         dev = reduce_device()  # NCCL reduces only CUDA tensors
-        local = torch.zeros(1, dtype=torch.float64, device=dev)
-        if counts:
-            local += torch.stack([o["loss"].to(dev, torch.float64) for o in out]).sum() / n_micro
-        torch.distributed.all_reduce(local)
-        loss = float(local) / dp
         # one device-side reduction over every gradient, one host sync: no per-parameter .item()
         grads = [p.main_grad for d in ddps for p in d.parameters()]
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(dev, torch.float64).reshape(1)
@@ -206,10 +196,8 @@ def train(cfg: TrainConfig) -> list[float]:
             sched.step(increment=gbs)
         losses.append(loss)
         timing = logger.end_step()
-        rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "bad_steps": bad}
-        # z, ce, ce_text/image/special, logit_norm, max_attn_logit over every micro-batch and rank (collective)
-        rec.update(reduce_step_stats(out, probe.value() if guard else None))
-        rec.update(timing)
+        rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "bad_steps": bad,
+               **stats, **timing}
         if step == cfg.train.steps or (cfg.train.eval_interval > 0 and step % cfg.train.eval_interval == 0):
             rec.update(evaluator.run())  # every rank; forward only; training RNG and data position untouched
         logger.log(rec)
