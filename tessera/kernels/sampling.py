@@ -207,6 +207,32 @@ def _keep_reference(z: torch.Tensor, allowed: torch.Tensor, top_k: int, top_p: f
     return keep
 
 
+def _guided(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Classifier-free guidance of x [groups, n, V] (fp32): the logits image rows sample from; x[0] (the
+    conditional stream) without CFG."""
+    c = x[0]
+    if params.cfg_groups == 2:
+        return x[1] + params.cfg_scale * (c - x[1])
+    if params.cfg_groups == 3:
+        u, i = x[1], x[2]
+        return u + params.cfg_scale * (i - u) + params.cfg_scale_text * (c - i)
+    return c
+
+
+def _allowed(rules: TokenRules, in_img: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[n, V] tokens each row may emit: text rows text ids, <eos>, and <boi> when a whole image still fits;
+    image rows image codes (the forced <eoi> is applied after sampling). Built from two [V] masks and one
+    <boi> column, not [n, V] id comparisons."""
+    table = rules.modality_table
+    text_ok = table == 0
+    text_ok[rules.eos_id] = True
+    img_ok = table == 1
+    fits = pos + rules.image_tokens_per_image + 2 <= rules.max_seq_len
+    allowed = torch.where(in_img[:, None], img_ok[None, :], text_ok[None, :])
+    allowed[:, rules.boi_id] = torch.where(in_img, img_ok[rules.boi_id], text_ok[rules.boi_id] | fits)
+    return allowed
+
+
 def sample_step_reference(
     logits: torch.Tensor,
     state: DecodeState,
@@ -229,21 +255,9 @@ def sample_step_reference(
         return _greedy_step(logits, state, rules, params, n, mode, cw, pos, done, in_img)
     x = logits.float().view(g_rows, n, -1)
     v = x.shape[-1]
-    c = x[0]
-    if g_rows == 2:
-        comb = x[1] + params.cfg_scale * (c - x[1])
-    elif g_rows == 3:
-        u, i = x[1], x[2]
-        comb = u + params.cfg_scale * (i - u) + params.cfg_scale_text * (c - i)
-    else:
-        comb = c
-    xg = torch.where(in_img[:, None], comb, c)
-
     ids = torch.arange(v, device=dev)
-    table = rules.modality_table.long()
-    fits = pos + rules.image_tokens_per_image + 2 <= rules.max_seq_len
-    ok_text = (table == 0)[None, :] | (ids == rules.eos_id)[None, :] | ((ids == rules.boi_id)[None, :] & fits[:, None])
-    allowed = torch.where(in_img[:, None], (table == 1)[None, :], ok_text)
+    xg = torch.where(in_img[:, None], _guided(x, params), x[0])
+    allowed = _allowed(rules, in_img, pos)
 
     temps = torch.where(in_img, params.image.temperature, params.text.temperature).to(torch.float32)
     greedy = temps <= 0
@@ -323,31 +337,12 @@ def _greedy_step(logits, state, rules, params, n, mode, cw, pos, done, in_img) -
     reference's greedy token is ``argmax(where(allowed, x * 1.0, -inf) + 0.0)`` (first maximum), and
     masking x directly ranks the same values (bf16 -> fp32 is exact; -0.0 == 0.0)."""
     g_rows = params.cfg_groups
-    any_img = bool(in_img.any())
-    if g_rows == 1 or not any_img:
+    if g_rows == 1 or not bool(in_img.any()):
         xg = logits[:n]  # text rows use the conditional row as is
     else:
         x = logits.float().view(g_rows, n, -1)
-        c = x[0]
-        if g_rows == 2:
-            comb = x[1] + params.cfg_scale * (c - x[1])
-        else:
-            u, i = x[1], x[2]
-            comb = u + params.cfg_scale * (i - u) + params.cfg_scale_text * (c - i)
-        xg = torch.where(in_img[:, None], comb, c)
-    table = rules.modality_table
-    text_ok = table == 0
-    text_ok[rules.eos_id] = True
-    img_ok = table == 1
-    fits = pos + rules.image_tokens_per_image + 2 <= rules.max_seq_len
-    # <boi>'s column per row, exactly as the reference: text rows (text id | eos | fits), image rows (code)
-    boi_col = torch.where(in_img, img_ok[rules.boi_id], text_ok[rules.boi_id] | fits)
-    if any_img:
-        allowed = torch.where(in_img[:, None], img_ok[None, :], text_ok[None, :])
-    else:
-        allowed = text_ok.expand(n, -1).clone()
-    allowed[:, rules.boi_id] = boi_col
-    tok = torch.where(allowed, xg, float("-inf")).argmax(-1)
+        xg = torch.where(in_img[:, None], _guided(x, params), x[0])
+    tok = torch.where(_allowed(rules, in_img, pos), xg, float("-inf")).argmax(-1)
     forced = in_img & (cw >= rules.image_tokens_per_image)
     tok = torch.where(forced, rules.eoi_id, tok)
     tok = torch.where(done, rules.pad_id, tok)
