@@ -98,6 +98,17 @@ class _AffineNorm:
             raise DecoderError(f"{where}: RMSNorm with a bias is not supported")
         self.kind, self.shape, self.eps = kind, (weight.shape[-1],), float(eps)
 
+    @classmethod
+    def from_te(cls, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                device: torch.device, where: str) -> _AffineNorm:
+        """A Transformer Engine norm's tables: ``module`` carries ``normalization`` (or is named by its
+        class), ``eps`` and ``zero_centered_gamma``; ``weight`` / ``bias`` are its (fused or own) tables."""
+        eps = getattr(module, "eps", None)
+        if eps is None:
+            raise DecoderError(f"{where}: Transformer Engine norm without an eps attribute ({type(module).__name__})")
+        return cls(_te_kind(module), weight, bias, eps, bool(getattr(module, "zero_centered_gamma", False)),
+                   dtype, device, where)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "RMSNorm":
             return F.rms_norm(x, self.shape, self.weight, self.eps)
@@ -116,11 +127,7 @@ def _fused_norm(linear: nn.Module, dtype: torch.dtype, device: torch.device, whe
     w = getattr(linear, "layer_norm_weight", None)
     if w is None:
         return None
-    eps = getattr(linear, "eps", None)
-    if eps is None:
-        raise DecoderError(f"{where}: fused layer_norm_weight without an eps attribute ({type(linear).__name__})")
-    return _AffineNorm(_te_kind(linear), w, getattr(linear, "layer_norm_bias", None), eps,
-                       bool(getattr(linear, "zero_centered_gamma", False)), dtype, device, where)
+    return _AffineNorm.from_te(linear, w, getattr(linear, "layer_norm_bias", None), dtype, device, where)
 
 
 def _norm(module: nn.Module | None, dtype: torch.dtype, device: torch.device) -> Callable | None:
@@ -131,8 +138,8 @@ def _norm(module: nn.Module | None, dtype: torch.dtype, device: torch.device) ->
         return _RMSNorm(module, dtype, device)
     if type(module).__module__.startswith("transformer_engine") and _te_kind(module) in ("RMSNorm", "LayerNorm"):
         # TENorm returns TE's own RMSNorm/LayerNorm (CUDA-only kernels): the same maths from its tables.
-        return _AffineNorm(_te_kind(module), module.weight, getattr(module, "bias", None), module.eps,
-                           bool(getattr(module, "zero_centered_gamma", False)), dtype, device, type(module).__name__)
+        return _AffineNorm.from_te(module, module.weight, getattr(module, "bias", None), dtype, device,
+                                   type(module).__name__)
     return _cast_module(module, dtype, device)
 
 
@@ -318,7 +325,7 @@ class KVCacheDecoder:
             return
         freqs = self._rope.get_freqs_non_repeated(max_len).to(self.device).float()  # [max_len, rot/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        # rotate_half(t) * sin == roll(t, rot/2) * [-sin, sin]: one roll instead of chunk/neg/cat.
+        # rotate_half(t) * sin == swap_halves(t) * [-sin, sin]: the sign lives in the table (_apply_rope).
         sin = emb.sin()
         half = sin.shape[-1] // 2
         self._cos = emb.cos().to(self.attn_dtype)
