@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from tessera.kernels.cross_entropy import cross_entropy_z
 
@@ -32,22 +31,6 @@ class LossOutput:
     per_modality: dict[str, torch.Tensor] = field(default_factory=dict)
     num_tokens: torch.Tensor | None = None
     per_modality_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the full (TP-sharded) vocabulary, differentiable; fp32. logits [..., V/TP].
-    (Unfused; ``language_model_loss`` gets its logsumexp from ``cross_entropy_z``.)"""
-    logits = logits.float()
-    local_max = logits.max(dim=-1).values.detach()
-    global_max = local_max.clone()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(
-            global_max, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
-        )
-    sum_exp = torch.exp(logits - global_max.unsqueeze(-1)).sum(dim=-1)
-    # forward: all-reduce over TP; backward: identity (the loss is replicated on every TP rank).
-    sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
-    return global_max + torch.log(sum_exp)
 
 
 def language_model_loss(
