@@ -3,6 +3,8 @@ equivalence with transformers' Chameleon (tiny random models, CPU, fp32)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -13,6 +15,10 @@ from tessera.model.chameleon import build_model
 from tessera.model.config import ModelConfig
 from tessera.model.parallel import ensure_single_process
 from tessera.tokenizers.vocab import Modality, Vocabulary
+
+def has_c_compiler() -> bool:
+    return any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+
 
 VOCAB = Vocabulary(num_text_tokens=40, num_image_codes=32, image_tokens_per_image=4, pad_to_multiple_of=128)
 
@@ -45,10 +51,14 @@ def full_logits(model, ids: list[int]) -> torch.Tensor:
         return model(x, torch.arange(len(ids))[None], None)[0].float()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-step", "fused-c-step"])
 @pytest.mark.parametrize("groups,swin", [(2, False), (None, False), (2, True)], ids=["gqa", "mha", "swin"])
-def test_cached_decoding_equals_full_forward(groups, swin):
+def test_cached_decoding_equals_full_forward(groups, swin, fused):
+    """Both step implementations (PyTorch ops; the fused C step, tessera/kernels/cpu_decode.c)."""
+    if fused and not has_c_compiler():
+        pytest.skip("no C compiler: the fused CPU step cannot be built")
     model = make_model(groups=groups, swin=swin, seed=1)
-    dec = KVCacheDecoder(model, dtype=torch.float32)
+    dec = KVCacheDecoder(model, dtype=torch.float32, fused_cpu_step=fused)
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(8, 80, (n,), generator=g).tolist() for n in (13, 7, 10)]
     prompt = [9, 3, 6]  # ragged prompt lengths in one left-padded batch

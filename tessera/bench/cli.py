@@ -148,7 +148,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
                      new_tokens=args.new_tokens, dtype=args.dtype, device=args.device, machine=machine)
     emit(format_table(res["rows"], ["impl", "dtype", "batch", "tokens_per_s", "ttft_ms", "per_token_ms"],
                       title="decode (tokens/s; higher is better)"))
-    for k in ("speedup", "floor", "greedy_match_fp32"):
+    for k in ("speedup", "floor", "step_backend", "greedy_match_fp32"):
         if k in res:
             emit(f"{k}: {res[k]}")
     return _finish(args, "decode", res, machine)

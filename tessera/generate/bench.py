@@ -70,24 +70,26 @@ def benchmark_decode(
     seed: int = 0,
     threads: int | None = None,
     verbose: bool = True,
+    compare_torch_step: bool = True,
 ) -> dict[str, Any]:
     """Tokens/s of Tessera vs transformers at each batch size (CPU or GPU). Returns a JSON-able dict:
     ``rows`` (impl, dtype, batch, tokens_per_s, ttft_ms, per_token_ms), ``speedup`` (ours in its
-    first dtype / transformers in each dtype, per batch), ``floor`` (batch-1 bandwidth floor) and
-    ``greedy_match`` (fp32 greedy tokens equal). ``threads``: torch intra-op threads for the run
+    first dtype / transformers in each dtype, per batch; and over our own all-PyTorch step when the fused
+    CPU step is in use and ``compare_torch_step``: rows ``tessera-torch-step``), ``floor`` (batch-1
+    bandwidth floor), ``step_backend`` per dtype and ``greedy_match`` (fp32 greedy tokens equal). ``threads``: torch intra-op threads for the run
     (restored afterwards); on a CPU shared with other jobs, 1 avoids OpenMP barrier stalls."""
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         return _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes, repeats,
-                                 model_overrides, check_greedy, seed, verbose)
+                                 model_overrides, check_greedy, seed, verbose, compare_torch_step)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes, repeats, model_overrides,
-                      check_greedy, seed, verbose) -> dict[str, Any]:  # noqa: ANN001
+                      check_greedy, seed, verbose, compare_torch_step) -> dict[str, Any]:  # noqa: ANN001
     from tessera.generate.hf import build_hf_chameleon
     from tessera.model import build_model, get_preset
     from tessera.model.parallel import ensure_single_process
@@ -111,6 +113,10 @@ def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes
     suppress = [i for i in range(cfg.vocab_size) if table[i] != Modality.TEXT]
 
     engines = {dt: GenerationEngine(model, vocab, cfg.seq_length, dtype=dt) for dt in dtypes}
+    # Our own decoder with every step in PyTorch ops, side by side: what the fused C step adds.
+    torch_step = None
+    if compare_torch_step and engines[dtypes[0]].decoder._fused is not None:
+        torch_step = GenerationEngine(model, vocab, cfg.seq_length, dtype=dtypes[0], fused_cpu_step=False)
     hfs = {"float32": hf32}
     for dt in hf_dtypes:
         if dt != "float32":
@@ -118,10 +124,10 @@ def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes
                                          max_position_embeddings=cfg.seq_length,
                                          dtype=getattr(torch, dt)).to(device)
 
-    def ours(dt: str, b: int, n: int) -> tuple[float, dict]:
+    def ours(dt: str, b: int, n: int, engine: GenerationEngine | None = None) -> tuple[float, dict]:
         c = dataclasses.replace(gen_cfg, max_new_tokens=n)
         t0 = time.perf_counter()
-        res, stats = engines[dt].generate(prompts[:b].tolist(), c)
+        res, stats = (engine or engines[dt]).generate(prompts[:b].tolist(), c)
         wall = time.perf_counter() - t0
         assert all(len(r.new_ids) == n for r in res)
         return wall, {"ttft": stats.time_to_first_token_s, "tokens": [r.new_ids for r in res]}
@@ -156,6 +162,9 @@ def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes
         for dt in dtypes:
             fns[("tessera", dt)] = (lambda dt=dt, b=b: ours(dt, b, new_tokens))
             fns[("tessera-1tok", dt)] = (lambda dt=dt, b=b: ours(dt, b, 1))
+        if torch_step is not None:
+            fns[("tessera-torch-step", dtypes[0])] = lambda b=b: ours(dtypes[0], b, new_tokens, torch_step)
+            fns[("tessera-torch-step-1tok", dtypes[0])] = lambda b=b: ours(dtypes[0], b, 1, torch_step)
         for dt in hfs:
             fns[("transformers", dt)] = (lambda dt=dt, b=b: theirs(dt, b, new_tokens))
             fns[("transformers-1tok", dt)] = (lambda dt=dt, b=b: theirs(dt, b, 1))
@@ -167,8 +176,11 @@ def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes
                 sync()
                 times[k].append(fn()[0])
                 sync()
-        for impl in ("tessera", "transformers"):
-            for dt in (dtypes if impl == "tessera" else tuple(hfs)):
+        for impl in ("tessera", "tessera-torch-step", "transformers"):
+            impl_dtypes = {"tessera": dtypes, "transformers": tuple(hfs)}.get(impl, dtypes[:1])
+            for dt in impl_dtypes:
+                if (impl, dt) not in times:
+                    continue
                 full, one = min(times[(impl, dt)]), min(times[(impl + "-1tok", dt)])
                 result["rows"].append({
                     "impl": impl, "dtype": dt, "batch": b,
@@ -188,7 +200,11 @@ def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes
         same = [r for r in rows if r["impl"] == "transformers" and r["batch"] == b and r["dtype"] == head]
         if same:
             speed[f"batch{b}_same_dtype"] = mine["tokens_per_s"] / same[0]["tokens_per_s"]
+        if torch_step is not None:
+            base = next(r for r in rows if r["impl"] == "tessera-torch-step" and r["batch"] == b)
+            speed[f"batch{b}_fused_step_vs_torch_step"] = mine["tokens_per_s"] / base["tokens_per_s"]
     result["speedup"] = speed
+    result["step_backend"] = {dt: e.decoder.step_backend for dt, e in engines.items()}
     gbps = _copy_gbps() if device.type == "cpu" else None
     floor = {}
     if gbps:
@@ -214,11 +230,11 @@ def format_decode_table(result: dict) -> str:
         f"decode: preset {result['preset']}, prompt {result['prompt_len']}, {result['new_tokens']} new tokens, "
         f"greedy text, {result['device']}, {result['torch_threads']} threads, 1-min load average "
         f"{_fmt_load(result.get('load_average_1m_start'))} -> {_fmt_load(result.get('load_average_1m_end'))}",
-        f"{'impl':<13} {'dtype':<9} {'batch':>5} {'tokens/s':>10} {'TTFT ms':>9} {'ms/token':>9}",
+        f"{'impl':<18} {'dtype':<9} {'batch':>5} {'tokens/s':>10} {'TTFT ms':>9} {'ms/token':>9}",
     ]
     for r in result["rows"]:
         pt = f"{r['per_token_ms']:.2f}" if r["per_token_ms"] is not None else "-"
-        lines.append(f"{r['impl']:<13} {r['dtype']:<9} {r['batch']:>5} {r['tokens_per_s']:>10.1f} "
+        lines.append(f"{r['impl']:<18} {r['dtype']:<9} {r['batch']:>5} {r['tokens_per_s']:>10.1f} "
                      f"{r['ttft_ms']:>9.1f} {pt:>9}")
     for k, v in result["speedup"].items():
         lines.append(f"speed-up {k}: {v:.2f}x")
@@ -227,6 +243,8 @@ def format_decode_table(result: dict) -> str:
                 if f["measured_ms"] is not None else "-")
         lines.append(f"batch-1 floor {dt}: {f['weight_bytes'] / 1e6:.1f} MB weights / {f['copy_gbps']:.1f} GB/s = "
                      f"{f['floor_ms']:.2f} ms/token (measured {meas})")
+    for dt, how in result.get("step_backend", {}).items():
+        lines.append(f"tessera {dt} decode step: {how}")
     if result.get("greedy_match_fp32") is not None:
         lines.append(f"fp32 greedy tokens equal to transformers: {result['greedy_match_fp32']}")
     return "\n".join(lines)

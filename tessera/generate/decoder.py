@@ -210,7 +210,10 @@ class KVCacheDecoder:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         swin_norm: bool | None = None,
+        fused_cpu_step: bool | None = None,
     ) -> None:
+        """``fused_cpu_step``: None uses the fused C step on the CPU when it supports the model, True
+        requires it (DecoderError otherwise), False keeps every step in PyTorch ops."""
         gpt = getattr(module, "module", module)  # accept a DDP/Float16 wrapper too
         for attr in ("embedding", "decoder", "output_layer", "rotary_pos_emb"):
             if getattr(gpt, attr, None) is None:
@@ -285,7 +288,16 @@ class KVCacheDecoder:
         for lw in self.layers:
             self._fuse_qk_norm(lw)
         self._lin = F.linear
-        if _can_prepack(dt, dev):
+        # The CPU decode step as one C call when the model fits it (cpu_step.py); prefill stays here.
+        self._fused = None
+        self.step_backend = "PyTorch ops"
+        if fused_cpu_step is not False and dev.type == "cpu":
+            from tessera.generate.cpu_step import FusedCPUStep
+
+            self._fused, self.step_backend = FusedCPUStep.create(self)
+            if fused_cpu_step and self._fused is None:
+                raise DecoderError(f"fused_cpu_step=True but {self.step_backend}")
+        if self._fused is None and _can_prepack(dt, dev):
             packed = [_prepack(w) for lw in self.layers for w in (lw.qkv, lw.proj, lw.fc1, lw.fc2)]
             out_packed = _prepack(self.output)
             if all(p is not None for p in packed) and out_packed is not None:
@@ -363,6 +375,8 @@ class KVCacheDecoder:
         self._rope_tables(max_len)
         self.length = 0
         self.batch, self.max_len = batch, max_len
+        if self._fused is not None:
+            self._fused.bind()
 
     # ---- forward ---------------------------------------------------------------------------
     def _attention_block(
@@ -454,7 +468,7 @@ class KVCacheDecoder:
         if b != self.batch:
             raise DecoderError(f"prefill batch {b} != allocated batch {self.batch}")
         self.length = 0
-        pad = pad.to(self.device)
+        pad = pad.to(device=self.device, dtype=torch.long).contiguous()
         self.pad = pad
         col = torch.arange(L, device=self.device)
         pos = (col[None, :] - pad[:, None]).clamp(min=0)
@@ -474,6 +488,12 @@ class KVCacheDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row ([b]) and return the next-token logits [b, V]."""
         col = self.length
+        if self._fused is not None:
+            if col >= self.max_len:
+                raise DecoderError(f"cache full: {col} + 1 tokens > max_len {self.max_len}")
+            logits = self._fused.step(tokens, self.pad, self._key_valid, col)
+            self.length += 1
+            return logits
         pos = (col - self.pad).clamp(min=0)[:, None]
         self._key_valid[:, col] = True
         # One new query sees every filled column: only padded keys need masking.

@@ -106,13 +106,16 @@ class GenerationEngine:
         device: torch.device | str | None = None,
         swin_norm: bool | None = None,
         backend: str = "auto",
+        fused_cpu_step: bool | None = None,
     ) -> None:
         if vocab is None:
             raise GenerationError("generation needs the checkpoint's vocabulary (vocab.json)")
         first = next(module.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = resolve_dtype(dtype, self.device) if isinstance(dtype, str) else dtype
-        self.decoder = KVCacheDecoder(module, dtype=self.dtype, device=self.device, swin_norm=swin_norm)
+        # fused_cpu_step: the CPU decode step as one C call (None: when the model allows; KVCacheDecoder)
+        self.decoder = KVCacheDecoder(module, dtype=self.dtype, device=self.device, swin_norm=swin_norm,
+                                      fused_cpu_step=fused_cpu_step)
         if self.decoder.vocab_size < vocab.size:
             raise GenerationError(
                 f"model output has {self.decoder.vocab_size} ids but the vocabulary has {vocab.size}"

@@ -1,0 +1,139 @@
+"""The fused CPU decoding step (``cpu_decode.c``): build it with the host C compiler, load it with ctypes.
+
+A decode step of a small model on the CPU is dominated by per-op costs, not arithmetic: ~17 small
+matrix-vector products and ~100 tiny elementwise ops, each a dispatch plus a kernel launch through
+PyTorch. ``cpu_decode.c`` does the whole step in one call (docs/generation.md, "Fused CPU step").
+
+The shared library is compiled once per source / compiler / CPU into ``$TESSERA_CACHE_DIR`` (default
+``~/.cache/tessera``), with ``-O3 -march=native``; compiling takes about a second and needs no PyTorch
+headers (plain C, called through ctypes with tensors' data pointers). Without a C compiler, or with
+``TESSERA_CPU_DECODE=0``, ``load()`` returns None and the decoder keeps its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
+
+NORM_NONE, NORM_RMS, NORM_LAYER = 0, 1, 2
+
+
+class Norm(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("eps", ctypes.c_float),
+                ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [
+        ("ln_attn", Norm), ("post_attn", Norm), ("ln_mlp", Norm), ("post_mlp", Norm),
+        ("qkv", ctypes.c_void_p), ("proj", ctypes.c_void_p), ("fc1", ctypes.c_void_p), ("fc2", ctypes.c_void_p),
+        ("qk_weight", ctypes.c_void_p), ("qk_bias", ctypes.c_void_p), ("qk_eps", ctypes.c_float),
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+    ]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [
+        ("layers", ctypes.c_int32), ("hidden", ctypes.c_int32), ("heads", ctypes.c_int32),
+        ("groups", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("ffn", ctypes.c_int32),
+        ("vocab", ctypes.c_int32), ("rot", ctypes.c_int32), ("batch", ctypes.c_int32),
+        ("max_len", ctypes.c_int32), ("bf16", ctypes.c_int32), ("q_scale", ctypes.c_float),
+        ("embedding", ctypes.c_void_p), ("embedding_rows", ctypes.c_int64), ("final_norm", Norm), ("output", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p), ("sin_signed", ctypes.c_void_p), ("layer", ctypes.POINTER(Layer)),
+    ]
+
+
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_why_not: list[str] = []
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TESSERA_CACHE_DIR") or Path.home() / ".cache" / "tessera")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on, so a cache shared by different CPUs never loads a foreign build."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _library_path(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + repr((FLAGS, version, _cpu_signature(), platform.machine())).encode()
+    ).hexdigest()[:16]
+    return cache_dir() / f"cpu_decode-{key}.so"
+
+
+def _build(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name and rename: concurrent processes never load a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE}:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library, or None (see ``unavailable_reason()``)."""
+    if os.environ.get("TESSERA_CPU_DECODE", "1") == "0":
+        _why_not[:] = ["disabled by TESSERA_CPU_DECODE=0"]
+        return None
+    with _lock:
+        if "lib" in _loaded:
+            return _loaded["lib"]
+        lib = None
+        cc = _compiler()
+        if cc is None:
+            _why_not[:] = ["no C compiler (cc/gcc/clang, or $CC) on PATH"]
+        else:
+            try:
+                path = _library_path(cc)
+                if not path.exists():
+                    _build(cc, path)
+                lib = ctypes.CDLL(str(path))
+                lib.tessera_decode_step.restype = ctypes.c_int
+                lib.tessera_decode_step.argtypes = [ctypes.POINTER(Model)] + [ctypes.c_void_p] * 3 + [
+                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                lib.tessera_decode_scratch_floats.restype = ctypes.c_int64
+                lib.tessera_decode_scratch_floats.argtypes = [ctypes.POINTER(Model)]
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _why_not[:] = [str(exc)]
+                warnings.warn(f"fused CPU decode step unavailable, using the PyTorch path: {exc}", stacklevel=2)
+                lib = None
+        _loaded["lib"] = lib
+        return lib
+
+
+def unavailable_reason() -> str | None:
+    return _why_not[0] if _why_not else None
