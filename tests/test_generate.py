@@ -16,6 +16,7 @@ from tessera.model.config import ModelConfig
 from tessera.model.parallel import ensure_single_process
 from tessera.tokenizers.vocab import Modality, Vocabulary
 
+
 def has_c_compiler() -> bool:
     return any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
