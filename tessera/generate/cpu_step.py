@@ -98,7 +98,7 @@ class FusedCPUStep:
         embedding = d.embedding if d.embedding.dtype == torch.float32 else _f32(d.embedding)
         self._model = C.Model(
             layers=d.num_layers, hidden=h, heads=d.num_heads, groups=d.num_groups, head_dim=d.head_dim,
-            ffn=d.layers[0].fc1.shape[0] // 2, vocab=d.vocab_size, rot=0, batch=0, max_len=0,
+            ffn=d.layers[0].fc1.shape[0] // 2, vocab=d.vocab_size, rot=0, batch=0, max_len=0, threads=1,
             bf16=int(d.dtype == torch.bfloat16),
             q_scale=1.0 if d.layers[0].qk_w is not None else float(d.softmax_scale),
             embedding=ptr(embedding.contiguous()), embedding_rows=embedding.shape[0], final_norm=norm(d.final_norm, "final norm"),
@@ -145,6 +145,7 @@ class FusedCPUStep:
         if tokens.numel() != d.batch:
             raise ValueError(f"step got {tokens.numel()} tokens for a batch of {d.batch}")
         logits = torch.empty(d.batch, d.vocab_size, dtype=d.dtype)
+        self._model.threads = torch.get_num_threads()  # the same OpenMP runtime as torch (libgomp.so.1)
         rc = self._lib.tessera_decode_step(ctypes.byref(self._model), tokens.data_ptr(), pad.data_ptr(),
                                            key_valid.data_ptr(), col, self._scratch.data_ptr(), logits.data_ptr())
         if rc == -3:

@@ -44,6 +44,7 @@ typedef struct {
 typedef struct {
     int32_t layers, hidden, heads, groups, head_dim, ffn, vocab, rot;
     int32_t batch, max_len, bf16;
+    int32_t threads; /* OpenMP threads for the weight matmuls (torch.get_num_threads()) */
     float q_scale; /* softmax scale, 1 when it is folded into the QK-norm tables */
     const float *embedding; /* [embedding_rows, hidden] */
     int64_t embedding_rows;
@@ -159,6 +160,11 @@ static void linear_block4_bf16(const uint16_t *w, int64_t n_in, const uint16_t *
     }
 }
 
+/* Threads pay off only when a matmul is big enough to hide the fork/join (a few microseconds). */
+static int parallel_worth(const Model *md, int rows, int n_out, int n_in) {
+    return md->threads > 1 && (int64_t)rows * n_out * n_in >= ((int64_t)1 << 20);
+}
+
 /* y[m, :] = W x[m, :] for m < rows; W [n_out, n_in]; xb: scratch for x as bf16 (bf16 weights only).
  * Every weight is read once per call whatever the number of rows. */
 static void linear(const Model *md, const void *w, const float *x, float *y, int rows, int n_out, int n_in,
@@ -167,13 +173,21 @@ static void linear(const Model *md, const void *w, const float *x, float *y, int
     if (md->bf16) {
         const uint16_t *wb = (const uint16_t *)w;
         for (int64_t i = 0; i < (int64_t)rows * n_in; i++) xb[i] = float_to_bf16(x[i]);
-        for (; o + 4 <= n_out; o += 4) linear_block4_bf16(wb + (int64_t)o * n_in, n_in, xb, rows, y, n_out, o);
+        const int blocks = n_out / 4;
+#pragma omp parallel for num_threads(md->threads) if (parallel_worth(md, rows, n_out, n_in)) schedule(static)
+        for (int blk = 0; blk < blocks; blk++)
+            linear_block4_bf16(wb + (int64_t)blk * 4 * n_in, n_in, xb, rows, y, n_out, blk * 4);
+        o = blocks * 4;
         for (; o < n_out; o++)
             for (int m = 0; m < rows; m++)
                 y[(int64_t)m * n_out + o] = round_bf16(dot_bf16(wb + (int64_t)o * n_in, x + (int64_t)m * n_in, n_in));
     } else {
         const float *wf = (const float *)w;
-        for (; o + 4 <= n_out; o += 4) linear_block4_f32(wf + (int64_t)o * n_in, n_in, x, rows, y, n_out, o);
+        const int blocks = n_out / 4;
+#pragma omp parallel for num_threads(md->threads) if (parallel_worth(md, rows, n_out, n_in)) schedule(static)
+        for (int blk = 0; blk < blocks; blk++)
+            linear_block4_f32(wf + (int64_t)blk * 4 * n_in, n_in, x, rows, y, n_out, blk * 4);
+        o = blocks * 4;
         for (; o < n_out; o++)
             for (int m = 0; m < rows; m++)
                 y[(int64_t)m * n_out + o] = dot_f32(wf + (int64_t)o * n_in, x + (int64_t)m * n_in, n_in);

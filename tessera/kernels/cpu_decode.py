@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
 
 NORM_NONE, NORM_RMS, NORM_LAYER = 0, 1, 2
 
@@ -48,7 +48,8 @@ class Model(ctypes.Structure):
         ("layers", ctypes.c_int32), ("hidden", ctypes.c_int32), ("heads", ctypes.c_int32),
         ("groups", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("ffn", ctypes.c_int32),
         ("vocab", ctypes.c_int32), ("rot", ctypes.c_int32), ("batch", ctypes.c_int32),
-        ("max_len", ctypes.c_int32), ("bf16", ctypes.c_int32), ("q_scale", ctypes.c_float),
+        ("max_len", ctypes.c_int32), ("bf16", ctypes.c_int32), ("threads", ctypes.c_int32),
+        ("q_scale", ctypes.c_float),
         ("embedding", ctypes.c_void_p), ("embedding_rows", ctypes.c_int64), ("final_norm", Norm), ("output", ctypes.c_void_p),
         ("cos", ctypes.c_void_p), ("sin_signed", ctypes.c_void_p), ("layer", ctypes.POINTER(Layer)),
     ]
