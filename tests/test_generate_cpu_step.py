@@ -99,3 +99,29 @@ def test_disabled_or_unsupported_falls_back_to_torch(fresh_library, monkeypatch)
     dec = KVCacheDecoder(model, dtype=torch.float32)
     assert dec._fused is None and "the MLP is not SwiGLU" in dec.step_backend
     assert KVCacheDecoder(make_model(seed=4), dtype=torch.float32)._fused is not None
+
+
+def test_large_batches_step_through_torch(monkeypatch):
+    """Above FUSED_STEP_MAX_BATCH rows the PyTorch path (oneDNN GEMMs) runs the step instead."""
+    from tessera.generate import decoder as decoder_mod
+
+    model = make_model(seed=5)
+    fused = KVCacheDecoder(model, dtype=torch.bfloat16, fused_cpu_step=True)
+    ref = KVCacheDecoder(model, dtype=torch.bfloat16, fused_cpu_step=False)
+    calls = []
+    real_step = fused._fused.step
+    monkeypatch.setattr(fused._fused, "step", lambda *a: calls.append(1) or real_step(*a))
+    ids, pad = _ragged_batch(1)
+    for limit, expect_fused in ((3, True), (2, False)):
+        monkeypatch.setattr(decoder_mod, "FUSED_STEP_MAX_BATCH", limit)
+        calls.clear()
+        for d in (fused, ref):
+            d.allocate(3, 20)
+        a, b = ref.prefill(ids, pad), fused.prefill(ids, pad)
+        assert torch.equal(a, b)  # the prefill is the PyTorch path in both
+        for _ in range(3):
+            tok = a.float().argmax(-1)
+            a, b = ref.step(tok), fused.step(tok)
+            if not expect_fused:  # same ops on the same prepacked weights
+                assert torch.equal(a, b)
+        assert bool(calls) == expect_fused

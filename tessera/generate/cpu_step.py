@@ -10,7 +10,10 @@ for anything the C step does not implement, and the decoder then keeps its PyTor
   QK-norms that the decoder could not fold into one per-head LayerNorm table;
 * no C compiler (``tessera.kernels.cpu_decode.load``), or ``TESSERA_CPU_DECODE=0``.
 
-Prefill stays in PyTorch (SDPA over the whole prompt) and writes the same cache the C step reads.
+Prefill stays in PyTorch (SDPA over the whole prompt) and writes the same cache the C step reads; so
+do steps of more than ``decoder.FUSED_STEP_MAX_BATCH`` rows, where oneDNN's blocked GEMM wins. In bf16
+the decoder then keeps oneDNN-prepacked copies of the weights for that path next to the plain ones
+this step reads.
 """
 
 from __future__ import annotations

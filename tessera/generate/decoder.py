@@ -41,6 +41,12 @@ class DecoderError(RuntimeError):
     pass
 
 
+# Above this many rows a step is a real matmul, where oneDNN's blocked GEMM (the PyTorch path) catches up
+# with the fused C step's GEMV loops: equal at 64 rows, 20% ahead at 256 (demo model, bf16, 2 threads;
+# docs/generation.md). CFG doubles or triples the rows.
+FUSED_STEP_MAX_BATCH = 32
+
+
 @dataclass
 class _Layer:
     ln_attn: Callable | None  # applied to the branch input (pre-norm)
@@ -297,7 +303,9 @@ class KVCacheDecoder:
             self._fused, self.step_backend = FusedCPUStep.create(self)
             if fused_cpu_step and self._fused is None:
                 raise DecoderError(f"fused_cpu_step=True but {self.step_backend}")
-        if self._fused is None and _can_prepack(dt, dev):
+        # The fused step holds the plain weights (its own references); the PyTorch path, which still runs
+        # the prefill and batches above FUSED_STEP_MAX_BATCH, gets oneDNN-prepacked copies in bf16.
+        if _can_prepack(dt, dev):
             packed = [_prepack(w) for lw in self.layers for w in (lw.qkv, lw.proj, lw.fc1, lw.fc2)]
             out_packed = _prepack(self.output)
             if all(p is not None for p in packed) and out_packed is not None:
@@ -488,7 +496,7 @@ class KVCacheDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row ([b]) and return the next-token logits [b, V]."""
         col = self.length
-        if self._fused is not None:
+        if self._fused is not None and self.batch <= FUSED_STEP_MAX_BATCH:
             if col >= self.max_len:
                 raise DecoderError(f"cache full: {col} + 1 tokens > max_len {self.max_len}")
             logits = self._fused.step(tokens, self.pad, self._key_valid, col)
