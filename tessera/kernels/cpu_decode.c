@@ -293,11 +293,11 @@ static void attention(const Model *md, const Layer *ly, float *qkv, float *ctx, 
 
 /* Append tokens[b] at cache column `col` and write the next-token logits [b, vocab] (bf16 when the
  * weights are bf16, else fp32). key_valid [b, max_len] gets column `col` set. Returns 0, or -1 (column
- * outside the cache), -2 (odd or too wide rotary dims), -3 (a token id outside the embedding). */
+ * outside the cache), -2 (rotary dims not even and within 1..head_dim), -3 (a token id outside the embedding). */
 int tessera_decode_step(const Model *md, const int64_t *tokens, const int64_t *pad, uint8_t *key_valid, int64_t col,
                         float *scratch, void *logits) {
     if (col < 0 || col >= md->max_len) return -1;
-    if (md->rot > md->head_dim || md->rot % 2) return -2;
+    if (md->rot <= 0 || md->rot > md->head_dim || md->rot % 2) return -2;
     const int b = md->batch, h = md->hidden, ffn = md->ffn, hd = md->head_dim;
     const int qkv_width = md->groups * (md->heads / md->groups + 2) * hd, ctx_width = md->heads * hd;
     const int64_t wide = 2 * (int64_t)ffn > qkv_width ? 2 * (int64_t)ffn : qkv_width;
