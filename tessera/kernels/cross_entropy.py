@@ -38,8 +38,13 @@ import torch.distributed as dist
 
 from ._backend import resolve_backend
 
-# Reference: vocab chunk width bounded so the fp32 temporaries stay ~64 MiB whatever the token count.
-_REF_TEMP_ELEMENTS = 1 << 24
+# Reference: the work is tiled into blocks of whole rows (``block`` columns at a time when given), each
+# copied to fp32 in ONE workspace reused for every tile. A tile of <= _REF_TILE_ELEMENTS stays in the
+# cache across the copy / max / exp / sum passes, and the small workspace comes from the heap: a
+# [tokens, V]-sized fp32 temporary is page-faulted in afresh on every call (the allocator returns big
+# blocks to the OS), which on the CPU cost more than the arithmetic.
+_REF_TILE_ELEMENTS = 1 << 18
+_REF_MIN_ROWS = 8  # bounds the per-tile Python overhead for very wide vocabulary slices
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -51,25 +56,34 @@ class CrossEntropyZOutput(NamedTuple):
 
 
 # ---- the two implementations of the per-row statistics and of the gradient -----------------------
-def _ref_chunk(tokens: int, v: int, block: int | None) -> int:
-    if block is not None:
-        return max(1, min(block, v))
-    return max(256, min(v, _REF_TEMP_ELEMENTS // max(tokens, 1)))
+def _ref_tiles(tokens: int, v: int, block: int | None) -> tuple[int, int]:
+    """(rows, columns) of one reference tile."""
+    cols = max(1, min(block, v)) if block is not None else v
+    rows = max(_REF_MIN_ROWS, _REF_TILE_ELEMENTS // cols)
+    return min(rows, max(tokens, 1)), cols
 
 
 def _forward_stats_reference(logits, labels, vocab_start: int, block: int | None):
     tokens, v = logits.shape
-    m = torch.full((tokens,), float("-inf"), dtype=torch.float32, device=logits.device)
-    s = torch.zeros(tokens, dtype=torch.float32, device=logits.device)
-    step = _ref_chunk(tokens, v, block)
-    for c0 in range(0, v, step):
-        # one fp32 copy of the chunk, then in place: a fresh [tokens, chunk] temporary per elementwise op
-        # costs more than the op itself on the CPU (allocation + first-touch page faults); copy=True
-        # because .float() of fp32 logits would alias them
-        x = logits[:, c0 : c0 + step].to(torch.float32, copy=True)
-        m_new = torch.maximum(m, x.amax(dim=1))
-        s = s * torch.exp(m - m_new) + x.sub_(m_new.unsqueeze(1)).exp_().sum(dim=1)
-        m = m_new
+    rows, cols = _ref_tiles(tokens, v, block)
+    m = torch.empty(tokens, dtype=torch.float32, device=logits.device)
+    s = torch.empty_like(m)
+    work = torch.empty(rows, cols, dtype=torch.float32, device=logits.device)
+    for r0 in range(0, tokens, rows):
+        r1 = min(r0 + rows, tokens)
+        mr = sr = None
+        for c0 in range(0, v, cols):
+            src = logits[r0:r1, c0 : c0 + cols]
+            x = work[: src.shape[0], : src.shape[1]]
+            x.copy_(src)  # fp32 copy of the tile, then in place
+            cm = x.amax(dim=1)
+            if mr is None:
+                mr, sr = cm, x.sub_(cm.unsqueeze(1)).exp_().sum(dim=1)
+            else:  # online logsumexp across column chunks
+                m_new = torch.maximum(mr, cm)
+                sr = sr * torch.exp(mr - m_new) + x.sub_(m_new.unsqueeze(1)).exp_().sum(dim=1)
+                mr = m_new
+        m[r0:r1], s[r0:r1] = mr, sr
     local = labels - vocab_start
     owned = (local >= 0) & (local < v)
     t = logits.gather(1, torch.where(owned, local, 0).unsqueeze(1)).squeeze(1).float()
@@ -78,16 +92,32 @@ def _forward_stats_reference(logits, labels, vocab_start: int, block: int | None
 
 def _backward_reference(logits, labels, lse, coef_sm, coef_hot, vocab_start: int, grad, block: int | None):
     tokens, v = logits.shape
-    step = _ref_chunk(tokens, v, block)
+    rows, cols = _ref_tiles(tokens, v, block)
     local = labels - vocab_start
-    rows = torch.arange(tokens, device=logits.device)
-    for c0 in range(0, v, step):
-        x = logits[:, c0 : c0 + step]
-        # same arithmetic as coef_sm * exp(x - lse), in place on one fp32 copy (see the forward)
-        g = x.to(torch.float32, copy=True).sub_(lse.unsqueeze(1)).exp_().mul_(coef_sm.unsqueeze(1))
-        hit = (local >= c0) & (local < c0 + x.shape[1])
-        g[rows[hit], local[hit] - c0] -= coef_hot[hit]
-        grad[:, c0 : c0 + step].copy_(g)  # casts to grad's dtype without another temporary
+    # per column chunk: where each row's one-hot falls in it (column 0 and a zero coefficient if elsewhere:
+    # adding -0 leaves the value bit-for-bit unchanged)
+    hot = []
+    for c0 in range(0, v, cols):
+        inside = (local >= c0) & (local < min(c0 + cols, v))
+        hot.append((torch.where(inside, local - c0, 0).unsqueeze(1), torch.where(inside, -coef_hot, 0.0).unsqueeze(1)))
+    # fp32 gradients are computed in their own tile of ``grad`` (the logits themselves when in place);
+    # others in an fp32 workspace and cast on the way out
+    work = None if grad.dtype == torch.float32 else torch.empty(rows, cols, dtype=torch.float32, device=logits.device)
+    for r0 in range(0, tokens, rows):
+        r1 = min(r0 + rows, tokens)
+        lse_r, coef_r = lse[r0:r1].unsqueeze(1), coef_sm[r0:r1].unsqueeze(1)
+        for ci, c0 in enumerate(range(0, v, cols)):
+            out = grad[r0:r1, c0 : c0 + cols]
+            g = out if work is None else work[: out.shape[0], : out.shape[1]]
+            src = logits[r0:r1, c0 : c0 + cols]
+            if g.data_ptr() != src.data_ptr():
+                g.copy_(src)
+            # same arithmetic as coef_sm * exp(x - lse) - coef_hot * onehot, in fp32
+            g.sub_(lse_r).exp_().mul_(coef_r)
+            idx, neg = hot[ci]
+            g.scatter_add_(1, idx[r0:r1], neg[r0:r1])
+            if g is not out:
+                out.copy_(g)  # casts to grad's dtype
 
 
 def _triton_block(v: int, block: int | None) -> int:

@@ -8,6 +8,7 @@ import re
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.config_logger import has_config_logger_enabled
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -49,6 +50,9 @@ def transformer_config(cfg: ModelConfig, **overrides) -> TransformerConfig:
         add_bias_linear=False,
         gated_linear_unit=True,  # SwiGLU: linear_fc1 = [gate; up]
         activation_func=F.silu,
+        # megatron's MLP then applies the spec's activation module to the whole fc1 output: ours is
+        # layers.SwiGLU (pure PyTorch, fewer temporaries than megatron's unfused GLU); no TE involved
+        use_te_activation_func=True,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
@@ -69,6 +73,34 @@ def transformer_config(cfg: ModelConfig, **overrides) -> TransformerConfig:
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+class ChameleonGPTModel(GPTModel):
+    """megatron-core's GPTModel with batch-first logits computed without transposing them.
+
+    GPTModel runs its output layer on [s, b, h] and returns ``logits.transpose(0, 1).contiguous()``: a
+    vocabulary-wide copy in the forward and another of the gradient in the backward (the output layer's
+    backward makes the transposed gradient contiguous). Here the [s, b, h] hidden states are made
+    batch-first BEFORE the output layer, a copy V/h times smaller, so the logits come out [b, s, V/TP]
+    as they are. Same layer, same weights, same result layout; only the order in which the matmul visits
+    the tokens differs. Every case this does not cover (labels given, inference contexts, multi-token
+    prediction, sequence parallelism, config logging) goes to megatron's ``_postprocess`` unchanged.
+    """
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos,
+                     rotary_pos_sin, mtp_in_postprocess=None, **kwargs):
+        fast = (self.post_process and labels is None and not mtp_in_postprocess
+                and self.config.mtp_num_layers is None and kwargs.get("inference_context") is None
+                and kwargs.get("inference_params") is None and not self.output_layer.sequence_parallel
+                and not has_config_logger_enabled(self.config))
+        if not fast:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
+                                        rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=mtp_in_postprocess,
+                                        **kwargs)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states.transpose(0, 1).contiguous(), weight=weight,
+                                      runtime_gather_output=kwargs.get("runtime_gather_output"))
+        return logits
 
 
 def build_model(
@@ -101,7 +133,7 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     config = transformer_config(cfg, **config_overrides)
-    model = GPTModel(
+    model = ChameleonGPTModel(
         config=config,
         transformer_layer_spec=chameleon_layer_spec(cfg),
         vocab_size=cfg.vocab_size,
@@ -115,6 +147,13 @@ def build_model(
         rotary_base=cfg.rotary_base,
         vp_stage=vp_stage,
     )
+    if config.use_te_activation_func:  # a spec without the activation module would get silu of [gate; up]
+        from tessera.model.layers import SwiGLU
+
+        for layer in model.decoder.layers:
+            if not isinstance(getattr(layer.mlp, "activation_func", None), SwiGLU):
+                raise ValueError("use_te_activation_func is set but the layer spec gives the MLP no SwiGLU module "
+                                 "(tessera/model/spec.py chameleon_layer_spec)")
     # megatron's torch norms ignore params_dtype (Float16Module would cast them later): make every
     # parameter params_dtype now so a bf16 model is bf16 throughout (buffers such as RoPE's stay fp32).
     for p in model.parameters():

@@ -61,6 +61,57 @@ class PerHeadLayerNorm(MegatronModule):
         return f"{self.role}: heads={self.heads_per_partition}, head_dim={self.head_dim}, eps={self.eps}"
 
 
+class _SwiGLUFunction(torch.autograd.Function):
+    """``silu(gate) * up`` of ``x = [gate; up]`` (last dim) with one output buffer each way.
+
+    megatron's unfused GLU (``silu(x_glu) * (x_linear + glu_linear_offset)``) allocates the silu, the
+    ``+ 0.0`` and the product in the forward, and in the backward two products, silu's gradient and the
+    ``torch.cat`` that joins the halves' gradients; on the CPU each fresh temporary costs about as much
+    as the arithmetic. Here the forward keeps only its input and the backward writes ``[dgate; dup]``
+    into one buffer. Same operations on the same values as autograd's (``silu_backward(g * up, gate)``
+    and ``g * silu(gate)``), so the results match bit for bit, up to the sign of zero (the ``+ 0.0``
+    turned -0.0 into +0.0)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        gate, up = torch.chunk(x, 2, dim=-1)
+        out = F.silu(gate)
+        out.mul_(up)
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        gate, up = torch.chunk(x, 2, dim=-1)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dgate, dup = torch.chunk(dx, 2, dim=-1)
+        torch.mul(g, up, out=dgate)
+        torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)
+        torch.ops.aten.silu.out(gate, out=dup)
+        dup.mul_(g)
+        return dx
+
+
+class SwiGLU(MegatronModule):
+    """The MLP's activation as one module on the whole ``linear_fc1`` output [..., 2 * ffn/TP]:
+    ``silu(gate) * up`` with gate / up the first / second half (megatron's ``[gate; up]`` layout,
+    per TP rank). The spec hands it to megatron's ``MLP`` through ``MLPSubmodules.activation_func``,
+    which ``MLP`` uses when ``config.use_te_activation_func`` is set (the flag means "the spec supplies
+    the activation module"; nothing here needs Transformer Engine), so the MLP class, its TP group and
+    its sharded state dict stay megatron's."""
+
+    def __init__(self, config: TransformerConfig, **_: Any):
+        super().__init__(config=config)
+        if not (config.gated_linear_unit and config.activation_func is F.silu):
+            raise ValueError("SwiGLU needs config.gated_linear_unit=True and activation_func=F.silu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2:
+            raise ValueError(f"SwiGLU expects [..., 2 * ffn] (gate; up), got last dim {x.shape[-1]}")
+        return _SwiGLUFunction.apply(x)
+
+
 @dataclass
 class SwinNormTransformerLayerSubmodules(TransformerLayerSubmodules):
     post_self_attn_layernorm: ModuleSpec | type = IdentityOp

@@ -1,6 +1,6 @@
 """The Chameleon layer spec for megatron-core's GPTModel.
 
-Pre-norm RMSNorm, SwiGLU MLP, no biases, per-head QK LayerNorm (``PerHeadLayerNorm``) after the QKV
+Pre-norm RMSNorm, SwiGLU MLP (megatron's MLP with ``layers.SwiGLU`` as its activation), no biases, per-head QK LayerNorm (``PerHeadLayerNorm``) after the QKV
 projection and before RoPE, optional Swin-style norm placement (``SwinNormTransformerLayer``), GQA via
 ``num_query_groups``. Transformer Engine modules when TE imports and CUDA is present, megatron's
 local PyTorch modules otherwise.
@@ -18,6 +18,7 @@ from tessera.model.config import ModelConfig
 from tessera.model.layers import (
     PerHeadLayerNorm,
     SDPAttention,
+    SwiGLU,
     SwinNormTransformerLayer,
     SwinNormTransformerLayerSubmodules,
 )
@@ -73,18 +74,19 @@ def chameleon_layer_spec(cfg: ModelConfig, use_te: bool | None = None) -> Module
     attn_sub.q_layernorm, attn_sub.k_layernorm = _qk_norm_specs(cfg)
     if not use_te:
         attn_sub.core_attention = SDPAttention  # fused attention for the local path (see layers.py)
+    # SwiGLU as one module on the whole fc1 output (layers.SwiGLU; transformer_config sets
+    # use_te_activation_func so megatron's MLP uses it)
+    mlp_sub = dataclasses.replace(sub.mlp.submodules, activation_func=SwiGLU)
     if cfg.swin_norm and use_te:
         # The fused LayerNorm+Linear would put a norm on the branch INPUTS: use plain TE linears.
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
 
         attn_sub.linear_qkv = TEColumnParallelLinear
-        mlp_sub = dataclasses.replace(sub.mlp.submodules, linear_fc1=TEColumnParallelLinear)
-        mlp = ModuleSpec(module=sub.mlp.module, submodules=mlp_sub)
-    else:
-        mlp = sub.mlp
+        mlp_sub.linear_fc1 = TEColumnParallelLinear
+    mlp = ModuleSpec(module=sub.mlp.module, params=dict(sub.mlp.params), submodules=mlp_sub)
     attention = ModuleSpec(module=sub.self_attention.module, params=dict(sub.self_attention.params), submodules=attn_sub)
     if not cfg.swin_norm:
-        layer_sub = dataclasses.replace(sub, self_attention=attention)
+        layer_sub = dataclasses.replace(sub, self_attention=attention, mlp=mlp)
         return ModuleSpec(module=spec.module, submodules=layer_sub)
     norm = _norm_spec(use_te)
     layer_sub = SwinNormTransformerLayerSubmodules(
