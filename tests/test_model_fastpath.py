@@ -84,15 +84,17 @@ def test_swiglu_function_bit_identical_to_autograd():
     from tessera.model.layers import _SwiGLUFunction
 
     for dtype in (torch.float32, torch.bfloat16):
-        g = torch.Generator().manual_seed(0)
-        x0 = (3 * torch.randn(8, 3, 2 * 40, generator=g)).to(dtype)
-        go = torch.randn(8, 3, 40, generator=g).to(dtype)
-        a, b = x0.clone().requires_grad_(), x0.clone().requires_grad_()
-        gate, up = a.chunk(2, -1)
-        (F.silu(gate) * up).backward(go)
-        y = _SwiGLUFunction.apply(b)
-        y.backward(go)
-        assert torch.equal(y, F.silu(x0.chunk(2, -1)[0]) * x0.chunk(2, -1)[1]) and torch.equal(a.grad, b.grad)
+        for intermediate in (False, True):  # the backward overwrites an intermediate input, never a leaf
+            g = torch.Generator().manual_seed(0)
+            x0 = (3 * torch.randn(8, 3, 2 * 40, generator=g)).to(dtype)
+            go = torch.randn(8, 3, 40, generator=g).to(dtype)
+            a, b = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+            gate, up = (a * 1 if intermediate else a).chunk(2, -1)
+            (F.silu(gate) * up).backward(go)
+            y = _SwiGLUFunction.apply(b * 1 if intermediate else b)
+            y.backward(go)
+            assert torch.equal(y, F.silu(x0.chunk(2, -1)[0]) * x0.chunk(2, -1)[1])
+            assert torch.equal(a.grad, b.grad) and torch.equal(b, x0)
 
 
 def test_rope_cos_sin_cached_per_freqs_and_invalidated_by_inplace_change():
@@ -153,3 +155,23 @@ def test_cross_entropy_reference_tiles_change_nothing(monkeypatch, dtype, block)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(one_grads[0].float(), expect, **tol)
     torch.testing.assert_close(t[owned], logits.float()[owned.nonzero()[:, 0], local[owned]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_single_rank_linears_equal_megatron_linears(monkeypatch, dtype):
+    from tessera.model import build_model
+    from tessera.model import layers
+    from tessera.model.layers import SingleRankColumnParallelLinear, SingleRankRowParallelLinear
+
+    model = build_model(dataclasses.replace(TINY, params_dtype=dtype), init_seed=3)
+    layer = model.decoder.layers[0]
+    assert isinstance(layer.self_attention.linear_qkv, SingleRankColumnParallelLinear)
+    assert isinstance(layer.mlp.linear_fc2, SingleRankRowParallelLinear)
+    assert layers._single_rank_plain(layer.mlp.linear_fc1)
+    ids = _ids()
+    fast, g_fast = _step(model, ids)
+    monkeypatch.setattr(layers, "_single_rank_plain", lambda linear: False)  # megatron's autograd functions
+    ref, g_ref = _step(model, ids)
+    assert torch.equal(fast, ref)
+    for name in g_ref:
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-5, atol=1e-5)

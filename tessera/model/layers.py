@@ -61,16 +61,48 @@ class PerHeadLayerNorm(MegatronModule):
         return f"{self.role}: heads={self.heads_per_partition}, head_dim={self.head_dim}, eps={self.eps}"
 
 
+def _single_rank_plain(linear) -> bool:
+    """True when megatron's parallel linear reduces to ``F.linear(x, weight)``: one TP rank, no bias,
+    no sequence parallelism, expert communication, fused / deferred weight gradients or offloading."""
+    cfg = linear.config
+    return (linear.bias is None and linear.tp_group.size() == 1 and not linear.sequence_parallel
+            and not linear.explicit_expert_comm and not linear.gradient_accumulation_fusion
+            and not cfg.defer_embedding_wgrad_compute and cfg._cpu_offloading_context is None)
+
+
+class SingleRankColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """megatron's ColumnParallelLinear; with one TP rank (and nothing else that needs megatron's own
+    autograd function) its forward is ``F.linear``: the same matmuls forward and backward, without
+    the Python autograd functions (the linear's and the identity TP-region copies) that cost more
+    than small matmuls on the CPU. Any other case, or an explicit ``weight``, is megatron's forward."""
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if weight is None and _single_rank_plain(self):
+            return F.linear(input_, self.weight), None
+        return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+
+
+class SingleRankRowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron's RowParallelLinear, ``F.linear`` with one TP rank (see SingleRankColumnParallelLinear)."""
+
+    def forward(self, input_):
+        if _single_rank_plain(self):
+            return F.linear(input_, self.weight), None
+        return super().forward(input_)
+
+
 class _SwiGLUFunction(torch.autograd.Function):
-    """``silu(gate) * up`` of ``x = [gate; up]`` (last dim) with one output buffer each way.
+    """``silu(gate) * up`` of ``x = [gate; up]`` (last dim) with one new buffer each way.
 
     megatron's unfused GLU (``silu(x_glu) * (x_linear + glu_linear_offset)``) allocates the silu, the
     ``+ 0.0`` and the product in the forward, and in the backward two products, silu's gradient and the
     ``torch.cat`` that joins the halves' gradients; on the CPU each fresh temporary costs about as much
-    as the arithmetic. Here the forward keeps only its input and the backward writes ``[dgate; dup]``
-    into one buffer. Same operations on the same values as autograd's (``silu_backward(g * up, gate)``
-    and ``g * silu(gate)``), so the results match bit for bit, up to the sign of zero (the ``+ 0.0``
-    turned -0.0 into +0.0)."""
+    as the arithmetic. Here the forward keeps only its input, and the backward writes ``[dgate; dup]``
+    over that input (the fc1 output, which nothing else needs by then; were it saved elsewhere too,
+    autograd's version check would raise instead of computing with the overwritten values) with one
+    temporary. Same operations on the same values as autograd's (``silu_backward(g * up, gate)`` and
+    ``g * silu(gate)``), so the results match bit for bit, up to the sign of zero (the ``+ 0.0`` turned
+    -0.0 into +0.0)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -78,18 +110,20 @@ class _SwiGLUFunction(torch.autograd.Function):
         out = F.silu(gate)
         out.mul_(up)
         ctx.save_for_backward(x)
+        # only an intermediate result may be overwritten, never a leaf (or a view of one) the caller holds
+        root = x if x._base is None else x._base
+        ctx.overwrite = root.grad_fn is not None
         return out
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        gate, up = torch.chunk(x, 2, dim=-1)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        dgate, dup = torch.chunk(dx, 2, dim=-1)
-        torch.mul(g, up, out=dgate)
-        torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)
-        torch.ops.aten.silu.out(gate, out=dup)
-        dup.mul_(g)
+        dx = x if ctx.overwrite else x.clone(memory_format=torch.contiguous_format)
+        gate, up = torch.chunk(dx, 2, dim=-1)
+        silu = F.silu(gate)
+        up.mul_(g)  # g * up: silu's incoming gradient
+        torch.ops.aten.silu_backward.grad_input(up, gate, grad_input=gate)  # dgate, elementwise over gate
+        torch.mul(g, silu, out=up)  # dup
         return dx
 
 

@@ -18,6 +18,8 @@ from tessera.model.config import ModelConfig
 from tessera.model.layers import (
     PerHeadLayerNorm,
     SDPAttention,
+    SingleRankColumnParallelLinear,
+    SingleRankRowParallelLinear,
     SwiGLU,
     SwinNormTransformerLayer,
     SwinNormTransformerLayerSubmodules,
@@ -74,9 +76,13 @@ def chameleon_layer_spec(cfg: ModelConfig, use_te: bool | None = None) -> Module
     attn_sub.q_layernorm, attn_sub.k_layernorm = _qk_norm_specs(cfg)
     if not use_te:
         attn_sub.core_attention = SDPAttention  # fused attention for the local path (see layers.py)
+        # F.linear when there is one TP rank (megatron's linears otherwise; see layers.py)
+        attn_sub.linear_qkv, attn_sub.linear_proj = SingleRankColumnParallelLinear, SingleRankRowParallelLinear
     # SwiGLU as one module on the whole fc1 output (layers.SwiGLU; transformer_config sets
     # use_te_activation_func so megatron's MLP uses it)
     mlp_sub = dataclasses.replace(sub.mlp.submodules, activation_func=SwiGLU)
+    if not use_te:
+        mlp_sub.linear_fc1, mlp_sub.linear_fc2 = SingleRankColumnParallelLinear, SingleRankRowParallelLinear
     if cfg.swin_norm and use_te:
         # The fused LayerNorm+Linear would put a norm on the branch INPUTS: use plain TE linears.
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
