@@ -167,10 +167,10 @@ def test_single_rank_linears_equal_megatron_linears(monkeypatch, dtype):
     layer = model.decoder.layers[0]
     assert isinstance(layer.self_attention.linear_qkv, SingleRankColumnParallelLinear)
     assert isinstance(layer.mlp.linear_fc2, SingleRankRowParallelLinear)
-    assert layers._single_rank_plain(layer.mlp.linear_fc1)
+    assert layers.single_rank_plain(layer.mlp.linear_fc1)
     ids = _ids()
     fast, g_fast = _step(model, ids)
-    monkeypatch.setattr(layers, "_single_rank_plain", lambda linear: False)  # megatron's autograd functions
+    monkeypatch.setattr(layers, "single_rank_plain", lambda linear: False)  # megatron's autograd functions
     ref, g_ref = _step(model, ids)
     assert torch.equal(fast, ref)
     for name in g_ref:

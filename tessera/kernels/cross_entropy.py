@@ -75,14 +75,13 @@ def _forward_stats_reference(logits, labels, vocab_start: int, block: int | None
         for c0 in range(0, v, cols):
             src = logits[r0:r1, c0 : c0 + cols]
             x = work[: src.shape[0], : src.shape[1]]
-            x.copy_(src)  # fp32 copy of the tile, then in place
-            cm = x.amax(dim=1)
-            if mr is None:
-                mr, sr = cm, x.sub_(cm.unsqueeze(1)).exp_().sum(dim=1)
-            else:  # online logsumexp across column chunks
-                m_new = torch.maximum(mr, cm)
-                sr = sr * torch.exp(mr - m_new) + x.sub_(m_new.unsqueeze(1)).exp_().sum(dim=1)
-                mr = m_new
+            cm = src.amax(dim=1).float()  # the max of a bf16 row is exact in fp32
+            if mr is not None:  # online logsumexp across column chunks
+                cm = torch.maximum(mr, cm)
+            torch.sub(src, cm.unsqueeze(1), out=x)  # fp32 (x - max) of the tile, then exp in place
+            part = x.exp_().sum(dim=1)
+            sr = part if mr is None else sr * torch.exp(mr - cm) + part
+            mr = cm
         m[r0:r1], s[r0:r1] = mr, sr
     local = labels - vocab_start
     owned = (local >= 0) & (local < v)
@@ -110,10 +109,12 @@ def _backward_reference(logits, labels, lse, coef_sm, coef_hot, vocab_start: int
             out = grad[r0:r1, c0 : c0 + cols]
             g = out if work is None else work[: out.shape[0], : out.shape[1]]
             src = logits[r0:r1, c0 : c0 + cols]
-            if g.data_ptr() != src.data_ptr():
-                g.copy_(src)
             # same arithmetic as coef_sm * exp(x - lse) - coef_hot * onehot, in fp32
-            g.sub_(lse_r).exp_().mul_(coef_r)
+            if g.data_ptr() == src.data_ptr():  # fp32 logits overwritten by their gradient
+                g.sub_(lse_r)
+            else:
+                torch.sub(src, lse_r, out=g)
+            g.exp_().mul_(coef_r)
             idx, neg = hot[ci]
             g.scatter_add_(1, idx[r0:r1], neg[r0:r1])
             if g is not out:

@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tessera.model.config import ModelConfig
 from tessera.model.cpu import enable_cpu_compat
+from tessera.model import layers
 from tessera.model.spec import chameleon_layer_spec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -98,7 +99,10 @@ class ChameleonGPTModel(GPTModel):
                                         rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=mtp_in_postprocess,
                                         **kwargs)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden_states.transpose(0, 1).contiguous(), weight=weight,
+        hidden_states = hidden_states.transpose(0, 1).contiguous()
+        if weight is None and layers.single_rank_plain(self.output_layer):  # one TP rank: F.linear (layers.py)
+            return F.linear(hidden_states, self.output_layer.weight)
+        logits, _ = self.output_layer(hidden_states, weight=weight,
                                       runtime_gather_output=kwargs.get("runtime_gather_output"))
         return logits
 

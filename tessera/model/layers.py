@@ -61,7 +61,7 @@ class PerHeadLayerNorm(MegatronModule):
         return f"{self.role}: heads={self.heads_per_partition}, head_dim={self.head_dim}, eps={self.eps}"
 
 
-def _single_rank_plain(linear) -> bool:
+def single_rank_plain(linear) -> bool:
     """True when megatron's parallel linear reduces to ``F.linear(x, weight)``: one TP rank, no bias,
     no sequence parallelism, expert communication, fused / deferred weight gradients or offloading."""
     cfg = linear.config
@@ -77,7 +77,7 @@ class SingleRankColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     than small matmuls on the CPU. Any other case, or an explicit ``weight``, is megatron's forward."""
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        if weight is None and _single_rank_plain(self):
+        if weight is None and single_rank_plain(self):
             return F.linear(input_, self.weight), None
         return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
 
@@ -86,7 +86,7 @@ class SingleRankRowParallelLinear(tensor_parallel.RowParallelLinear):
     """megatron's RowParallelLinear, ``F.linear`` with one TP rank (see SingleRankColumnParallelLinear)."""
 
     def forward(self, input_):
-        if _single_rank_plain(self):
+        if single_rank_plain(self):
             return F.linear(input_, self.weight), None
         return super().forward(input_)
 
