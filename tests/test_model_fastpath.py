@@ -143,8 +143,8 @@ def test_cross_entropy_reference_tiles_change_nothing(monkeypatch, dtype, block)
     monkeypatch.setattr(ce, "_REF_MIN_ROWS", 1)
     assert ce._ref_tiles(tokens, v, block)[0] < tokens
     (tiled_stats, tiled_grads) = run()
-    assert all(torch.equal(a, b) for a, b in zip(one_stats, tiled_stats))
-    assert all(torch.equal(a, b) for a, b in zip(one_grads, tiled_grads))
+    assert all(torch.equal(a, b) for a, b in zip(one_stats, tiled_stats, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(one_grads, tiled_grads, strict=True))
     # and against the plain formula: coef_sm * softmax - coef_hot * onehot(owned label)
     m, s, t = one_stats
     torch.testing.assert_close(m + torch.log(s), lse, rtol=1e-5, atol=1e-5)
@@ -159,8 +159,7 @@ def test_cross_entropy_reference_tiles_change_nothing(monkeypatch, dtype, block)
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_single_rank_linears_equal_megatron_linears(monkeypatch, dtype):
-    from tessera.model import build_model
-    from tessera.model import layers
+    from tessera.model import build_model, layers
     from tessera.model.layers import SingleRankColumnParallelLinear, SingleRankRowParallelLinear
 
     model = build_model(dataclasses.replace(TINY, params_dtype=dtype), init_seed=3)

@@ -12,9 +12,9 @@ from megatron.core.config_logger import has_config_logger_enabled
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from tessera.model import layers
 from tessera.model.config import ModelConfig
 from tessera.model.cpu import enable_cpu_compat
-from tessera.model import layers
 from tessera.model.spec import chameleon_layer_spec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -84,8 +84,9 @@ class ChameleonGPTModel(GPTModel):
     backward makes the transposed gradient contiguous). Here the [s, b, h] hidden states are made
     batch-first BEFORE the output layer, a copy V/h times smaller, so the logits come out [b, s, V/TP]
     as they are. Same layer, same weights, same result layout; only the order in which the matmul visits
-    the tokens differs. Every case this does not cover (labels given, inference contexts, multi-token
-    prediction, sequence parallelism, config logging) goes to megatron's ``_postprocess`` unchanged.
+    the tokens differs (and with one TP rank the output layer is ``F.linear``, as the layers' linears:
+    layers.single_rank_plain). Every case this does not cover (labels given, inference contexts,
+    multi-token prediction, sequence parallelism, config logging) goes to megatron's ``_postprocess``.
     """
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos,

@@ -1,9 +1,10 @@
 """The Chameleon layer spec for megatron-core's GPTModel.
 
-Pre-norm RMSNorm, SwiGLU MLP (megatron's MLP with ``layers.SwiGLU`` as its activation), no biases, per-head QK LayerNorm (``PerHeadLayerNorm``) after the QKV
-projection and before RoPE, optional Swin-style norm placement (``SwinNormTransformerLayer``), GQA via
-``num_query_groups``. Transformer Engine modules when TE imports and CUDA is present, megatron's
-local PyTorch modules otherwise.
+Pre-norm RMSNorm, SwiGLU MLP (megatron's MLP with ``layers.SwiGLU`` as its activation), no biases,
+per-head QK LayerNorm (``PerHeadLayerNorm``) after the QKV projection and before RoPE, optional
+Swin-style norm placement (``SwinNormTransformerLayer``), GQA via ``num_query_groups``. Transformer
+Engine modules when TE imports and CUDA is present, megatron's local PyTorch modules otherwise (with
+``F.linear`` for the linears when there is one TP rank: ``layers.SingleRank*ParallelLinear``).
 """
 
 from __future__ import annotations
