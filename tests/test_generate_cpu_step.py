@@ -125,3 +125,21 @@ def test_large_batches_step_through_torch(monkeypatch):
             if not expect_fused:  # same ops on the same prepacked weights
                 assert torch.equal(a, b)
         assert bool(calls) == expect_fused
+
+
+def test_portable_build_matches_torch_step(fresh_library, monkeypatch):
+    """The build without AVX512 (the plain-C loops every other x86-64 CPU gets) computes the same step."""
+    monkeypatch.setattr(cpu_decode, "FLAGS", tuple("-march=x86-64" if f == "-march=native" else f
+                                                   for f in cpu_decode.FLAGS))
+    model = make_model(groups=2, seed=6, scale=0.3)
+    ids, pad = _ragged_batch(2)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 0.03)):
+        ref = KVCacheDecoder(model, dtype=dtype, fused_cpu_step=False)
+        fused = KVCacheDecoder(model, dtype=dtype, fused_cpu_step=True)
+        for d in (ref, fused):
+            d.allocate(3, 20)
+        a, b = ref.prefill(ids, pad), fused.prefill(ids, pad)
+        for _ in range(6):
+            tok = a.float().argmax(-1)
+            a, b = ref.step(tok), fused.step(tok)
+            torch.testing.assert_close(b.float(), a.float(), atol=tol, rtol=tol)
