@@ -229,15 +229,32 @@ static void rope(float *t, const float *cos, const float *sin_signed, int rot) {
     memcpy(t, tmp, sizeof(float) * (size_t)rot);
 }
 
-int64_t tessera_decode_scratch_floats(const Model *md) {
-    const int64_t b = md->batch, h = md->hidden;
+/* Where each buffer of the caller's scratch starts (offsets in floats), and its total size: one layout
+ * for the size Python allocates and the pointers the step uses. */
+typedef struct {
+    int64_t x, normed, branch, wide, mid, out, scores, xb, total;
+} ScratchLayout;
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+static ScratchLayout scratch_layout(const Model *md) {
+    const int64_t b = md->batch, h = md->hidden, ffn = md->ffn;
     const int64_t qkv = (int64_t)md->groups * (md->heads / md->groups + 2) * md->head_dim;
     const int64_t ctx = (int64_t)md->heads * md->head_dim;
-    const int64_t wide = 2 * (int64_t)md->ffn > qkv ? 2 * (int64_t)md->ffn : qkv;
-    /* x, normed input, branch output, wide (qkv / fc1), ctx / ffn, scores, logits */
-    const int64_t widest_in = ctx > md->ffn ? (ctx > h ? ctx : h) : (md->ffn > h ? md->ffn : h);
-    return b * (3 * h + wide + (ctx > md->ffn ? ctx : md->ffn) + md->vocab + widest_in) + md->max_len;
+    ScratchLayout s;
+    s.x = 0;                                    /* residual stream [b, h] */
+    s.normed = s.x + b * h;                     /* normed branch input [b, h] */
+    s.branch = s.normed + b * h;                /* branch output [b, h] */
+    s.wide = s.branch + b * h;                  /* qkv or fc1 output [b, max(qkv, 2 ffn)] */
+    s.mid = s.wide + b * max64(qkv, 2 * ffn);   /* attention context or SwiGLU output [b, max(ctx, ffn)] */
+    s.out = s.mid + b * max64(ctx, ffn);        /* fp32 logits before the bf16 rounding [b, vocab] */
+    s.scores = s.out + b * md->vocab;           /* one head's attention scores [max_len] */
+    s.xb = s.scores + md->max_len;              /* a matmul input as bf16 [b, widest input] */
+    s.total = s.xb + b * max64(h, max64(ctx, ffn));
+    return s;
 }
+
+int64_t tessera_decode_scratch_floats(const Model *md) { return scratch_layout(md).total; }
 
 static void attention(const Model *md, const Layer *ly, float *qkv, float *ctx, float *scores, const int64_t *pad,
                       uint8_t *key_valid, int64_t col) {
@@ -300,12 +317,10 @@ int tessera_decode_step(const Model *md, const int64_t *tokens, const int64_t *p
     if (md->rot <= 0 || md->rot > md->head_dim || md->rot % 2) return -2;
     const int b = md->batch, h = md->hidden, ffn = md->ffn, hd = md->head_dim;
     const int qkv_width = md->groups * (md->heads / md->groups + 2) * hd, ctx_width = md->heads * hd;
-    const int64_t wide = 2 * (int64_t)ffn > qkv_width ? 2 * (int64_t)ffn : qkv_width;
-    float *x = scratch, *a = x + (int64_t)b * h, *y = a + (int64_t)b * h, *big = y + (int64_t)b * h;
-    float *mid = big + b * wide;
-    float *out = mid + (int64_t)b * (ctx_width > ffn ? ctx_width : ffn);
-    float *scores = out + (int64_t)b * md->vocab;
-    uint16_t *xb = (uint16_t *)(scores + md->max_len); /* x as bf16 for the matmuls */
+    const ScratchLayout sl = scratch_layout(md);
+    float *x = scratch + sl.x, *a = scratch + sl.normed, *y = scratch + sl.branch, *big = scratch + sl.wide;
+    float *mid = scratch + sl.mid, *out = scratch + sl.out, *scores = scratch + sl.scores;
+    uint16_t *xb = (uint16_t *)(scratch + sl.xb);
 
     for (int r = 0; r < b; r++)
         if (tokens[r] < 0 || tokens[r] >= md->embedding_rows) return -3;
