@@ -2,7 +2,7 @@
 
 ``FusedCPUStep.create(decoder)`` reads the decoder's own tensors (weights, norm tables, the fused QK-norm
 tables, the RoPE tables and the cache) and hands their data pointers to C; nothing is copied except the
-few norm vectors it needs in fp32. It returns None, with the reason in ``decoder.step_backend_reason``,
+few norm vectors it needs in fp32. It returns None, with the reason in ``decoder.step_backend``,
 for anything the C step does not implement, and the decoder then keeps its PyTorch path:
 
 * a GPU, or weights that are neither fp32 nor bf16;
@@ -74,8 +74,6 @@ class FusedCPUStep:
                 eps = torch.finfo(torch.float32).eps
             return C.Norm(C.NORM_RMS if kind == "RMSNorm" else C.NORM_LAYER, float(eps), ptr(_f32(w)), ptr(_f32(b)))
 
-        if d.device.type != "cpu":
-            raise _Unsupported(f"device {d.device} (the fused step is for the CPU)")
         if d.dtype not in (torch.float32, torch.bfloat16):
             raise _Unsupported(f"weights in {d.dtype} (fp32 or bf16 only)")
         if not d.gated or d.activation is not F.silu:
@@ -83,6 +81,11 @@ class FusedCPUStep:
         for w in [d.output] + [t for lw in d.layers for t in (lw.qkv, lw.proj, lw.fc1, lw.fc2)]:
             if w.dtype != d.dtype or w.layout != torch.strided:
                 raise _Unsupported("weights are prepacked or in another dtype")
+        first = d.layers[0]
+        if any(lw.fc1.shape != first.fc1.shape or (lw.qk_w is None) != (first.qk_w is None) for lw in d.layers):
+            raise _Unsupported("layers of different shapes")
+        if first.fc1.shape[0] % 2:
+            raise _Unsupported("linear_fc1 has an odd number of rows")
         layers = (C.Layer * d.num_layers)()
         for i, lw in enumerate(d.layers):
             if (lw.q_norm is not None or lw.k_norm is not None) and lw.qk_w is None:
@@ -91,25 +94,18 @@ class FusedCPUStep:
                 norm(lw.ln_attn, f"layer {i} attention norm"), norm(lw.post_attn, f"layer {i} post-attention norm"),
                 norm(lw.ln_mlp, f"layer {i} MLP norm"), norm(lw.post_mlp, f"layer {i} post-MLP norm"),
                 ptr(lw.qkv), ptr(lw.proj), ptr(lw.fc1), ptr(lw.fc2),
-                ptr(_f32(lw.qk_w.contiguous()) if lw.qk_w is not None else None),
-                ptr(_f32(lw.qk_b.contiguous()) if lw.qk_b is not None else None),
-                float(lw.qk_eps), None, None,
+                ptr(_f32(lw.qk_w)), ptr(_f32(lw.qk_b)), float(lw.qk_eps), None, None,
             )
-        if lw.fc1.shape[0] % 2:
-            raise _Unsupported("linear_fc1 has an odd number of rows")
         self._layers = layers
-        embedding = d.embedding if d.embedding.dtype == torch.float32 else _f32(d.embedding)
+        embedding = _f32(d.embedding)  # the CPU decoder's table is fp32 already: no copy
         self._model = C.Model(
             layers=d.num_layers, hidden=h, heads=d.num_heads, groups=d.num_groups, head_dim=d.head_dim,
-            ffn=d.layers[0].fc1.shape[0] // 2, vocab=d.vocab_size, rot=0, batch=0, max_len=0, threads=1,
+            ffn=first.fc1.shape[0] // 2, vocab=d.vocab_size, rot=0, batch=0, max_len=0, threads=1,
             bf16=int(d.dtype == torch.bfloat16),
-            q_scale=1.0 if d.layers[0].qk_w is not None else float(d.softmax_scale),
-            embedding=ptr(embedding.contiguous()), embedding_rows=embedding.shape[0], final_norm=norm(d.final_norm, "final norm"),
+            q_scale=1.0 if first.qk_w is not None else float(d.softmax_scale),
+            embedding=ptr(embedding), embedding_rows=embedding.shape[0], final_norm=norm(d.final_norm, "final norm"),
             output=ptr(d.output), cos=None, sin_signed=None, layer=layers,
         )
-        if len({lw.fc1.shape[0] for lw in d.layers}) != 1 or any((lw.qk_w is None) != (d.layers[0].qk_w is None)
-                                                                    for lw in d.layers):
-            raise _Unsupported("layers of different shapes")
         self._scratch: torch.Tensor | None = None
 
     @classmethod

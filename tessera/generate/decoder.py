@@ -387,6 +387,10 @@ class KVCacheDecoder:
             self._fused.bind()
 
     # ---- forward ---------------------------------------------------------------------------
+    def _check_room(self, s: int) -> None:
+        if self.length + s > self.max_len:
+            raise DecoderError(f"cache full: {self.length} + {s} tokens > max_len {self.max_len}")
+
     def _attention_block(
         self, li: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
         causal: bool,
@@ -449,8 +453,7 @@ class KVCacheDecoder:
         if self.cache is None:
             raise DecoderError("call allocate(batch, max_len) before decoding")
         s = ids.shape[1]
-        if self.length + s > self.max_len:
-            raise DecoderError(f"cache full: {self.length} + {s} tokens > max_len {self.max_len}")
+        self._check_room(s)
         x = F.embedding(ids, self.embedding)
         rope = self._rope_for(pos)
         for li, lw in enumerate(self.layers):
@@ -497,8 +500,7 @@ class KVCacheDecoder:
         """Append one token per row ([b]) and return the next-token logits [b, V]."""
         col = self.length
         if self._fused is not None and self.batch <= FUSED_STEP_MAX_BATCH:
-            if col >= self.max_len:
-                raise DecoderError(f"cache full: {col} + 1 tokens > max_len {self.max_len}")
+            self._check_room(1)
             logits = self._fused.step(tokens, self.pad, self._key_valid, col)
             self.length += 1
             return logits
