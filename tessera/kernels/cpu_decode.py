@@ -13,18 +13,16 @@ headers (plain C, called through ctypes with tensors' data pointers). Without a 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
+from tessera.kernels import _cbuild
+
 SOURCE = Path(__file__).with_name("cpu_decode.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
+FLAGS = _cbuild.DEFAULT_FLAGS
 
 NORM_NONE, NORM_RMS, NORM_LAYER = 0, 1, 2
 
@@ -61,48 +59,24 @@ _why_not: list[str] = []
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TESSERA_CACHE_DIR") or Path.home() / ".cache" / "tessera")
+    return _cbuild.cache_dir()
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
+    return _cbuild.compiler()
 
 
 def _cpu_signature() -> str:
     """What -march=native depends on, so a cache shared by different CPUs never loads a foreign build."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cbuild.cpu_signature()
 
 
 def _library_path(cc: str) -> Path:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + repr((FLAGS, version, _cpu_signature(), platform.machine())).encode()
-    ).hexdigest()[:16]
-    return cache_dir() / f"cpu_decode-{key}.so"
+    return _cbuild.library_path(SOURCE, FLAGS, cc, _cpu_signature())
 
 
 def _build(cc: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name and rename: concurrent processes never load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE}:\n{proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _cbuild.build(cc, SOURCE, FLAGS, target)
 
 
 def load() -> ctypes.CDLL | None:

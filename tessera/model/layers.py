@@ -19,6 +19,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from tessera.kernels import cpu_attention
+
 
 class PerHeadLayerNorm(MegatronModule):
     """LayerNorm over head_dim with a separate affine (weight AND bias) per head: transformers'
@@ -189,7 +191,8 @@ class SDPAttention(DotProductAttention):
 
     megatron's ``DotProductAttention`` materialises the [b, heads, s, s] scores and runs several
     elementwise passes over them; on the CPU those passes, not the matmuls, dominate a step at
-    s = 1024. SDPA's fused (flash) kernels never build that matrix. Same constructor, same
+    s = 1024. SDPA's fused (flash) kernels never build that matrix; on the CPU, our own kernel
+    (tessera/kernels/cpu_attention.c) is faster still and is used where it covers the call. Same constructor, same
     ``softmax_scale``, same dropout RNG (megatron's tracker); anything SDPA cannot express here
     (explicit masks, biases, packed sequences, KV-cache shapes) goes to megatron's implementation.
     """
@@ -206,11 +209,19 @@ class SDPAttention(DotProductAttention):
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         p = self.attention_dropout.p if self.training else 0.0
+        causal = mask_type == AttnMaskType.causal and sq > 1
+        if query.device.type == "cpu":
+            if torch.is_autocast_enabled("cpu"):  # SDPA's autocast rule: run in the autocast dtype
+                dtype = torch.get_autocast_dtype("cpu")
+                q, k, v = (t.to(dtype) for t in (q, k, v))
+            if cpu_attention.supports(q, k, v, p):
+                ctx = cpu_attention.attention(q, k, v, causal=causal, scale=self.softmax_scale)
+                return ctx.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 and not self.config.sequence_parallel \
             else contextlib.nullcontext()
         with rng:
             ctx = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=p, is_causal=mask_type == AttnMaskType.causal and sq > 1,
+                q, k, v, dropout_p=p, is_causal=causal,
                 scale=self.softmax_scale, enable_gqa=k.shape[1] != np_,
             )
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

@@ -1,0 +1,63 @@
+"""Build one of the project's plain-C CPU kernels with the host compiler and cache the shared library.
+
+The library is compiled once per (source, flags, compiler, CPU) into ``$TESSERA_CACHE_DIR`` (default
+``~/.cache/tessera``), under a name keyed by all four, so a cache shared by different machines never
+loads a build made for another CPU (``-march=native``). Compiling takes about a second and needs no
+PyTorch headers: the kernels are called through ctypes with tensors' data pointers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TESSERA_CACHE_DIR") or Path.home() / ".cache" / "tessera")
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def cpu_signature() -> str:
+    """What -march=native depends on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_path(source: Path, flags: Sequence[str], cc: str, cpu: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(source.read_bytes() + repr((tuple(flags), version, cpu, platform.machine())).encode()).hexdigest()[:16]
+    return cache_dir() / f"{source.stem}-{key}.so"
+
+
+def build(cc: str, source: Path, flags: Sequence[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name and rename: concurrent processes never load a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {source}:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
