@@ -158,13 +158,14 @@ static void gemm(int M, int N, int K, const float *A, int64_t ars, int64_t acs,
 static inline float hmax(v16 v) { float m = v[0]; for (int i = 1; i < VL; i++) m = v[i] > m ? v[i] : m; return m; }
 static inline float hsum(v16 v) { float s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 
-/* -inf where key j may not be seen by query i (causal: j > i; any: j >= seq). */
+/* -inf where key j may not be seen by query i (causal: j > i; any: j >= seq): per row, the masked
+ * columns are one tail of the block. */
 static void mask_block(const Shape *s, float *S, int i0, int j0) {
-    for (int i = 0; i < BQ; i++)
-        for (int j = 0; j < BK; j++) {
-            int qi = i0 + i, kj = j0 + j;
-            if (kj >= s->seq || (s->causal && kj > qi)) S[i * BK + j] = -INFINITY;
-        }
+    for (int i = 0; i < BQ; i++) {
+        int visible = s->seq - j0; /* columns [0, visible) stay */
+        if (s->causal && i0 + i - j0 + 1 < visible) visible = i0 + i - j0 + 1;
+        for (int j = visible < 0 ? 0 : visible; j < BK; j++) S[i * BK + j] = -INFINITY;
+    }
 }
 
 static int needs_mask(const Shape *s, int i0, int j0) {
@@ -182,13 +183,23 @@ static int key_blocks_for(const Shape *s, int i0) { /* key blocks query block i0
 
 static void *alloc_floats(size_t n) { return aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64); }
 
-/* Packs keys [0, n) of head (b, kh) as Kt [d][ld] (transposed, for S = Q K^T) and V [n][d], in fp32. */
-static void pack_keys(const Shape *s, const View *k, const View *v, int b, int kh, int n, int ld,
+/* Row j of a [n][d] fp32 matrix into its transpose kept block by block: Kt[j / BK] is [d][BK], so the
+ * strided writes stay inside one 16 KB block (a [d][n] transpose would touch a new cache line per
+ * element) and a block product reads its B operand as one dense [d][BK] matrix. */
+static inline void put_transposed(float *Kt, const float *row, int j, int d) {
+    float *blk = Kt + (size_t)(j / BK) * d * BK + j % BK;
+    for (int c = 0; c < d; c++) blk[(size_t)c * BK] = row[c];
+}
+
+static inline const float *block_of(const float *Kt, int j0, int d) { return Kt + (size_t)(j0 / BK) * d * BK; }
+
+/* Packs keys [0, n) of head (b, kh): K transposed block by block (put_transposed) and V as [n][d], fp32. */
+static void pack_keys(const Shape *s, const View *k, const View *v, int b, int kh, int n,
                       float *Kt, float *V, float *row) {
     const int d = s->head_dim;
     for (int j = 0; j < n; j++) {
         load_row(s, k, b, kh, j, 1.0f, row);
-        for (int c = 0; c < d; c++) Kt[(size_t)c * ld + j] = row[c];
+        put_transposed(Kt, row, j, d);
         load_row(s, v, b, kh, j, 1.0f, V + (size_t)j * d);
     }
 }
@@ -205,7 +216,7 @@ int tessera_attn_forward(const Shape *s, const View *q, const View *k, const Vie
     int failed = 0;
 #pragma omp parallel num_threads(s->threads)
     {
-        /* Q, O: [BQ][d]; Kt: [d][sp]; V: [sp][d]; S: [BQ][BK] */
+        /* Q, O: [BQ][d]; Kt: sp / BK blocks of [d][BK]; V: [sp][d]; S: [BQ][BK] */
         float *Q = alloc_floats((size_t)BQ * d), *O = alloc_floats((size_t)BQ * d), *Kt = alloc_floats((size_t)d * sp);
         float *V = alloc_floats((size_t)sp * d), *S = alloc_floats((size_t)BQ * BK), *row = alloc_floats((size_t)d);
         float m[BQ], l[BQ];
@@ -218,7 +229,7 @@ int tessera_attn_forward(const Shape *s, const View *q, const View *k, const Vie
             for (int64_t t = 0; t < tasks; t++) {
                 const int c = (int)(t % chunks), h = (int)((t / chunks) % s->heads), b = (int)(t / ((int64_t)chunks * s->heads));
                 const int qb_lo = split ? nq - 1 - c : 0, qb_hi = split ? nq - c : nq, kh = h / per_group;
-                pack_keys(s, k, v, b, kh, key_blocks_for(s, (qb_hi - 1) * BQ) * BK, sp, Kt, V, row);
+                pack_keys(s, k, v, b, kh, key_blocks_for(s, (qb_hi - 1) * BQ) * BK, Kt, V, row);
                 for (int qb = qb_lo; qb < qb_hi; qb++) {
                     const int i0 = qb * BQ;
                     for (int i = 0; i < BQ; i++) {
@@ -230,7 +241,7 @@ int tessera_attn_forward(const Shape *s, const View *q, const View *k, const Vie
                     const int nk = key_blocks_for(s, i0);
                     for (int kb = 0; kb < nk; kb++) {
                         const int j0 = kb * BK;
-                        gemm(BQ, BK, d, Q, d, 1, Kt + j0, sp, S, BK, 0);
+                        gemm(BQ, BK, d, Q, d, 1, block_of(Kt, j0, d), BK, S, BK, 0);
                         if (needs_mask(s, i0, j0)) mask_block(s, S, i0, j0);
                         for (int i = 0; i < BQ; i++) {
                             float *sr = S + i * BK;
@@ -294,11 +305,9 @@ int tessera_attn_backward(const Shape *s, const View *q, const View *k, const Vi
                 const int kh = (int)(t % s->groups), b = (int)(t / s->groups);
                 for (int j = 0; j < sp; j++) {
                     load_row(s, k, b, kh, j, 1.0f, K + (size_t)j * d);
+                    put_transposed(Kt, K + (size_t)j * d, j, d);
                     load_row(s, v, b, kh, j, 1.0f, row);
-                    for (int c = 0; c < d; c++) {
-                        Kt[(size_t)c * sp + j] = K[(size_t)j * d + c];
-                        Vt[(size_t)c * sp + j] = row[c];
-                    }
+                    put_transposed(Vt, row, j, d);
                 }
                 memset(dK, 0, hd * sizeof(float));
                 memset(dV, 0, hd * sizeof(float));
@@ -318,14 +327,14 @@ int tessera_attn_backward(const Shape *s, const View *q, const View *k, const Vi
                         for (int qb = s->causal ? (j0 / BQ) : 0; qb * BQ < s->seq; qb++) {
                             const int i0 = qb * BQ;
                             const float *Qi = Q + (size_t)i0 * d, *dOi = dO + (size_t)i0 * d;
-                            gemm(BQ, BK, d, Qi, d, 1, Kt + j0, sp, P, BK, 0); /* scaled scores */
+                            gemm(BQ, BK, d, Qi, d, 1, block_of(Kt, j0, d), BK, P, BK, 0); /* scaled scores */
                             if (needs_mask(s, i0, j0)) mask_block(s, P, i0, j0);
                             for (int i = 0; i < BQ; i++) {
                                 v16 li = splat(i0 + i < s->seq ? L[i0 + i] : INFINITY); /* padding rows: P = 0 */
                                 for (int j = 0; j < BK; j += VL) st(P + i * BK + j, vexp(ld(P + i * BK + j) - li));
                             }
                             gemm(BK, d, BQ, P, 1, BK, dOi, d, dV + (size_t)j0 * d, d, 1); /* dV += P^T dO */
-                            gemm(BQ, BK, d, dOi, d, 1, Vt + j0, sp, dS, BK, 0);           /* dP = dO V^T */
+                            gemm(BQ, BK, d, dOi, d, 1, block_of(Vt, j0, d), BK, dS, BK, 0); /* dP = dO V^T */
                             for (int i = 0; i < BQ; i++) {
                                 v16 di = splat(Dl[i0 + i]);
                                 for (int j = 0; j < BK; j += VL) {
