@@ -64,10 +64,14 @@ def test_bench_data_tiny(tmp_path):
 def test_bench_kernels_tiny(tmp_path):
     pytest.importorskip("tessera.kernels.bench")
     # --no-compile: torch.compile's first call takes 10-30 s here; tests/test_kernels_cross_entropy.py covers it (-m slow)
-    res = _run(tmp_path, "kernels", "--batches", "1", "--vocab", "512", "--no-compile")["results"]
+    res = _run(tmp_path, "kernels", "--batches", "1", "--vocab", "512", "--no-compile", "--attn-shapes", "1x2x80x32")["results"]
     assert res["rows"] and "reference" in res["note"]
     eager = [r for r in res["rows"] if r["impl"] == "reference (eager)"]
     assert {r["kernel"] for r in eager} == {"sample_step", "cross_entropy_z fwd+bwd"} and all(r["ms"] > 0 for r in eager)
+    attn = [r for r in res["rows"] if r["kernel"] == "attention fwd+bwd (causal)"]
+    assert {(r["shape"], r["impl"]) for r in attn} == {
+        (f"[1, 2, 80, 32] {dt}", impl) for dt in ("fp32", "bf16") for impl in ("C (cpu_attention.c)", "SDPA (eager)")}
+    assert all(r["ms"] > 0 for r in attn), attn
 
 
 def test_bench_decode_tiny(tmp_path):

@@ -49,11 +49,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: the engine's choice")
     p.set_defaults(func=cmd_decode)
 
-    p = sub.add_parser("kernels", help="sampling and cross-entropy kernels vs references (tessera.kernels.bench)")
+    p = sub.add_parser("kernels", help="sampling, cross-entropy and CPU attention kernels vs references (tessera.kernels.bench)")
     _common(p)
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--vocab", type=int, default=65536)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) rows (slow to compile)")
+    p.add_argument("--attn-shapes", default="2x4x512x64,1x8x2048x128",
+                   help="attention rows: comma-separated BATCHxHEADSxSEQxHEAD_DIM")
     p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("vq", help="VQ encode/decode images/s against transformers' ChameleonVQVAE encoder")
@@ -154,11 +156,22 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return _finish(args, "decode", res, machine)
 
 
+def _attn_shapes(text: str) -> tuple[tuple[int, int, int, int], ...]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise SystemExit(f"--attn-shapes: {item!r} is not BATCHxHEADSxSEQxHEAD_DIM (e.g. 2x4x512x64)")
+        shapes.append(tuple(int(p) for p in parts))
+    return tuple(shapes)
+
+
 def cmd_kernels(args: argparse.Namespace) -> int:
     from tessera.bench.suites import run_kernels
 
     machine = _machine(args)
-    res = run_kernels(batches=_ints(args.batches), vocab=args.vocab, device=args.device, compile=not args.no_compile)
+    res = run_kernels(batches=_ints(args.batches), vocab=args.vocab, device=args.device, compile=not args.no_compile,
+                      attn_shapes=_attn_shapes(args.attn_shapes))
     emit(format_table(res["rows"], title=res.get("note", "kernels")))
     return _finish(args, "kernels", res, machine)
 

@@ -83,13 +83,15 @@ def run_data(data: Path | None = None, seq_length: int = 1024, batch: int = 8, s
 
 # ---- kernels --------------------------------------------------------------------------------------
 def run_kernels(batches: tuple[int, ...] = (1, 8, 64), vocab: int = 65536, device: str | None = None,
-                compile: bool = True) -> dict:
-    from tessera.kernels.bench import benchmark_kernels
+                compile: bool = True, attn_shapes: tuple[tuple[int, int, int, int], ...] | None = None) -> dict:
+    from tessera.kernels.bench import ATTN_SHAPES, benchmark_kernels
 
-    rows = benchmark_kernels(batches=batches, vocab=vocab, device=device, compile=compile)
+    rows = benchmark_kernels(batches=batches, vocab=vocab, device=device, compile=compile,
+                             attn_shapes=attn_shapes or ATTN_SHAPES)
     on_gpu = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     note = ("kernels: Triton vs PyTorch reference" if on_gpu else
-            "kernels on CPU: Triton cannot run natively here, so these time the PyTorch references only")
+            "kernels on CPU: Triton cannot run natively here, so these time the PyTorch references only, "
+            "and the CPU attention kernel against SDPA")
     return {"batches": list(batches), "vocab": vocab, "note": note, "rows": rows}
 
 

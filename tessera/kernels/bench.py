@@ -7,6 +7,10 @@
 * ``cross_entropy_z``: forward + backward of the fused CE + z-loss on logits [batch * seq, vocab] bf16
   (seq = ``ce_seq``: 1024 on a GPU, 128 on a CPU to keep the run minutes, not hours), plus the unfused
   fp32 path training used before (``logits.float()``, log_softmax CE + logsumexp) for memory.
+* ``attention``: causal self-attention forward + backward at [batch, heads, seq, head_dim] (``attn_shapes``)
+  in fp32 and bf16, q / k / v as megatron lays them out ([s, b, heads, dim] views): the CPU training
+  kernel (``cpu_attention.c``) against ``F.scaled_dot_product_attention`` (PyTorch's CPU flash kernel).
+  On a GPU there is no CPU kernel to time, so these rows say so.
 
 Implementations are timed round-robin (a, b, c, a, b, c, ...) after one warm-up call each (the
 warm-up holds the compile); ``ms`` is the median. ``peak_extra_mib`` is the peak CUDA memory above
@@ -22,7 +26,9 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
+from . import cpu_attention
 from ._backend import triton_importable
 from .cross_entropy import cross_entropy_z_reference, cross_entropy_z_triton
 from .sampling import (
@@ -181,14 +187,42 @@ def _ce_rows(batch: int, seq: int, vocab: int, device: torch.device, repeats: in
     return rows
 
 
-KERNELS = ("sample_step", "cross_entropy_z")
+def _attention_rows(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+                    repeats: int) -> list[dict]:
+    b, h, s, d = shape
+    g = torch.Generator().manual_seed(s)
+    base = torch.randn(s, b, 3, h, d, generator=g).to(dtype)  # megatron's QKV split: [s, b, heads, dim] views
+    q, k, v = (base[:, :, i].permute(1, 2, 0, 3) for i in range(3))
+    dout = torch.randn(b, h, s, d, generator=g).to(dtype)
+
+    def fwd_bwd(fn):
+        def go():
+            fn(*(t.detach().requires_grad_() for t in (q, k, v))).backward(dout)
+        return go
+
+    ours_ok = device.type == "cpu" and cpu_attention.supports(q, k, v, 0.0)
+    impls = {
+        "C (cpu_attention.c)": fwd_bwd(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=True)) if ours_ok else None,
+        "SDPA (eager)": fwd_bwd(lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c, is_causal=True)),
+    }
+    why = ("not run: a CPU kernel (on a GPU attention is SDPA / Transformer Engine)" if device.type != "cpu"
+           else f"not run: {cpu_attention.unavailable_reason() or 'shape not covered'}")
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return _rows("attention fwd+bwd (causal)", b, f"[{b}, {h}, {s}, {d}] {name}", impls,
+                 {"C (cpu_attention.c)": "" if ours_ok else why}, device, repeats, "SDPA (eager)")
+
+
+KERNELS = ("sample_step", "cross_entropy_z", "attention")
+ATTN_SHAPES = ((2, 4, 512, 64), (1, 8, 2048, 128))  # the demo's training shape; a 7B-like head at 2k tokens
 
 
 def benchmark_kernels(batches: tuple[int, ...] = (1, 8, 64), vocab: int = 65536, device: str | None = None, *,
                       ce_seq: int | None = None, repeats: int | None = None, compile: bool = True,
-                      kernels: tuple[str, ...] = KERNELS) -> list[dict]:
+                      kernels: tuple[str, ...] = KERNELS,
+                      attn_shapes: tuple[tuple[int, int, int, int], ...] = ATTN_SHAPES) -> list[dict]:
     """Rows for ``tessera bench kernels`` (see the module docstring). ``batches``: decoding batch for
-    ``sample_step``, sequences of ``ce_seq`` tokens for the cross-entropy. ``compile=False`` skips the
+    ``sample_step``, sequences of ``ce_seq`` tokens for the cross-entropy; ``attn_shapes``: [batch, heads,
+    seq, head_dim] for the attention rows. ``compile=False`` skips the
     torch.compile rows (their first call compiles for seconds to minutes on a CPU)."""
     unknown = set(kernels) - set(KERNELS)
     if unknown:
@@ -207,4 +241,8 @@ def benchmark_kernels(batches: tuple[int, ...] = (1, 8, 64), vocab: int = 65536,
     if "cross_entropy_z" in kernels:
         for b in batches:
             rows += _ce_rows(b, seq, vocab, dev, reps, run_triton, triton_note, compile)
+    if "attention" in kernels:
+        for shape in attn_shapes:
+            for dtype in (torch.float32, torch.bfloat16):
+                rows += _attention_rows(shape, dtype, dev, reps)
     return rows
