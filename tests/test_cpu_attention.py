@@ -72,8 +72,11 @@ def test_scale_is_the_callers():
         assert _rel_err(a, r) < 1e-5
 
 
-def test_bf16_is_at_least_as_accurate_as_torchs_flash_kernel():
-    """bf16 in, bf16 out, fp32 inside: against the float64 answer, no worse than SDPA's own bf16 kernel."""
+@pytest.mark.parametrize("bf16_products", [True, False], ids=["bf16-products", "fp32-products"])
+def test_bf16_is_at_least_as_accurate_as_torchs_flash_kernel(monkeypatch, bf16_products):
+    """bf16 in, bf16 out: against the float64 answer, no worse than SDPA's own bf16 kernel, whether the block
+    products are bf16 (AVX512-BF16, P and dS rounded to bf16 as SDPA does) or fp32 (every other CPU)."""
+    monkeypatch.setattr(cpu_attention, "BF16_PRODUCTS", bf16_products)
     q, k, v, dout = _qkv(2, 4, 2, 192, 64, torch.bfloat16)
     ref = _reference(q, k, v, dout, True)
     ours = _grads(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=True), q, k, v, dout)
@@ -82,6 +85,21 @@ def test_bf16_is_at_least_as_accurate_as_torchs_flash_kernel():
         assert a.dtype == torch.bfloat16
         assert _rel_err(a, r) <= 1.05 * _rel_err(t, r) + 1e-3, name
         assert _rel_err(a, r) < 1e-2, name
+
+
+def test_portable_build_matches_float64_sdpa(monkeypatch, tmp_path):
+    """The build for a CPU without AVX-512 (the vector code lowered to SSE2) computes the same attention, so
+    CI on an AVX-512 machine still covers what other CPUs run."""
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_attention, "_loaded", {})
+    monkeypatch.setattr(cpu_attention, "FLAGS", tuple("-march=x86-64" if f == "-march=native" else f for f in cpu_attention.FLAGS))
+    assert cpu_attention.load() is not None, cpu_attention.unavailable_reason()
+    assert not cpu_attention.bf16_products()  # no AVX512-BF16 in this build
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        q, k, v, dout = _qkv(2, 4, 2, 100, 32, dtype)
+        ours = _grads(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=True), q, k, v, dout)
+        for name, a, r in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, dout, True)):
+            assert _rel_err(a, r) < tol, (dtype, name)
 
 
 def test_output_keeps_megatrons_memory_order():

@@ -36,6 +36,7 @@ typedef struct {
     int32_t batch, heads, groups, seq, head_dim;
     int32_t causal, bf16, threads;
     float scale;
+    int32_t bf16_products; /* bf16 inputs: block products in bf16 (AVX512-BF16) where the CPU has them */
 } Shape;
 
 static inline v16 ld(const float *p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
@@ -207,7 +208,7 @@ static void pack_keys(const Shape *s, const View *k, const View *v, int b, int k
 /* out = softmax(scale q k^T [causal]) v, lse[b, h, i] = log-sum-exp of row i's scaled scores.
  * A task is one (batch, head) with all its query blocks, so K and V are packed once per head; when
  * there are too few heads to keep every thread busy, a task is one query block instead. */
-int tessera_attn_forward(const Shape *s, const View *q, const View *k, const View *v, const View *out, float *lse) {
+static int forward_f32(const Shape *s, const View *q, const View *k, const View *v, const View *out, float *lse) {
     const int d = s->head_dim, nq = (s->seq + BQ - 1) / BQ, per_group = s->heads / s->groups;
     const int sp = nq * BQ; /* BQ == BK: the sequence padded to whole blocks */
     const int split = (int64_t)s->batch * s->heads < 2 * (int64_t)s->threads;
@@ -282,8 +283,8 @@ int tessera_attn_forward(const Shape *s, const View *q, const View *k, const Vie
 /* dq, dk, dv of the forward above, given its out and lse and the gradient dout. One task per
  * (batch, kv head): it owns dk, dv of that head outright (GQA: summed over the group's query heads),
  * so no two threads ever add into the same gradient. */
-int tessera_attn_backward(const Shape *s, const View *q, const View *k, const View *v, const View *out,
-                          const View *dout, const float *lse, const View *dq, const View *dk, const View *dv) {
+static int backward_f32(const Shape *s, const View *q, const View *k, const View *v, const View *out,
+                        const View *dout, const float *lse, const View *dq, const View *dk, const View *dv) {
     const int d = s->head_dim, per_group = s->heads / s->groups;
     const int nb = (s->seq + BK - 1) / BK, sp = nb * BK; /* sequence padded to whole blocks */
     const int64_t tasks = (int64_t)s->batch * s->groups;
@@ -358,4 +359,284 @@ int tessera_attn_backward(const Shape *s, const View *q, const View *k, const Vi
         free(P); free(dS); free(L); free(Dl);
     }
     return failed ? 1 : 0;
+}
+
+/* ---- bf16 block products ------------------------------------------------------------------------
+ * With bf16 inputs on a CPU with AVX512-BF16, every block product is vdpbf16ps: 32 bf16 multiply-adds
+ * per instruction into fp32, twice the fp32 FMA rate. The operands are what the fp32 path multiplies,
+ * rounded once to bf16 where they are not bf16 already (P and dS), as PyTorch's flash kernel and
+ * FlashAttention on GPUs do; softmax, the row statistics and all accumulation stay fp32.
+ *
+ * vdpbf16ps multiplies PAIRS along the contraction: for C += A B, A is row-major bf16 (a 32-bit word
+ * is the pair A[i][2p], A[i][2p+1], broadcast to all lanes) and B is packed as words
+ * Bw[p][n] = (B[2p][n], B[2p+1][n]): for B = K^T that is K's words transposed ("word-transposed"),
+ * for B = V, dO, Q or K it is two rows interleaved ("row-paired"). */
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_BF16_PRODUCTS 1
+
+static void *alloc_words(size_t n) { return alloc_floats(n); } /* 4-byte words, 64-byte aligned */
+
+/* Row `row` of (b, h) as raw bf16 (zeros past seq). */
+static void load_row_bf16(const Shape *s, const View *t, int b, int h, int row, uint16_t *dst) {
+    if (row >= s->seq) {
+        memset(dst, 0, (size_t)s->head_dim * sizeof(uint16_t));
+        return;
+    }
+    memcpy(dst, (const uint16_t *)t->data + b * t->sb + h * t->sh + row * t->ss, (size_t)s->head_dim * sizeof(uint16_t));
+}
+
+/* Word-transposed, block by block: row j of a [n][d] bf16 matrix lands in block j / BK as [d/2][BK] words. */
+static inline void put_word_transposed(uint32_t *W, const uint16_t *row, int j, int d) {
+    uint32_t *blk = W + (size_t)(j / BK) * (d / 2) * BK + j % BK;
+    const uint32_t *words = (const uint32_t *)row;
+    for (int c = 0; c < d / 2; c++) blk[(size_t)c * BK] = words[c];
+}
+
+/* Row-paired: row j of a [n][d] bf16 matrix is the low (j even) or high (j odd) half of words [j/2][0:d]. */
+static inline void put_row_paired(uint32_t *W, const uint16_t *row, int j, int d) {
+    uint16_t *dst = (uint16_t *)(W + (size_t)(j / 2) * d) + (j & 1);
+    for (int c = 0; c < d; c++) dst[2 * c] = row[c];
+}
+
+/* C[M x N] (= or +=) A[M x 2*K2] B[2*K2 x N]: A row-major bf16 words (lda words per row), B words
+ * [K2][N] (ldb), C fp32 row-major; N a multiple of 16. 4 x 64 of C in registers, as gemm(). */
+static void gemm_bf16(int M, int N, int K2, const uint32_t *A, int64_t lda, const uint32_t *B, int64_t ldb,
+                      float *C, int64_t ldc, int accumulate) {
+    for (int n0 = 0; n0 < N; n0 += 4 * VL) {
+        const int nv = N - n0 >= 4 * VL ? 4 : (N - n0) / VL;
+        for (int i0 = 0; i0 < M; i0 += 4) {
+            const int rows = M - i0 < 4 ? M - i0 : 4;
+            const uint32_t *a[4];
+            for (int r = 0; r < 4; r++) a[r] = A + (int64_t)(i0 + (r < rows ? r : rows - 1)) * lda;
+            __m512 c[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int v = 0; v < 4; v++) c[r][v] = _mm512_setzero_ps();
+            if (nv == 4) {
+                for (int k = 0; k < K2; k++) {
+                    const uint32_t *b = B + (int64_t)k * ldb + n0;
+                    __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + VL);
+                    __m512bh b2 = (__m512bh)_mm512_loadu_si512(b + 2 * VL), b3 = (__m512bh)_mm512_loadu_si512(b + 3 * VL);
+                    for (int r = 0; r < 4; r++) {
+                        __m512bh x = (__m512bh)_mm512_set1_epi32((int)a[r][k]);
+                        c[r][0] = _mm512_dpbf16_ps(c[r][0], x, b0);
+                        c[r][1] = _mm512_dpbf16_ps(c[r][1], x, b1);
+                        c[r][2] = _mm512_dpbf16_ps(c[r][2], x, b2);
+                        c[r][3] = _mm512_dpbf16_ps(c[r][3], x, b3);
+                    }
+                }
+            } else {
+                for (int k = 0; k < K2; k++)
+                    for (int v = 0; v < nv; v++) {
+                        __m512bh bv = (__m512bh)_mm512_loadu_si512(B + (int64_t)k * ldb + n0 + v * VL);
+                        for (int r = 0; r < 4; r++)
+                            c[r][v] = _mm512_dpbf16_ps(c[r][v], (__m512bh)_mm512_set1_epi32((int)a[r][k]), bv);
+                    }
+            }
+            for (int r = 0; r < rows; r++) {
+                float *cr = C + (int64_t)(i0 + r) * ldc + n0;
+                for (int v = 0; v < nv; v++)
+                    _mm512_storeu_ps(cr + v * VL, accumulate ? _mm512_add_ps(_mm512_loadu_ps(cr + v * VL), c[r][v]) : c[r][v]);
+            }
+        }
+    }
+}
+
+/* 64 fp32 -> 64 bf16 (round to nearest even: vcvtne2ps2bf16). */
+static inline void row_to_bf16(const float *src, uint16_t *dst) {
+    for (int j = 0; j < BK; j += 2 * VL) {
+        __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + VL), _mm512_loadu_ps(src + j));
+        _mm512_storeu_si512(dst + j, (__m512i)h);
+    }
+}
+
+static int forward_bf16(const Shape *s, const View *q, const View *k, const View *v, const View *out, float *lse) {
+    const int d = s->head_dim, d2 = d / 2, nq = (s->seq + BQ - 1) / BQ, per_group = s->heads / s->groups;
+    const int sp = nq * BQ;
+    const int split = (int64_t)s->batch * s->heads < 2 * (int64_t)s->threads;
+    const int chunks = split ? nq : 1;
+    const int64_t tasks = (int64_t)s->batch * s->heads * chunks;
+    const float scale = s->scale;
+    int failed = 0;
+#pragma omp parallel num_threads(s->threads)
+    {
+        /* Q: [BQ][d] bf16; Kw: word-transposed K; Vp: row-paired V; S: [BQ][BK] fp32; Pb: [BQ][BK] bf16 */
+        uint16_t *Q = alloc_words((size_t)BQ * d2), *row = alloc_words((size_t)d2 + 1), *Pb = alloc_words((size_t)BQ * BK / 2);
+        uint32_t *Kw = alloc_words((size_t)sp * d2), *Vp = alloc_words((size_t)sp * d2);
+        float *O = alloc_floats((size_t)BQ * d), *S = alloc_floats((size_t)BQ * BK);
+        float m[BQ], l[BQ];
+        if (!Q || !row || !Pb || !Kw || !Vp || !O || !S) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < tasks; t++) {
+                const int c = (int)(t % chunks), h = (int)((t / chunks) % s->heads), b = (int)(t / ((int64_t)chunks * s->heads));
+                const int qb_lo = split ? nq - 1 - c : 0, qb_hi = split ? nq - c : nq, kh = h / per_group;
+                const int nkeys = key_blocks_for(s, (qb_hi - 1) * BQ) * BK;
+                for (int j = 0; j < nkeys; j++) {
+                    load_row_bf16(s, k, b, kh, j, row);
+                    put_word_transposed(Kw, row, j, d);
+                    load_row_bf16(s, v, b, kh, j, row);
+                    put_row_paired(Vp, row, j, d);
+                }
+                for (int qb = qb_lo; qb < qb_hi; qb++) {
+                    const int i0 = qb * BQ;
+                    for (int i = 0; i < BQ; i++) {
+                        load_row_bf16(s, q, b, h, i0 + i, Q + (size_t)i * d);
+                        m[i] = -INFINITY; /* in units of the scaled scores */
+                        l[i] = 0.0f;
+                    }
+                    memset(O, 0, (size_t)BQ * d * sizeof(float));
+                    const int nk = key_blocks_for(s, i0);
+                    for (int kb = 0; kb < nk; kb++) {
+                        const int j0 = kb * BK;
+                        gemm_bf16(BQ, BK, d2, (const uint32_t *)Q, d2, Kw + (size_t)kb * d2 * BK, BK, S, BK, 0);
+                        if (needs_mask(s, i0, j0)) mask_block(s, S, i0, j0);
+                        for (int i = 0; i < BQ; i++) {
+                            float *sr = S + i * BK;
+                            v16 mx = ld(sr);
+                            for (int j = VL; j < BK; j += VL) mx = vmax(ld(sr + j), mx);
+                            float mnew = hmax(mx) * scale;
+                            mnew = mnew > m[i] ? mnew : m[i];
+                            if (mnew == -INFINITY) {
+                                memset(sr, 0, BK * sizeof(float));
+                            } else {
+                                const float alpha = expf(m[i] - mnew);
+                                v16 sum = splat(0);
+                                for (int j = 0; j < BK; j += VL) {
+                                    v16 p = vexp(ld(sr + j) * splat(scale) - splat(mnew));
+                                    st(sr + j, p);
+                                    sum += p;
+                                }
+                                l[i] = l[i] * alpha + hsum(sum);
+                                m[i] = mnew;
+                                if (alpha != 1.0f)
+                                    for (int e = 0; e < d; e++) O[(size_t)i * d + e] *= alpha;
+                            }
+                            row_to_bf16(sr, Pb + (size_t)i * BK);
+                        }
+                        gemm_bf16(BQ, d, BK / 2, (const uint32_t *)Pb, BK / 2, Vp + (size_t)(j0 / 2) * d, d, O, d, 1);
+                    }
+                    for (int i = 0; i < BQ && i0 + i < s->seq; i++) {
+                        store_row(s, out, b, h, i0 + i, O + (size_t)i * d, 1.0f / l[i]);
+                        lse[((int64_t)b * s->heads + h) * s->seq + i0 + i] = m[i] + logf(l[i]);
+                    }
+                }
+            }
+        }
+        free(Q); free(row); free(Pb); free(Kw); free(Vp); free(O); free(S);
+    }
+    return failed ? 1 : 0;
+}
+
+static int backward_bf16(const Shape *s, const View *q, const View *k, const View *v, const View *out,
+                         const View *dout, const float *lse, const View *dq, const View *dk, const View *dv) {
+    const int d = s->head_dim, d2 = d / 2, per_group = s->heads / s->groups;
+    const int nb = (s->seq + BK - 1) / BK, sp = nb * BK;
+    const int64_t tasks = (int64_t)s->batch * s->groups;
+    const float scale = s->scale;
+    int failed = 0;
+#pragma omp parallel num_threads(s->threads)
+    {
+        const size_t hw = (size_t)sp * d2; /* words in one head's [sp][d] bf16 */
+        uint16_t *Q = alloc_words(hw), *dO = alloc_words(hw), *row = alloc_words((size_t)d2 + 1);
+        uint32_t *Qp = alloc_words(hw), *dOp = alloc_words(hw), *Kw = alloc_words(hw), *Kp = alloc_words(hw), *Vw = alloc_words(hw);
+        uint16_t *Pt = alloc_words((size_t)BQ * BK / 2), *dSb = alloc_words((size_t)BQ * BK / 2), *dSt = alloc_words((size_t)BQ * BK / 2);
+        float *dQ = alloc_floats((size_t)sp * d), *dK = alloc_floats((size_t)sp * d), *dV = alloc_floats((size_t)sp * d);
+        float *P = alloc_floats((size_t)BQ * BK), *dS = alloc_floats((size_t)BQ * BK), *orow = alloc_floats((size_t)d);
+        float *L = alloc_floats((size_t)sp), *Dl = alloc_floats((size_t)sp), *dorow = alloc_floats((size_t)d);
+        if (!Q || !dO || !row || !Qp || !dOp || !Kw || !Kp || !Vw || !Pt || !dSb || !dSt || !dQ || !dK || !dV || !P || !dS
+            || !orow || !L || !Dl || !dorow) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < tasks; t++) {
+                const int kh = (int)(t % s->groups), b = (int)(t / s->groups);
+                for (int j = 0; j < sp; j++) {
+                    load_row_bf16(s, k, b, kh, j, row);
+                    put_word_transposed(Kw, row, j, d);
+                    put_row_paired(Kp, row, j, d);
+                    load_row_bf16(s, v, b, kh, j, row);
+                    put_word_transposed(Vw, row, j, d);
+                }
+                memset(dK, 0, (size_t)sp * d * sizeof(float));
+                memset(dV, 0, (size_t)sp * d * sizeof(float));
+                for (int h = kh * per_group; h < (kh + 1) * per_group; h++) {
+                    for (int i = 0; i < sp; i++) {
+                        load_row_bf16(s, q, b, h, i, Q + (size_t)i * d);
+                        put_row_paired(Qp, Q + (size_t)i * d, i, d);
+                        load_row_bf16(s, dout, b, h, i, dO + (size_t)i * d);
+                        put_row_paired(dOp, dO + (size_t)i * d, i, d);
+                        load_row(s, out, b, h, i, 1.0f, orow);
+                        load_row(s, dout, b, h, i, 1.0f, dorow);
+                        float acc = 0.0f;
+                        for (int c = 0; c < d; c++) acc += orow[c] * dorow[c];
+                        Dl[i] = acc;
+                        L[i] = i < s->seq ? lse[((int64_t)b * s->heads + h) * s->seq + i] : INFINITY; /* padding: P = 0 */
+                    }
+                    memset(dQ, 0, (size_t)sp * d * sizeof(float));
+                    for (int kb = 0; kb < nb; kb++) {
+                        const int j0 = kb * BK;
+                        for (int qb = s->causal ? (j0 / BQ) : 0; qb * BQ < s->seq; qb++) {
+                            const int i0 = qb * BQ;
+                            const uint32_t *Qi = (const uint32_t *)(Q + (size_t)i0 * d), *dOi = (const uint32_t *)(dO + (size_t)i0 * d);
+                            gemm_bf16(BQ, BK, d2, Qi, d2, Kw + (size_t)kb * d2 * BK, BK, P, BK, 0);
+                            if (needs_mask(s, i0, j0)) mask_block(s, P, i0, j0);
+                            for (int i = 0; i < BQ; i++) {
+                                v16 li = splat(L[i0 + i]);
+                                for (int j = 0; j < BK; j += VL) st(P + i * BK + j, vexp(ld(P + i * BK + j) * splat(scale) - li));
+                                for (int j = 0; j < BK; j++) Pt[j * BQ + i] = f32_to_bf16(P[i * BK + j]);
+                            }
+                            gemm_bf16(BK, d, BQ / 2, (const uint32_t *)Pt, BQ / 2, dOp + (size_t)(i0 / 2) * d, d,
+                                      dV + (size_t)j0 * d, d, 1);                                         /* dV += P^T dO */
+                            gemm_bf16(BQ, BK, d2, dOi, d2, Vw + (size_t)kb * d2 * BK, BK, dS, BK, 0); /* dP = dO V^T */
+                            for (int i = 0; i < BQ; i++) {
+                                v16 di = splat(Dl[i0 + i]);
+                                for (int j = 0; j < BK; j += VL) {
+                                    float *x = dS + i * BK + j;
+                                    st(x, ld(P + i * BK + j) * (ld(x) - di));
+                                }
+                                row_to_bf16(dS + i * BK, dSb + (size_t)i * BK);
+                                for (int j = 0; j < BK; j++) dSt[j * BQ + i] = dSb[(size_t)i * BK + j];
+                            }
+                            gemm_bf16(BK, d, BQ / 2, (const uint32_t *)dSt, BQ / 2, Qp + (size_t)(i0 / 2) * d, d,
+                                      dK + (size_t)j0 * d, d, 1);                                         /* dK += dS^T q */
+                            gemm_bf16(BQ, d, BK / 2, (const uint32_t *)dSb, BK / 2, Kp + (size_t)(j0 / 2) * d, d,
+                                      dQ + (size_t)i0 * d, d, 1);                                         /* dQ += dS K */
+                        }
+                    }
+                    for (int i = 0; i < s->seq; i++) store_row(s, dq, b, h, i, dQ + (size_t)i * d, scale);
+                }
+                for (int j = 0; j < s->seq; j++) {
+                    store_row(s, dk, b, kh, j, dK + (size_t)j * d, scale);
+                    store_row(s, dv, b, kh, j, dV + (size_t)j * d, 1.0f);
+                }
+            }
+        }
+        free(Q); free(dO); free(row); free(Qp); free(dOp); free(Kw); free(Kp); free(Vw); free(Pt); free(dSb); free(dSt);
+        free(dQ); free(dK); free(dV); free(P); free(dS); free(orow); free(L); free(Dl); free(dorow);
+    }
+    return failed ? 1 : 0;
+}
+#else
+#define HAVE_BF16_PRODUCTS 0
+#define forward_bf16 forward_f32
+#define backward_bf16 backward_f32
+#endif
+
+static int use_bf16_products(const Shape *s) { return HAVE_BF16_PRODUCTS && s->bf16 && s->bf16_products; }
+
+/* 1 when this build multiplies bf16 inputs in bf16 (AVX512-BF16), 0 when every product is fp32. */
+int tessera_attn_bf16_products(void) { return HAVE_BF16_PRODUCTS; }
+
+int tessera_attn_forward(const Shape *s, const View *q, const View *k, const View *v, const View *out, float *lse) {
+    return use_bf16_products(s) ? forward_bf16(s, q, k, v, out, lse) : forward_f32(s, q, k, v, out, lse);
+}
+
+int tessera_attn_backward(const Shape *s, const View *q, const View *k, const View *v, const View *out,
+                          const View *dout, const float *lse, const View *dq, const View *dk, const View *dv) {
+    return use_bf16_products(s) ? backward_bf16(s, q, k, v, out, dout, lse, dq, dk, dv)
+                                : backward_f32(s, q, k, v, out, dout, lse, dq, dk, dv);
 }

@@ -38,7 +38,13 @@ class View(ctypes.Structure):
 
 class Shape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in
-                ("batch", "heads", "groups", "seq", "head_dim", "causal", "bf16", "threads")] + [("scale", ctypes.c_float)]
+                ("batch", "heads", "groups", "seq", "head_dim", "causal", "bf16", "threads")] + [
+                ("scale", ctypes.c_float), ("bf16_products", ctypes.c_int32)]
+
+
+# bf16 inputs: block products in bf16 (vdpbf16ps, fp32 accumulation) where the build has AVX512-BF16;
+# False multiplies in fp32 (the path every other CPU takes; tests switch it to cover both)
+BF16_PRODUCTS = True
 
 
 _lock = threading.Lock()
@@ -69,6 +75,8 @@ def load() -> ctypes.CDLL | None:
                 lib.tessera_attn_forward.argtypes = [ctypes.POINTER(Shape), view, view, view, view, ctypes.c_void_p]
                 lib.tessera_attn_backward.restype = ctypes.c_int
                 lib.tessera_attn_backward.argtypes = [ctypes.POINTER(Shape)] + [view] * 5 + [ctypes.c_void_p] + [view] * 3
+                lib.tessera_attn_bf16_products.restype = ctypes.c_int
+                lib.tessera_attn_bf16_products.argtypes = []
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _why_not[:] = [str(exc)]
                 warnings.warn(f"CPU attention kernel unavailable, using scaled_dot_product_attention: {exc}", stacklevel=2)
@@ -79,6 +87,12 @@ def load() -> ctypes.CDLL | None:
 
 def unavailable_reason() -> str | None:
     return _why_not[0] if _why_not else None
+
+
+def bf16_products() -> bool:
+    """Whether bf16 inputs are multiplied in bf16 here (the build found AVX512-BF16 and BF16_PRODUCTS is on)."""
+    lib = load()
+    return bool(lib is not None and lib.tessera_attn_bf16_products() and BF16_PRODUCTS)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
@@ -104,7 +118,8 @@ class _CPUAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, causal: bool, scale: float):
         q, k, v = (_dim_contiguous(t) for t in (q, k, v))
         b, h, s, d = q.shape
-        shape = Shape(b, h, k.shape[1], s, d, int(causal), int(q.dtype == torch.bfloat16), torch.get_num_threads(), scale)
+        shape = Shape(b, h, k.shape[1], s, d, int(causal), int(q.dtype == torch.bfloat16), torch.get_num_threads(), scale,
+                      int(BF16_PRODUCTS))
         # empty_like keeps q's memory order: megatron's [s, b, heads, dim] stays that way, so the caller's
         # permute back to [s, b, hidden] is a view, not a copy
         out = torch.empty_like(q)
