@@ -1,20 +1,24 @@
 /*
  * Causal (or full) self-attention forward and backward for CPU training, flash-attention style.
  *
- * Why: on the CPU a training step of a small model spends about a third of its time in
+ * Why: on the CPU a training step of a small model spent about a third of its time in
  * scaled_dot_product_attention (PyTorch's CPU flash kernel runs its small GEMMs at ~15% of the
  * machine's matmul peak). Here every block product is one register-blocked micro-kernel
  * (4 rows x 64 columns of fp32 accumulators held in registers), the softmax never leaves the cache,
  * and the inputs are read in whatever strides the caller has them (megatron's [s, b, heads, dim]),
  * so no layout copies are made on either side.
  *
- * Numerics: everything is computed in fp32 (bf16 inputs are widened when packed, outputs rounded
- * to nearest-even once at the end), the same algorithm as FlashAttention-2: online softmax in the
- * forward, saving the row log-sum-exp; the backward recomputes P from it.
+ * Algorithm: FlashAttention-2. The forward keeps an online softmax per query block and saves the
+ * row log-sum-exp; the backward recomputes P from it.
+ * Numerics: fp32 inputs are computed in fp32 throughout. bf16 inputs use bf16 block products with fp32
+ * accumulation where the CPU has AVX512-BF16 (see "bf16 block products" below), else they are
+ * widened to fp32. Softmax statistics and accumulators are always fp32, and outputs are rounded to
+ * nearest-even once, at the end.
  *
- * Written with GCC vector extensions, not intrinsics: the compiler lowers a 16-float vector to
- * AVX-512, AVX2 or SSE registers, so one source serves every x86-64 (and aarch64) build.
- * Built by tessera/kernels/cpu_attention.py with the host compiler (-O3 -march=native -fopenmp).
+ * The fp32 path is written with GCC vector extensions, not intrinsics: the compiler lowers a 16-float
+ * vector to AVX-512, AVX2 or SSE registers, so one source serves every x86-64 (and aarch64) build.
+ * Built by tessera/kernels/cpu_attention.py with the host compiler (-O3 -march=native -fopenmp
+ * -ffp-contract=fast).
  */
 #include <math.h>
 #include <stdint.h>

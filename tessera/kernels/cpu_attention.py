@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from tessera.kernels import _cbuild
 
@@ -131,6 +132,7 @@ class _CPUAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the C backward is not itself differentiable: double backward raises, never silently wrong
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dout = _dim_contiguous(dout)
