@@ -188,6 +188,43 @@ static int key_blocks_for(const Shape *s, int i0) { /* key blocks query block i0
 
 static void *alloc_floats(size_t n) { return aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64); }
 
+/* One key block of the online softmax: S [BQ][BK] holds the block's scores times 1 / `scale`; each row's
+ * running max m (in scaled units) and sum l are updated, S is replaced by exp(scale S - m), and the
+ * row's output accumulator O is rescaled to the new max. */
+static void online_softmax(float *S, float *m, float *l, float *O, int d, float scale) {
+    for (int i = 0; i < BQ; i++) {
+        float *sr = S + i * BK;
+        v16 mx = ld(sr);
+        for (int j = VL; j < BK; j += VL) mx = vmax(ld(sr + j), mx);
+        float mnew = hmax(mx) * scale;
+        mnew = mnew > m[i] ? mnew : m[i];
+        if (mnew == -INFINITY) { /* nothing visible yet (cannot happen for rows < seq) */
+            memset(sr, 0, BK * sizeof(float));
+            continue;
+        }
+        const float alpha = expf(m[i] - mnew);
+        v16 sum = splat(0);
+        for (int j = 0; j < BK; j += VL) {
+            v16 p = vexp(ld(sr + j) * splat(scale) - splat(mnew));
+            st(sr + j, p);
+            sum += p;
+        }
+        l[i] = l[i] * alpha + hsum(sum);
+        m[i] = mnew;
+        if (alpha != 1.0f)
+            for (int e = 0; e < d; e++) O[(size_t)i * d + e] *= alpha;
+    }
+}
+
+/* The finished query block i0 of (b, h): out = O / l, and the rows' log-sum-exp for the backward. */
+static void store_output(const Shape *s, const View *out, float *lse, int b, int h, int i0,
+                         const float *O, const float *m, const float *l) {
+    for (int i = 0; i < BQ && i0 + i < s->seq; i++) {
+        store_row(s, out, b, h, i0 + i, O + (size_t)i * s->head_dim, 1.0f / l[i]);
+        lse[((int64_t)b * s->heads + h) * s->seq + i0 + i] = m[i] + logf(l[i]);
+    }
+}
+
 /* Row j of a [n][d] fp32 matrix into its transpose kept block by block: Kt[j / BK] is [d][BK], so the
  * strided writes stay inside one 16 KB block (a [d][n] transpose would touch a new cache line per
  * element) and a block product reads its B operand as one dense [d][BK] matrix. */
@@ -248,34 +285,10 @@ static int forward_f32(const Shape *s, const View *q, const View *k, const View 
                         const int j0 = kb * BK;
                         gemm(BQ, BK, d, Q, d, 1, block_of(Kt, j0, d), BK, S, BK, 0);
                         if (needs_mask(s, i0, j0)) mask_block(s, S, i0, j0);
-                        for (int i = 0; i < BQ; i++) {
-                            float *sr = S + i * BK;
-                            v16 mx = ld(sr);
-                            for (int j = VL; j < BK; j += VL) mx = vmax(ld(sr + j), mx);
-                            float mnew = hmax(mx);
-                            mnew = mnew > m[i] ? mnew : m[i];
-                            if (mnew == -INFINITY) { /* nothing visible yet (cannot happen for rows < seq) */
-                                memset(sr, 0, BK * sizeof(float));
-                                continue;
-                            }
-                            const float alpha = expf(m[i] - mnew);
-                            v16 sum = splat(0);
-                            for (int j = 0; j < BK; j += VL) {
-                                v16 p = vexp(ld(sr + j) - splat(mnew));
-                                st(sr + j, p);
-                                sum += p;
-                            }
-                            l[i] = l[i] * alpha + hsum(sum);
-                            m[i] = mnew;
-                            if (alpha != 1.0f)
-                                for (int e = 0; e < d; e++) O[(size_t)i * d + e] *= alpha;
-                        }
+                        online_softmax(S, m, l, O, d, 1.0f); /* q was scaled when loaded */
                         gemm(BQ, d, BK, S, BK, 1, V + (size_t)j0 * d, d, O, d, 1);
                     }
-                    for (int i = 0; i < BQ && i0 + i < s->seq; i++) {
-                        store_row(s, out, b, h, i0 + i, O + (size_t)i * d, 1.0f / l[i]);
-                        lse[((int64_t)b * s->heads + h) * s->seq + i0 + i] = m[i] + logf(l[i]);
-                    }
+                    store_output(s, out, lse, b, h, i0, O, m, l);
                 }
             }
         }
@@ -497,35 +510,11 @@ static int forward_bf16(const Shape *s, const View *q, const View *k, const View
                         const int j0 = kb * BK;
                         gemm_bf16(BQ, BK, d2, (const uint32_t *)Q, d2, Kw + (size_t)kb * d2 * BK, BK, S, BK, 0);
                         if (needs_mask(s, i0, j0)) mask_block(s, S, i0, j0);
-                        for (int i = 0; i < BQ; i++) {
-                            float *sr = S + i * BK;
-                            v16 mx = ld(sr);
-                            for (int j = VL; j < BK; j += VL) mx = vmax(ld(sr + j), mx);
-                            float mnew = hmax(mx) * scale;
-                            mnew = mnew > m[i] ? mnew : m[i];
-                            if (mnew == -INFINITY) {
-                                memset(sr, 0, BK * sizeof(float));
-                            } else {
-                                const float alpha = expf(m[i] - mnew);
-                                v16 sum = splat(0);
-                                for (int j = 0; j < BK; j += VL) {
-                                    v16 p = vexp(ld(sr + j) * splat(scale) - splat(mnew));
-                                    st(sr + j, p);
-                                    sum += p;
-                                }
-                                l[i] = l[i] * alpha + hsum(sum);
-                                m[i] = mnew;
-                                if (alpha != 1.0f)
-                                    for (int e = 0; e < d; e++) O[(size_t)i * d + e] *= alpha;
-                            }
-                            row_to_bf16(sr, Pb + (size_t)i * BK);
-                        }
+                        online_softmax(S, m, l, O, d, scale); /* raw q k^T: scaled here, in fp32 */
+                        for (int i = 0; i < BQ; i++) row_to_bf16(S + i * BK, Pb + (size_t)i * BK);
                         gemm_bf16(BQ, d, BK / 2, (const uint32_t *)Pb, BK / 2, Vp + (size_t)(j0 / 2) * d, d, O, d, 1);
                     }
-                    for (int i = 0; i < BQ && i0 + i < s->seq; i++) {
-                        store_row(s, out, b, h, i0 + i, O + (size_t)i * d, 1.0f / l[i]);
-                        lse[((int64_t)b * s->heads + h) * s->seq + i0 + i] = m[i] + logf(l[i]);
-                    }
+                    store_output(s, out, lse, b, h, i0, O, m, l);
                 }
             }
         }
