@@ -73,11 +73,14 @@ def test_scale_is_the_callers():
 
 
 @pytest.mark.parametrize("bf16_products", [True, False], ids=["bf16-products", "fp32-products"])
-def test_bf16_is_at_least_as_accurate_as_torchs_flash_kernel(monkeypatch, bf16_products):
+@pytest.mark.parametrize("b,h,g,s", [(2, 4, 2, 192), (1, 2, 1, 100)], ids=["task-per-head", "task-per-block"])
+def test_bf16_is_at_least_as_accurate_as_torchs_flash_kernel(monkeypatch, bf16_products, b, h, g, s):
     """bf16 in, bf16 out: against the float64 answer, no worse than SDPA's own bf16 kernel, whether the block
-    products are bf16 (AVX512-BF16, P and dS rounded to bf16 as SDPA does) or fp32 (every other CPU)."""
+    products are bf16 (AVX512-BF16, P and dS rounded to bf16 as SDPA does) or fp32 (every other CPU). With
+    fewer heads than 2 x threads the forward hands out one query block per task (the second shape)."""
     monkeypatch.setattr(cpu_attention, "BF16_PRODUCTS", bf16_products)
-    q, k, v, dout = _qkv(2, 4, 2, 192, 64, torch.bfloat16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    q, k, v, dout = _qkv(b, h, g, s, 64, torch.bfloat16)
     ref = _reference(q, k, v, dout, True)
     ours = _grads(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=True), q, k, v, dout)
     sdpa = _grads(lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c, is_causal=True, enable_gqa=True), q, k, v, dout)

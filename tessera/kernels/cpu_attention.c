@@ -246,15 +246,45 @@ static void pack_keys(const Shape *s, const View *k, const View *v, int b, int k
     }
 }
 
-/* out = softmax(scale q k^T [causal]) v, lse[b, h, i] = log-sum-exp of row i's scaled scores.
- * A task is one (batch, head) with all its query blocks, so K and V are packed once per head; when
- * there are too few heads to keep every thread busy, a task is one query block instead. */
+/* How a forward splits into tasks: one per (batch, head) with all its query blocks, so K and V are
+ * packed once per head; with too few heads to keep every thread busy, one per query block instead. */
+typedef struct {
+    int nq, sp, split, chunks;
+    int64_t tasks;
+} ForwardPlan;
+
+typedef struct {
+    int b, h, kh, qb_lo, qb_hi, nkeys; /* query blocks [qb_lo, qb_hi) of head h; keys [0, nkeys) packed */
+} ForwardTask;
+
+static ForwardPlan forward_plan(const Shape *s) {
+    ForwardPlan p;
+    p.nq = (s->seq + BQ - 1) / BQ;
+    p.sp = p.nq * BQ; /* BQ == BK: the sequence padded to whole blocks */
+    p.split = (int64_t)s->batch * s->heads < 2 * (int64_t)s->threads;
+    p.chunks = p.split ? p.nq : 1;
+    p.tasks = (int64_t)s->batch * s->heads * p.chunks;
+    return p;
+}
+
+static ForwardTask forward_task(const Shape *s, const ForwardPlan *p, int64_t t) {
+    ForwardTask k;
+    const int c = (int)(t % p->chunks);
+    k.h = (int)((t / p->chunks) % s->heads);
+    k.b = (int)(t / ((int64_t)p->chunks * s->heads));
+    k.kh = k.h / (s->heads / s->groups);
+    /* split: later query blocks see more keys, so they are handed out first */
+    k.qb_lo = p->split ? p->nq - 1 - c : 0;
+    k.qb_hi = p->split ? p->nq - c : p->nq;
+    k.nkeys = key_blocks_for(s, (k.qb_hi - 1) * BQ) * BK;
+    return k;
+}
+
+/* out = softmax(scale q k^T [causal]) v, lse[b, h, i] = log-sum-exp of row i's scaled scores. */
 static int forward_f32(const Shape *s, const View *q, const View *k, const View *v, const View *out, float *lse) {
-    const int d = s->head_dim, nq = (s->seq + BQ - 1) / BQ, per_group = s->heads / s->groups;
-    const int sp = nq * BQ; /* BQ == BK: the sequence padded to whole blocks */
-    const int split = (int64_t)s->batch * s->heads < 2 * (int64_t)s->threads;
-    const int chunks = split ? nq : 1;
-    const int64_t tasks = (int64_t)s->batch * s->heads * chunks;
+    const int d = s->head_dim;
+    const ForwardPlan plan = forward_plan(s);
+    const int sp = plan.sp;
     int failed = 0;
 #pragma omp parallel num_threads(s->threads)
     {
@@ -266,13 +296,12 @@ static int forward_f32(const Shape *s, const View *q, const View *k, const View 
 #pragma omp atomic write
             failed = 1;
         } else {
-            /* split: later query blocks see more keys, so they are handed out first */
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < tasks; t++) {
-                const int c = (int)(t % chunks), h = (int)((t / chunks) % s->heads), b = (int)(t / ((int64_t)chunks * s->heads));
-                const int qb_lo = split ? nq - 1 - c : 0, qb_hi = split ? nq - c : nq, kh = h / per_group;
-                pack_keys(s, k, v, b, kh, key_blocks_for(s, (qb_hi - 1) * BQ) * BK, Kt, V, row);
-                for (int qb = qb_lo; qb < qb_hi; qb++) {
+            for (int64_t t = 0; t < plan.tasks; t++) {
+                const ForwardTask tk = forward_task(s, &plan, t);
+                const int b = tk.b, h = tk.h;
+                pack_keys(s, k, v, b, tk.kh, tk.nkeys, Kt, V, row);
+                for (int qb = tk.qb_lo; qb < tk.qb_hi; qb++) {
                     const int i0 = qb * BQ;
                     for (int i = 0; i < BQ; i++) {
                         load_row(s, q, b, h, i0 + i, s->scale, Q + (size_t)i * d);
@@ -468,11 +497,9 @@ static inline void row_to_bf16(const float *src, uint16_t *dst) {
 }
 
 static int forward_bf16(const Shape *s, const View *q, const View *k, const View *v, const View *out, float *lse) {
-    const int d = s->head_dim, d2 = d / 2, nq = (s->seq + BQ - 1) / BQ, per_group = s->heads / s->groups;
-    const int sp = nq * BQ;
-    const int split = (int64_t)s->batch * s->heads < 2 * (int64_t)s->threads;
-    const int chunks = split ? nq : 1;
-    const int64_t tasks = (int64_t)s->batch * s->heads * chunks;
+    const int d = s->head_dim, d2 = d / 2;
+    const ForwardPlan plan = forward_plan(s);
+    const int sp = plan.sp;
     const float scale = s->scale;
     int failed = 0;
 #pragma omp parallel num_threads(s->threads)
@@ -487,17 +514,16 @@ static int forward_bf16(const Shape *s, const View *q, const View *k, const View
             failed = 1;
         } else {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < tasks; t++) {
-                const int c = (int)(t % chunks), h = (int)((t / chunks) % s->heads), b = (int)(t / ((int64_t)chunks * s->heads));
-                const int qb_lo = split ? nq - 1 - c : 0, qb_hi = split ? nq - c : nq, kh = h / per_group;
-                const int nkeys = key_blocks_for(s, (qb_hi - 1) * BQ) * BK;
-                for (int j = 0; j < nkeys; j++) {
-                    load_row_bf16(s, k, b, kh, j, row);
+            for (int64_t t = 0; t < plan.tasks; t++) {
+                const ForwardTask tk = forward_task(s, &plan, t);
+                const int b = tk.b, h = tk.h;
+                for (int j = 0; j < tk.nkeys; j++) {
+                    load_row_bf16(s, k, b, tk.kh, j, row);
                     put_word_transposed(Kw, row, j, d);
-                    load_row_bf16(s, v, b, kh, j, row);
+                    load_row_bf16(s, v, b, tk.kh, j, row);
                     put_row_paired(Vp, row, j, d);
                 }
-                for (int qb = qb_lo; qb < qb_hi; qb++) {
+                for (int qb = tk.qb_lo; qb < tk.qb_hi; qb++) {
                     const int i0 = qb * BQ;
                     for (int i = 0; i < BQ; i++) {
                         load_row_bf16(s, q, b, h, i0 + i, Q + (size_t)i * d);
