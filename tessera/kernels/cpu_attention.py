@@ -2,9 +2,10 @@
 
 PyTorch's CPU flash attention runs its block GEMMs at about 15% of the machine's matmul peak, which
 made attention a third of a small model's CPU training step. ``cpu_attention.c`` computes the same
-FlashAttention-2 algorithm in fp32 with register-blocked micro-kernels and reads q, k, v in the
-caller's strides (docs/kernels.md, "CPU attention"). ``SDPAttention`` (tessera/model/layers.py) uses it
-for CPU tensors when ``supports()`` says the case is covered; everything else goes to
+FlashAttention-2 algorithm with register-blocked micro-kernels (fp32; bf16 products with fp32
+accumulation for bf16 inputs where the CPU has AVX512-BF16) and reads q, k, v in the caller's strides
+(docs/kernels.md, "CPU training attention"). ``SDPAttention`` (tessera/model/layers.py) uses it for CPU
+tensors when ``supports()`` says the case is covered; everything else goes to
 ``F.scaled_dot_product_attention``.
 
 Built like the fused decode step (``tessera.kernels._cbuild``): compiled once per source, compiler and
