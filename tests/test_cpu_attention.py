@@ -65,6 +65,17 @@ def test_fp32_matches_float64_sdpa(b, h, g, s, d, causal, layout):
         assert _rel_err(a, r) < 1e-5, name
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_more_threads_than_heads_split_by_blocks(monkeypatch, dtype, tol):
+    """With fewer (batch, KV head) pairs than 2 x threads, the forward hands out query blocks and the backward
+    key blocks (each task's dQ summed afterwards): 8 threads on one batch of 2 KV heads, 5 blocks."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    q, k, v, dout = _qkv(1, 4, 2, 300, 32, dtype)
+    ours = _grads(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=True), q, k, v, dout)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, dout, True)):
+        assert _rel_err(a, r) < tol, name
+
+
 def test_scale_is_the_callers():
     q, k, v, dout = _qkv(1, 2, 2, 70, 32, torch.float32, "bhsd")
     ours = _grads(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=True, scale=0.05), q, k, v, dout)

@@ -295,7 +295,10 @@ static int forward_f32(const Shape *s, const View *q, const View *k, const View 
         if (!Q || !O || !Kt || !V || !S || !row) {
 #pragma omp atomic write
             failed = 1;
-        } else {
+        }
+        /* every thread sees the same flag here, so all or none reach the worksharing loop below */
+#pragma omp barrier
+        if (!failed) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < plan.tasks; t++) {
                 const ForwardTask tk = forward_task(s, &plan, t);
@@ -326,15 +329,78 @@ static int forward_f32(const Shape *s, const View *q, const View *k, const View 
     return failed ? 1 : 0;
 }
 
-/* dq, dk, dv of the forward above, given its out and lse and the gradient dout. One task per
- * (batch, kv head): it owns dk, dv of that head outright (GQA: summed over the group's query heads),
- * so no two threads ever add into the same gradient. */
+/* How a backward splits into tasks. A task is one (batch, KV head) and owns that head's dK and dV
+ * (GQA: summed over the group's query heads), so no two threads add into one gradient. With fewer
+ * (batch, KV head) pairs than 2 x threads, each pair is split further by key blocks: task c takes blocks
+ * c, c + chunks, ... (interleaved, so the causal work is shared evenly). dK and dV are per key block,
+ * so they stay owned; each task's dQ goes to its own slot, and the slots are summed after all tasks. */
+typedef struct {
+    int nb, sp, per_group, chunks;
+    int64_t tasks;
+} BackwardPlan;
+
+typedef struct {
+    int b, kh, c;
+} BackwardTask;
+
+static BackwardPlan backward_plan(const Shape *s) {
+    BackwardPlan p;
+    p.nb = (s->seq + BK - 1) / BK;
+    p.sp = p.nb * BK; /* the sequence padded to whole blocks */
+    p.per_group = s->heads / s->groups;
+    const int64_t pairs = (int64_t)s->batch * s->groups, want = 2 * (int64_t)s->threads;
+    p.chunks = pairs >= want ? 1 : (int)((want + pairs - 1) / pairs);
+    if (p.chunks > p.nb) p.chunks = p.nb;
+    p.tasks = pairs * p.chunks;
+    return p;
+}
+
+static BackwardTask backward_task(const Shape *s, const BackwardPlan *p, int64_t t) {
+    BackwardTask k;
+    k.c = (int)(t % p->chunks);
+    k.kh = (int)((t / p->chunks) % s->groups);
+    k.b = (int)(t / ((int64_t)p->chunks * s->groups));
+    return k;
+}
+
+/* The dQ slot of query head h for task t (chunks > 1). */
+static float *dq_slot(const BackwardPlan *p, float *slots, int64_t t, int h, int d) {
+    return slots + ((size_t)t * p->per_group + h % p->per_group) * p->sp * d;
+}
+
+/* chunks > 1: dq of (b, h) = scale x the sum of its tasks' slots, one (b, h) per iteration. */
+static void reduce_dq(const Shape *s, const BackwardPlan *p, float *slots, const View *dq, float *acc) {
+    const int d = s->head_dim;
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < (int64_t)s->batch * s->heads; bh++) {
+        const int b = (int)(bh / s->heads), h = (int)(bh % s->heads);
+        const int64_t t0 = ((int64_t)b * s->groups + h / p->per_group) * p->chunks;
+        memcpy(acc, dq_slot(p, slots, t0, h, d), (size_t)s->seq * d * sizeof(float));
+        for (int c = 1; c < p->chunks; c++) {
+            const float *part = dq_slot(p, slots, t0 + c, h, d);
+            for (size_t e = 0; e < (size_t)s->seq * d; e++) acc[e] += part[e];
+        }
+        for (int i = 0; i < s->seq; i++) store_row(s, dq, b, h, i, acc + (size_t)i * d, s->scale);
+    }
+}
+
+/* Stores rows [j0, j0 + BK) of dK (times dk_mul) and dV, clipped to seq. */
+static void store_key_block(const Shape *s, const View *dk, const View *dv, int b, int kh, int j0,
+                            const float *dK, const float *dV, float dk_mul) {
+    for (int j = j0; j < j0 + BK && j < s->seq; j++) {
+        store_row(s, dk, b, kh, j, dK + (size_t)j * s->head_dim, dk_mul);
+        store_row(s, dv, b, kh, j, dV + (size_t)j * s->head_dim, 1.0f);
+    }
+}
+
+/* dq, dk, dv of the forward above, given its out and lse and the gradient dout (tasks: BackwardPlan). */
 static int backward_f32(const Shape *s, const View *q, const View *k, const View *v, const View *out,
                         const View *dout, const float *lse, const View *dq, const View *dk, const View *dv) {
-    const int d = s->head_dim, per_group = s->heads / s->groups;
-    const int nb = (s->seq + BK - 1) / BK, sp = nb * BK; /* sequence padded to whole blocks */
-    const int64_t tasks = (int64_t)s->batch * s->groups;
-    int failed = 0;
+    const int d = s->head_dim;
+    const BackwardPlan plan = backward_plan(s);
+    const int nb = plan.nb, sp = plan.sp;
+    float *slots = plan.chunks > 1 ? alloc_floats((size_t)plan.tasks * plan.per_group * sp * d) : NULL;
+    int failed = plan.chunks > 1 && !slots;
 #pragma omp parallel num_threads(s->threads)
     {
         const size_t hd = (size_t)sp * d;
@@ -346,19 +412,25 @@ static int backward_f32(const Shape *s, const View *q, const View *k, const View
         if (!Q || !dO || !dQ || !K || !Kt || !Vt || !dK || !dV || !row || !P || !dS || !L || !Dl) {
 #pragma omp atomic write
             failed = 1;
-        } else {
+        }
+        /* every thread sees the same flag here, so all or none reach the worksharing loop below */
+#pragma omp barrier
+        if (!failed) {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < tasks; t++) {
-                const int kh = (int)(t % s->groups), b = (int)(t / s->groups);
-                for (int j = 0; j < sp; j++) {
-                    load_row(s, k, b, kh, j, 1.0f, K + (size_t)j * d);
-                    put_transposed(Kt, K + (size_t)j * d, j, d);
-                    load_row(s, v, b, kh, j, 1.0f, row);
-                    put_transposed(Vt, row, j, d);
-                }
+            for (int64_t t = 0; t < plan.tasks; t++) {
+                const BackwardTask tk = backward_task(s, &plan, t);
+                const int b = tk.b, kh = tk.kh;
+                for (int kb = tk.c; kb < nb; kb += plan.chunks)
+                    for (int j = kb * BK; j < kb * BK + BK; j++) {
+                        load_row(s, k, b, kh, j, 1.0f, K + (size_t)j * d);
+                        put_transposed(Kt, K + (size_t)j * d, j, d);
+                        load_row(s, v, b, kh, j, 1.0f, row);
+                        put_transposed(Vt, row, j, d);
+                    }
                 memset(dK, 0, hd * sizeof(float));
                 memset(dV, 0, hd * sizeof(float));
-                for (int h = kh * per_group; h < (kh + 1) * per_group; h++) {
+                for (int h = kh * plan.per_group; h < (kh + 1) * plan.per_group; h++) {
+                    float *dQh = plan.chunks > 1 ? dq_slot(&plan, slots, t, h, d) : dQ;
                     for (int i = 0; i < sp; i++) {
                         load_row(s, q, b, h, i, s->scale, Q + (size_t)i * d);
                         load_row(s, dout, b, h, i, 1.0f, dO + (size_t)i * d);
@@ -368,8 +440,8 @@ static int backward_f32(const Shape *s, const View *q, const View *k, const View
                         Dl[i] = acc; /* rowsum(dO * O) = rowsum(P * dP) */
                         L[i] = i < s->seq ? lse[((int64_t)b * s->heads + h) * s->seq + i] : 0.0f;
                     }
-                    memset(dQ, 0, hd * sizeof(float));
-                    for (int kb = 0; kb < nb; kb++) {
+                    memset(dQh, 0, hd * sizeof(float));
+                    for (int kb = tk.c; kb < nb; kb += plan.chunks) {
                         const int j0 = kb * BK;
                         for (int qb = s->causal ? (j0 / BQ) : 0; qb * BQ < s->seq; qb++) {
                             const int i0 = qb * BQ;
@@ -390,20 +462,20 @@ static int backward_f32(const Shape *s, const View *q, const View *k, const View
                                 }
                             }
                             gemm(BK, d, BQ, dS, 1, BK, Qi, d, dK + (size_t)j0 * d, d, 1);  /* dK += dS^T (scale q) */
-                            gemm(BQ, d, BK, dS, BK, 1, K + (size_t)j0 * d, d, dQ + (size_t)i0 * d, d, 1); /* dQ += dS K */
+                            gemm(BQ, d, BK, dS, BK, 1, K + (size_t)j0 * d, d, dQh + (size_t)i0 * d, d, 1); /* dQ += dS K */
                         }
                     }
-                    for (int i = 0; i < s->seq; i++) store_row(s, dq, b, h, i, dQ + (size_t)i * d, s->scale);
+                    if (plan.chunks == 1)
+                        for (int i = 0; i < s->seq; i++) store_row(s, dq, b, h, i, dQ + (size_t)i * d, s->scale);
                 }
-                for (int j = 0; j < s->seq; j++) {
-                    store_row(s, dk, b, kh, j, dK + (size_t)j * d, 1.0f);
-                    store_row(s, dv, b, kh, j, dV + (size_t)j * d, 1.0f);
-                }
+                for (int kb = tk.c; kb < nb; kb += plan.chunks) store_key_block(s, dk, dv, b, kh, kb * BK, dK, dV, 1.0f);
             }
+            if (plan.chunks > 1) reduce_dq(s, &plan, slots, dq, dQ);
         }
         free(Q); free(dO); free(dQ); free(K); free(Kt); free(Vt); free(dK); free(dV); free(row);
         free(P); free(dS); free(L); free(Dl);
     }
+    free(slots);
     return failed ? 1 : 0;
 }
 
@@ -512,7 +584,10 @@ static int forward_bf16(const Shape *s, const View *q, const View *k, const View
         if (!Q || !row || !Pb || !Kw || !Vp || !O || !S) {
 #pragma omp atomic write
             failed = 1;
-        } else {
+        }
+        /* every thread sees the same flag here, so all or none reach the worksharing loop below */
+#pragma omp barrier
+        if (!failed) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < plan.tasks; t++) {
                 const ForwardTask tk = forward_task(s, &plan, t);
@@ -551,11 +626,12 @@ static int forward_bf16(const Shape *s, const View *q, const View *k, const View
 
 static int backward_bf16(const Shape *s, const View *q, const View *k, const View *v, const View *out,
                          const View *dout, const float *lse, const View *dq, const View *dk, const View *dv) {
-    const int d = s->head_dim, d2 = d / 2, per_group = s->heads / s->groups;
-    const int nb = (s->seq + BK - 1) / BK, sp = nb * BK;
-    const int64_t tasks = (int64_t)s->batch * s->groups;
+    const int d = s->head_dim, d2 = d / 2;
+    const BackwardPlan plan = backward_plan(s);
+    const int nb = plan.nb, sp = plan.sp;
     const float scale = s->scale;
-    int failed = 0;
+    float *slots = plan.chunks > 1 ? alloc_floats((size_t)plan.tasks * plan.per_group * sp * d) : NULL;
+    int failed = plan.chunks > 1 && !slots;
 #pragma omp parallel num_threads(s->threads)
     {
         const size_t hw = (size_t)sp * d2; /* words in one head's [sp][d] bf16 */
@@ -569,20 +645,26 @@ static int backward_bf16(const Shape *s, const View *q, const View *k, const Vie
             || !orow || !L || !Dl || !dorow) {
 #pragma omp atomic write
             failed = 1;
-        } else {
+        }
+        /* every thread sees the same flag here, so all or none reach the worksharing loop below */
+#pragma omp barrier
+        if (!failed) {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < tasks; t++) {
-                const int kh = (int)(t % s->groups), b = (int)(t / s->groups);
-                for (int j = 0; j < sp; j++) {
-                    load_row_bf16(s, k, b, kh, j, row);
-                    put_word_transposed(Kw, row, j, d);
-                    put_row_paired(Kp, row, j, d);
-                    load_row_bf16(s, v, b, kh, j, row);
-                    put_word_transposed(Vw, row, j, d);
-                }
+            for (int64_t t = 0; t < plan.tasks; t++) {
+                const BackwardTask tk = backward_task(s, &plan, t);
+                const int b = tk.b, kh = tk.kh;
+                for (int kb = tk.c; kb < nb; kb += plan.chunks)
+                    for (int j = kb * BK; j < kb * BK + BK; j++) {
+                        load_row_bf16(s, k, b, kh, j, row);
+                        put_word_transposed(Kw, row, j, d);
+                        put_row_paired(Kp, row, j, d);
+                        load_row_bf16(s, v, b, kh, j, row);
+                        put_word_transposed(Vw, row, j, d);
+                    }
                 memset(dK, 0, (size_t)sp * d * sizeof(float));
                 memset(dV, 0, (size_t)sp * d * sizeof(float));
-                for (int h = kh * per_group; h < (kh + 1) * per_group; h++) {
+                for (int h = kh * plan.per_group; h < (kh + 1) * plan.per_group; h++) {
+                    float *dQh = plan.chunks > 1 ? dq_slot(&plan, slots, t, h, d) : dQ;
                     for (int i = 0; i < sp; i++) {
                         load_row_bf16(s, q, b, h, i, Q + (size_t)i * d);
                         put_row_paired(Qp, Q + (size_t)i * d, i, d);
@@ -595,8 +677,8 @@ static int backward_bf16(const Shape *s, const View *q, const View *k, const Vie
                         Dl[i] = acc;
                         L[i] = i < s->seq ? lse[((int64_t)b * s->heads + h) * s->seq + i] : INFINITY; /* padding: P = 0 */
                     }
-                    memset(dQ, 0, (size_t)sp * d * sizeof(float));
-                    for (int kb = 0; kb < nb; kb++) {
+                    memset(dQh, 0, (size_t)sp * d * sizeof(float));
+                    for (int kb = tk.c; kb < nb; kb += plan.chunks) {
                         const int j0 = kb * BK;
                         for (int qb = s->causal ? (j0 / BQ) : 0; qb * BQ < s->seq; qb++) {
                             const int i0 = qb * BQ;
@@ -623,20 +705,20 @@ static int backward_bf16(const Shape *s, const View *q, const View *k, const Vie
                             gemm_bf16(BK, d, BQ / 2, (const uint32_t *)dSt, BQ / 2, Qp + (size_t)(i0 / 2) * d, d,
                                       dK + (size_t)j0 * d, d, 1);                                         /* dK += dS^T q */
                             gemm_bf16(BQ, d, BK / 2, (const uint32_t *)dSb, BK / 2, Kp + (size_t)(j0 / 2) * d, d,
-                                      dQ + (size_t)i0 * d, d, 1);                                         /* dQ += dS K */
+                                      dQh + (size_t)i0 * d, d, 1);                                        /* dQ += dS K */
                         }
                     }
-                    for (int i = 0; i < s->seq; i++) store_row(s, dq, b, h, i, dQ + (size_t)i * d, scale);
+                    if (plan.chunks == 1)
+                        for (int i = 0; i < s->seq; i++) store_row(s, dq, b, h, i, dQ + (size_t)i * d, scale);
                 }
-                for (int j = 0; j < s->seq; j++) {
-                    store_row(s, dk, b, kh, j, dK + (size_t)j * d, scale);
-                    store_row(s, dv, b, kh, j, dV + (size_t)j * d, 1.0f);
-                }
+                for (int kb = tk.c; kb < nb; kb += plan.chunks) store_key_block(s, dk, dv, b, kh, kb * BK, dK, dV, scale);
             }
+            if (plan.chunks > 1) reduce_dq(s, &plan, slots, dq, dQ);
         }
         free(Q); free(dO); free(row); free(Qp); free(dOp); free(Kw); free(Kp); free(Vw); free(Pt); free(dSb); free(dSt);
         free(dQ); free(dK); free(dV); free(P); free(dS); free(orow); free(L); free(Dl); free(dorow);
     }
+    free(slots);
     return failed ? 1 : 0;
 }
 #else
