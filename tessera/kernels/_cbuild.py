@@ -8,14 +8,17 @@ PyTorch headers: the kernels are called through ctypes with tensors' data pointe
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Sequence
 
 DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
 
@@ -61,3 +64,36 @@ def build(cc: str, source: Path, flags: Sequence[str], target: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def load_library(source: Path, flags: Sequence[str], *, disable_env: str, fallback: str,
+                 declare: Callable[[ctypes.CDLL], None], loaded: dict, why_not: list, lock: threading.Lock,
+                 path_for: Callable[[str], Path] | None = None) -> ctypes.CDLL | None:
+    """``source`` built (once) and loaded, with ``declare`` setting its functions' ctypes signatures; or
+    None, with the reason in ``why_not[0]``: ``disable_env=0`` in the environment, no compiler, or a build
+    or load that failed (warned about once, naming ``fallback``, what the caller does instead).
+    ``loaded`` / ``why_not`` / ``lock`` are the calling module's cache, so each library loads once per
+    process; ``path_for(cc)`` overrides where the build goes (default: ``library_path``)."""
+    if os.environ.get(disable_env, "1") == "0":
+        why_not[:] = [f"disabled by {disable_env}=0"]
+        return None
+    with lock:
+        if "lib" in loaded:
+            return loaded["lib"]
+        lib = None
+        cc = compiler()
+        if cc is None:
+            why_not[:] = ["no C compiler (cc/gcc/clang, or $CC) on PATH"]
+        else:
+            try:
+                path = path_for(cc) if path_for is not None else library_path(source, flags, cc, cpu_signature())
+                if not path.exists():
+                    build(cc, source, flags, path)
+                lib = ctypes.CDLL(str(path))
+                declare(lib)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                why_not[:] = [str(exc)]
+                warnings.warn(f"{source.name} unavailable, {fallback}: {exc}", stacklevel=3)
+                lib = None
+        loaded["lib"] = lib
+        return lib

@@ -16,10 +16,7 @@ CPU into ``$TESSERA_CACHE_DIR``. Without a C compiler, or with ``TESSERA_CPU_ATT
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
 import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -54,37 +51,21 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 _why_not: list[str] = []
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    view = ctypes.POINTER(View)
+    lib.tessera_attn_forward.restype = ctypes.c_int
+    lib.tessera_attn_forward.argtypes = [ctypes.POINTER(Shape), view, view, view, view, ctypes.c_void_p]
+    lib.tessera_attn_backward.restype = ctypes.c_int
+    lib.tessera_attn_backward.argtypes = [ctypes.POINTER(Shape)] + [view] * 5 + [ctypes.c_void_p] + [view] * 3
+    lib.tessera_attn_bf16_products.restype = ctypes.c_int
+    lib.tessera_attn_bf16_products.argtypes = []
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None (see ``unavailable_reason()``)."""
-    if os.environ.get("TESSERA_CPU_ATTENTION", "1") == "0":
-        _why_not[:] = ["disabled by TESSERA_CPU_ATTENTION=0"]
-        return None
-    with _lock:
-        if "lib" in _loaded:
-            return _loaded["lib"]
-        lib = None
-        cc = _cbuild.compiler()
-        if cc is None:
-            _why_not[:] = ["no C compiler (cc/gcc/clang, or $CC) on PATH"]
-        else:
-            try:
-                path = _cbuild.library_path(SOURCE, FLAGS, cc, _cbuild.cpu_signature())
-                if not path.exists():
-                    _cbuild.build(cc, SOURCE, FLAGS, path)
-                lib = ctypes.CDLL(str(path))
-                view = ctypes.POINTER(View)
-                lib.tessera_attn_forward.restype = ctypes.c_int
-                lib.tessera_attn_forward.argtypes = [ctypes.POINTER(Shape), view, view, view, view, ctypes.c_void_p]
-                lib.tessera_attn_backward.restype = ctypes.c_int
-                lib.tessera_attn_backward.argtypes = [ctypes.POINTER(Shape)] + [view] * 5 + [ctypes.c_void_p] + [view] * 3
-                lib.tessera_attn_bf16_products.restype = ctypes.c_int
-                lib.tessera_attn_bf16_products.argtypes = []
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _why_not[:] = [str(exc)]
-                warnings.warn(f"CPU attention kernel unavailable, using scaled_dot_product_attention: {exc}", stacklevel=2)
-                lib = None
-        _loaded["lib"] = lib
-        return lib
+    return _cbuild.load_library(SOURCE, FLAGS, disable_env="TESSERA_CPU_ATTENTION",
+                                fallback="using scaled_dot_product_attention", declare=_declare,
+                                loaded=_loaded, why_not=_why_not, lock=_lock)
 
 
 def unavailable_reason() -> str | None:

@@ -13,10 +13,7 @@ headers (plain C, called through ctypes with tensors' data pointers). Without a 
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
 import threading
-import warnings
 from pathlib import Path
 
 from tessera.kernels import _cbuild
@@ -58,10 +55,6 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 _why_not: list[str] = []
 
 
-def cache_dir() -> Path:
-    return _cbuild.cache_dir()
-
-
 def _compiler() -> str | None:
     return _cbuild.compiler()
 
@@ -75,39 +68,19 @@ def _library_path(cc: str) -> Path:
     return _cbuild.library_path(SOURCE, FLAGS, cc, _cpu_signature())
 
 
-def _build(cc: str, target: Path) -> None:
-    _cbuild.build(cc, SOURCE, FLAGS, target)
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.tessera_decode_step.restype = ctypes.c_int
+    lib.tessera_decode_step.argtypes = [ctypes.POINTER(Model)] + [ctypes.c_void_p] * 3 + [
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.tessera_decode_scratch_floats.restype = ctypes.c_int64
+    lib.tessera_decode_scratch_floats.argtypes = [ctypes.POINTER(Model)]
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None (see ``unavailable_reason()``)."""
-    if os.environ.get("TESSERA_CPU_DECODE", "1") == "0":
-        _why_not[:] = ["disabled by TESSERA_CPU_DECODE=0"]
-        return None
-    with _lock:
-        if "lib" in _loaded:
-            return _loaded["lib"]
-        lib = None
-        cc = _compiler()
-        if cc is None:
-            _why_not[:] = ["no C compiler (cc/gcc/clang, or $CC) on PATH"]
-        else:
-            try:
-                path = _library_path(cc)
-                if not path.exists():
-                    _build(cc, path)
-                lib = ctypes.CDLL(str(path))
-                lib.tessera_decode_step.restype = ctypes.c_int
-                lib.tessera_decode_step.argtypes = [ctypes.POINTER(Model)] + [ctypes.c_void_p] * 3 + [
-                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-                lib.tessera_decode_scratch_floats.restype = ctypes.c_int64
-                lib.tessera_decode_scratch_floats.argtypes = [ctypes.POINTER(Model)]
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _why_not[:] = [str(exc)]
-                warnings.warn(f"fused CPU decode step unavailable, using the PyTorch path: {exc}", stacklevel=2)
-                lib = None
-        _loaded["lib"] = lib
-        return lib
+    return _cbuild.load_library(SOURCE, FLAGS, disable_env="TESSERA_CPU_DECODE", fallback="using the PyTorch path",
+                                declare=_declare, loaded=_loaded, why_not=_why_not, lock=_lock,
+                                path_for=_library_path)
 
 
 def unavailable_reason() -> str | None:
