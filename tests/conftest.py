@@ -24,15 +24,6 @@ def megatron_1proc():
 def tiny_pretok(tmp_path_factory):
     """Tiny pretokenized train (30 docs, seed 1) and held-out (10 docs, seed 2) sets made with the stand-in
     byte / colour-patch tokenizers: real packed data for the trainer tests, built once per session."""
-    from test_data_standins import ByteTokenizer, PatchColourTokenizer
+    from test_data_standins import pretokenized_synth
 
-    from tessera.data.pretokenize import pretokenize
-    from tessera.data.synth import write_synth
-
-    root = tmp_path_factory.mktemp("tiny_pretok")
-    out = {}
-    for name, seed, docs in (("train", 1, 30), ("heldout", 2, 10)):
-        m = write_synth(root / f"raw_{name}", docs, image_size=32, seed=seed, shard_size=100, progress=False)
-        pretokenize(m["train_pattern"], root / name, ByteTokenizer(), PatchColourTokenizer(), progress=False)
-        out[name] = root / name
-    return out
+    return pretokenized_synth(tmp_path_factory.mktemp("tiny_pretok"), (("train", 1, 30), ("heldout", 2, 10)))

@@ -7,13 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_data_standins import ByteTokenizer, PatchColourTokenizer
+from test_data_standins import pretokenized_synth
 
 from tessera.data.batches import BatchError, PackedSource, PackingConfig, WovenBatchIterator
 from tessera.data.bench import benchmark_batches
-from tessera.data.pretokenize import pretokenize
 from tessera.data.report import source_balance, woven_balance
-from tessera.data.synth import write_synth
 from tessera.data.weave import (
     WeaveError,
     WeaveKnot,
@@ -29,13 +27,7 @@ SEQ = 64
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("woven")
-    out = {}
-    for name, seed, docs in (("web", 1, 40), ("synth", 2, 60)):
-        m = write_synth(root / f"raw_{name}", docs, image_size=32, seed=seed, shard_size=100, progress=False)
-        pretokenize(m["train_pattern"], root / name, ByteTokenizer(), PatchColourTokenizer(), progress=False)
-        out[name] = root / name
-    return out
+    return pretokenized_synth(tmp_path_factory.mktemp("woven"), (("web", 1, 40), ("synth", 2, 60)))
 
 
 def _sources(datasets, packing=None, num_samples=4000):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -46,3 +48,17 @@ class PatchColourTokenizer:
             q = np.clip((m / 32).astype(np.int64), 0, 7)
             out.append(torch.from_numpy(q[..., 0] * 64 + q[..., 1] * 8 + q[..., 2]).reshape(-1))
         return torch.stack(out) if out else torch.zeros(0, self.tokens_per_image, dtype=torch.long)
+
+
+def pretokenized_synth(root: Path, sets: tuple[tuple[str, int, int], ...]) -> dict[str, Path]:
+    """Per (name, seed, documents): a synthetic corpus of 32 px documents pretokenized with the stand-ins
+    into ``root / name``; returns {name: that directory}."""
+    from tessera.data.pretokenize import pretokenize
+    from tessera.data.synth import write_synth
+
+    out = {}
+    for name, seed, docs in sets:
+        m = write_synth(root / f"raw_{name}", docs, image_size=32, seed=seed, shard_size=100, progress=False)
+        pretokenize(m["train_pattern"], root / name, ByteTokenizer(), PatchColourTokenizer(), progress=False)
+        out[name] = root / name
+    return out
