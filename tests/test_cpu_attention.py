@@ -3,8 +3,6 @@ float64 SDPA, in megatron's strided layout, and inside the model against the SDP
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,7 +58,7 @@ def test_fp32_matches_float64_sdpa(b, h, g, s, d, causal, layout):
     q, k, v, dout = _qkv(b, h, g, s, d, torch.float32, layout)
     ours = _grads(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=causal), q, k, v, dout)
     ref = _reference(q, k, v, dout, causal)
-    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref, strict=True):
         assert a.dtype == torch.float32 and a.shape == r.shape
         assert _rel_err(a, r) < 1e-5, name
 
@@ -72,14 +70,14 @@ def test_more_threads_than_heads_split_by_blocks(monkeypatch, dtype, tol):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     q, k, v, dout = _qkv(1, 4, 2, 300, 32, dtype)
     ours = _grads(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=True), q, k, v, dout)
-    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, dout, True)):
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, dout, True), strict=True):
         assert _rel_err(a, r) < tol, name
 
 
 def test_scale_is_the_callers():
     q, k, v, dout = _qkv(1, 2, 2, 70, 32, torch.float32, "bhsd")
     ours = _grads(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=True, scale=0.05), q, k, v, dout)
-    for a, r in zip(ours, _reference(q, k, v, dout, True, scale=0.05)):
+    for a, r in zip(ours, _reference(q, k, v, dout, True, scale=0.05), strict=True):
         assert _rel_err(a, r) < 1e-5
 
 
@@ -95,7 +93,7 @@ def test_bf16_is_at_least_as_accurate_as_torchs_flash_kernel(monkeypatch, bf16_p
     ref = _reference(q, k, v, dout, True)
     ours = _grads(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=True), q, k, v, dout)
     sdpa = _grads(lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c, is_causal=True, enable_gqa=True), q, k, v, dout)
-    for name, a, t, r in zip(("out", "dq", "dk", "dv"), ours, sdpa, ref):
+    for name, a, t, r in zip(("out", "dq", "dk", "dv"), ours, sdpa, ref, strict=True):
         assert a.dtype == torch.bfloat16
         assert _rel_err(a, r) <= 1.05 * _rel_err(t, r) + 1e-3, name
         assert _rel_err(a, r) < 1e-2, name
@@ -112,7 +110,7 @@ def test_portable_build_matches_float64_sdpa(monkeypatch, tmp_path):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         q, k, v, dout = _qkv(2, 4, 2, 100, 32, dtype)
         ours = _grads(lambda a, b_, c: cpu_attention.attention(a, b_, c, causal=True), q, k, v, dout)
-        for name, a, r in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, dout, True)):
+        for name, a, r in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, dout, True), strict=True):
             assert _rel_err(a, r) < tol, (dtype, name)
 
 
