@@ -438,7 +438,7 @@ static int backward_f32(const Shape *s, const View *q, const View *k, const View
                         float acc = 0.0f;
                         for (int c = 0; c < d; c++) acc += row[c] * dO[(size_t)i * d + c];
                         Dl[i] = acc; /* rowsum(dO * O) = rowsum(P * dP) */
-                        L[i] = i < s->seq ? lse[((int64_t)b * s->heads + h) * s->seq + i] : 0.0f;
+                        L[i] = i < s->seq ? lse[((int64_t)b * s->heads + h) * s->seq + i] : INFINITY; /* padding: P = 0 */
                     }
                     memset(dQh, 0, hd * sizeof(float));
                     for (int kb = tk.c; kb < nb; kb += plan.chunks) {
@@ -449,7 +449,7 @@ static int backward_f32(const Shape *s, const View *q, const View *k, const View
                             gemm(BQ, BK, d, Qi, d, 1, block_of(Kt, j0, d), BK, P, BK, 0); /* scaled scores */
                             if (needs_mask(s, i0, j0)) mask_block(s, P, i0, j0);
                             for (int i = 0; i < BQ; i++) {
-                                v16 li = splat(i0 + i < s->seq ? L[i0 + i] : INFINITY); /* padding rows: P = 0 */
+                                v16 li = splat(L[i0 + i]);
                                 for (int j = 0; j < BK; j += VL) st(P + i * BK + j, vexp(ld(P + i * BK + j) - li));
                             }
                             gemm(BK, d, BQ, P, 1, BK, dOi, d, dV + (size_t)j0 * d, d, 1); /* dV += P^T dO */
@@ -640,9 +640,9 @@ static int backward_bf16(const Shape *s, const View *q, const View *k, const Vie
         uint16_t *Pt = alloc_words((size_t)BQ * BK / 2), *dSb = alloc_words((size_t)BQ * BK / 2), *dSt = alloc_words((size_t)BQ * BK / 2);
         float *dQ = alloc_floats((size_t)sp * d), *dK = alloc_floats((size_t)sp * d), *dV = alloc_floats((size_t)sp * d);
         float *P = alloc_floats((size_t)BQ * BK), *dS = alloc_floats((size_t)BQ * BK), *orow = alloc_floats((size_t)d);
-        float *L = alloc_floats((size_t)sp), *Dl = alloc_floats((size_t)sp), *dorow = alloc_floats((size_t)d);
+        float *L = alloc_floats((size_t)sp), *Dl = alloc_floats((size_t)sp);
         if (!Q || !dO || !row || !Qp || !dOp || !Kw || !Kp || !Vw || !Pt || !dSb || !dSt || !dQ || !dK || !dV || !P || !dS
-            || !orow || !L || !Dl || !dorow) {
+            || !orow || !L || !Dl) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -671,10 +671,9 @@ static int backward_bf16(const Shape *s, const View *q, const View *k, const Vie
                         load_row_bf16(s, dout, b, h, i, dO + (size_t)i * d);
                         put_row_paired(dOp, dO + (size_t)i * d, i, d);
                         load_row(s, out, b, h, i, 1.0f, orow);
-                        load_row(s, dout, b, h, i, 1.0f, dorow);
                         float acc = 0.0f;
-                        for (int c = 0; c < d; c++) acc += orow[c] * dorow[c];
-                        Dl[i] = acc;
+                        for (int c = 0; c < d; c++) acc += orow[c] * bf16_to_f32(dO[(size_t)i * d + c]);
+                        Dl[i] = acc; /* rowsum(dO * O) = rowsum(P * dP) */
                         L[i] = i < s->seq ? lse[((int64_t)b * s->heads + h) * s->seq + i] : INFINITY; /* padding: P = 0 */
                     }
                     memset(dQh, 0, (size_t)sp * d * sizeof(float));
@@ -716,7 +715,7 @@ static int backward_bf16(const Shape *s, const View *q, const View *k, const Vie
             if (plan.chunks > 1) reduce_dq(s, &plan, slots, dq, dQ);
         }
         free(Q); free(dO); free(row); free(Qp); free(dOp); free(Kw); free(Kp); free(Vw); free(Pt); free(dSb); free(dSt);
-        free(dQ); free(dK); free(dV); free(P); free(dS); free(orow); free(L); free(Dl); free(dorow);
+        free(dQ); free(dK); free(dV); free(P); free(dS); free(orow); free(L); free(Dl);
     }
     free(slots);
     return failed ? 1 : 0;
