@@ -336,7 +336,7 @@ def test_bfloat16_model_is_bf16_throughout_and_runs():
 def test_sdpa_core_attention_equals_megatron_dot_product_attention(monkeypatch):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from tessera.model.layers import SDPAttention
+    from tessera.model.attention import SDPAttention
 
     model = _model(TINY)
     assert isinstance(model.decoder.layers[0].self_attention.core_attention, SDPAttention)

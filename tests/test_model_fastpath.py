@@ -66,7 +66,7 @@ def test_labels_still_go_through_megatron_loss():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_swiglu_module_equals_megatron_glu(dtype):
     from tessera.model import build_model
-    from tessera.model.layers import SwiGLU
+    from tessera.model.swiglu import SwiGLU
 
     cfg = dataclasses.replace(TINY, params_dtype=dtype)
     ours = build_model(cfg, init_seed=3)
@@ -81,7 +81,7 @@ def test_swiglu_module_equals_megatron_glu(dtype):
 
 
 def test_swiglu_function_bit_identical_to_autograd():
-    from tessera.model.layers import _SwiGLUFunction
+    from tessera.model.swiglu import _SwiGLUFunction
 
     for dtype in (torch.float32, torch.bfloat16):
         for intermediate in (False, True):  # the backward overwrites an intermediate input, never a leaf
@@ -98,7 +98,7 @@ def test_swiglu_function_bit_identical_to_autograd():
 
 
 def test_rope_cos_sin_cached_per_freqs_and_invalidated_by_inplace_change():
-    from tessera.model.cpu import _rope_cos_sin
+    from tessera.model.rope import _rope_cos_sin
 
     freqs = torch.randn(6, 1, 1, 8)
     c1, s1 = _rope_cos_sin(freqs, 1.0, torch.float32)
@@ -159,8 +159,9 @@ def test_cross_entropy_reference_tiles_change_nothing(monkeypatch, dtype, block)
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_single_rank_linears_equal_megatron_linears(monkeypatch, dtype):
-    from tessera.model import build_model, layers
-    from tessera.model.layers import SingleRankColumnParallelLinear, SingleRankRowParallelLinear
+    from tessera.model import build_model
+    from tessera.model import linear as layers
+    from tessera.model.linear import SingleRankColumnParallelLinear, SingleRankRowParallelLinear
 
     model = build_model(dataclasses.replace(TINY, params_dtype=dtype), init_seed=3)
     layer = model.decoder.layers[0]

@@ -1,4 +1,5 @@
-"""tessera.model.cpu's RoPE patch (no torch.cat with an empty pass-through) is bit-identical to megatron's."""
+"""tessera.model.rope's patch (no neg / cat copies, no torch.cat with an empty pass-through) is bit-identical
+to megatron's unfused RoPE."""
 
 import pytest
 import torch
@@ -9,12 +10,13 @@ import torch
 def test_rope_patch_bit_identical(dtype, rot_dim):
     from megatron.core.models.common.embeddings import rope_utils
 
-    from tessera.model.cpu import enable_cpu_compat
+    from tessera.model.rope import patch_rope_without_copies
 
-    if not enable_cpu_compat():
-        pytest.skip("the patch is installed by the CPU compat layer only")
+    patch_rope_without_copies()
+    patch_rope_without_copies()  # idempotent: wraps megatron's function once
     patched = rope_utils._apply_rotary_pos_emb_bshd
     original = patched.__wrapped__
+    assert not hasattr(original, "__wrapped__")
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(16, 2, 4, 96, dtype=dtype, generator=g)
     freqs = torch.randn(16, 1, 1, rot_dim, generator=g)

@@ -4,8 +4,8 @@ PyTorch's CPU flash attention runs its block GEMMs at about 15% of the machine's
 made attention a third of a small model's CPU training step. ``cpu_attention.c`` computes the same
 FlashAttention-2 algorithm with register-blocked micro-kernels (fp32; bf16 products with fp32
 accumulation for bf16 inputs where the CPU has AVX512-BF16) and reads q, k, v in the caller's strides
-(docs/kernels.md, "CPU training attention"). ``SDPAttention`` (tessera/model/layers.py) uses it for CPU
-tensors when ``supports()`` says the case is covered; everything else goes to
+(docs/kernels.md, "CPU training attention"). ``SDPAttention`` (tessera/model/attention.py) uses it for CPU
+tensors when ``supports()`` says the case is covered and ``prefer_cpu_kernel`` picks it; everything else goes to
 ``F.scaled_dot_product_attention``.
 
 Built like the fused decode step (``tessera.kernels._cbuild``): compiled once per source, compiler and

@@ -12,10 +12,12 @@ from megatron.core.config_logger import has_config_logger_enabled
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from tessera.model import layers
+from tessera.model import linear
 from tessera.model.config import ModelConfig
-from tessera.model.cpu import enable_cpu_compat
-from tessera.model.spec import chameleon_layer_spec
+from tessera.model.cpu import cuda_missing, enable_cpu_compat
+from tessera.model.rope import patch_rope_without_copies
+from tessera.model.spec import chameleon_block_spec, te_status
+from tessera.model.swiglu import SwiGLU
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -52,7 +54,7 @@ def transformer_config(cfg: ModelConfig, **overrides) -> TransformerConfig:
         gated_linear_unit=True,  # SwiGLU: linear_fc1 = [gate; up]
         activation_func=F.silu,
         # megatron's MLP then applies the spec's activation module to the whole fc1 output: ours is
-        # layers.SwiGLU (pure PyTorch, fewer temporaries than megatron's unfused GLU); no TE involved
+        # swiglu.SwiGLU (pure PyTorch, fewer temporaries than megatron's unfused GLU); no TE involved
         use_te_activation_func=True,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
@@ -85,7 +87,7 @@ class ChameleonGPTModel(GPTModel):
     batch-first BEFORE the output layer, a copy V/h times smaller, so the logits come out [b, s, V/TP]
     as they are. Same layer, same weights, same result layout; only the order in which the matmul visits
     the tokens differs (and with one TP rank the output layer is ``F.linear``, as the layers' linears:
-    layers.single_rank_plain). Every case this does not cover (labels given, inference contexts,
+    linear.single_rank_plain). Every case this does not cover (labels given, inference contexts,
     multi-token prediction, sequence parallelism, config logging) goes to megatron's ``_postprocess``.
     """
 
@@ -101,7 +103,7 @@ class ChameleonGPTModel(GPTModel):
                                         **kwargs)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         hidden_states = hidden_states.transpose(0, 1).contiguous()
-        if weight is None and layers.single_rank_plain(self.output_layer):  # one TP rank: F.linear (layers.py)
+        if weight is None and linear.single_rank_plain(self.output_layer):  # one TP rank: F.linear (linear.py)
             return F.linear(hidden_states, self.output_layer.weight)
         logits, _ = self.output_layer(hidden_states, weight=weight,
                                       runtime_gather_output=kwargs.get("runtime_gather_output"))
@@ -114,6 +116,7 @@ def build_model(
     post_process: bool | None = None,
     vp_stage: int | None = None,
     init_seed: int | None = None,
+    use_te: bool | None = None,
     **config_overrides,
 ) -> GPTModel:
     """The GPTModel chunk this rank holds. ``pre_process`` / ``post_process`` default to whether this
@@ -126,8 +129,21 @@ def build_model(
     ``init_seed``: re-initialise the weights with ``init_layout_invariant`` so every TP x PP (x VP) layout
     holds the same model as one process (training). None keeps megatron's init, whose values depend on
     the layout (PP stages consume the RNG in another order); fine when weights are loaded afterwards.
+
+    ``use_te``: the Transformer Engine layer spec (True) or megatron's local one (False); None uses TE
+    when ``spec.te_status()`` says it can run (TE imports and CUDA is present).
     """
     enable_cpu_compat()
+    if cuda_missing():
+        patch_rope_without_copies()
+    if use_te is None:
+        use_te = te_status().available
+    elif use_te:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+
+        if not HAVE_TE:
+            raise ValueError("build_model(use_te=True): Transformer Engine is not installed (or megatron-core "
+                             "cannot load it)")
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron parallel state is not initialised: call tessera.model.initialize_parallel() first")
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
@@ -140,7 +156,7 @@ def build_model(
     config = transformer_config(cfg, **config_overrides)
     model = ChameleonGPTModel(
         config=config,
-        transformer_layer_spec=chameleon_layer_spec(cfg),
+        transformer_layer_spec=chameleon_block_spec(cfg, config, use_te=use_te, vp_stage=vp_stage),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=pre_process,
@@ -153,12 +169,10 @@ def build_model(
         vp_stage=vp_stage,
     )
     if config.use_te_activation_func:  # a spec without the activation module would get silu of [gate; up]
-        from tessera.model.layers import SwiGLU
-
         for layer in model.decoder.layers:
             if not isinstance(getattr(layer.mlp, "activation_func", None), SwiGLU):
                 raise ValueError("use_te_activation_func is set but the layer spec gives the MLP no SwiGLU module "
-                                 "(tessera/model/spec.py chameleon_layer_spec)")
+                                 "(tessera/model/spec.py)")
     # megatron's torch norms ignore params_dtype (Float16Module would cast them later): make every
     # parameter params_dtype now so a bf16 model is bf16 throughout (buffers such as RoPE's stay fp32).
     for p in model.parameters():
