@@ -12,6 +12,7 @@ from tessera.model.checkpoint import (
     DIST_DIR,
     VOCAB_FILE,
     CheckpointError,
+    model_sharded_state_dict,
     read_checkpoint_meta,
     read_model_config,
     resolve_checkpoint,
@@ -76,7 +77,7 @@ def load(checkpoint_dir: str | Path, device: str | torch.device | None = None, d
         raise CheckpointError(f"{path / DIST_DIR}: missing (incomplete checkpoint)")
     model = build_model(cfg, pre_process=True, post_process=True)
     try:
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path / DIST_DIR))
+        state = dist_checkpointing.load(model_sharded_state_dict(model), str(path / DIST_DIR))
     except Exception as exc:  # megatron raises several types for missing/mismatched tensors
         raise CheckpointError(f"{path / DIST_DIR}: cannot load the model weights: {exc}") from exc
     model.load_state_dict(state["model"])

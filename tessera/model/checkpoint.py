@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import yaml
 
@@ -44,13 +45,41 @@ def step_dir_name(step: int) -> str:
 
 
 def model_sharded_state_dict(model: Any) -> dict:
-    """``{"model": ...}`` for a GPTModel (or a DDP/Float16Module wrapper, or a list of virtual-pipeline chunks)."""
+    """``{"model": ...}`` for a GPTModel (or a DDP/Float16Module wrapper, or a list of virtual-pipeline chunks).
+
+    The same dict serves saves and load requests, so a checkpoint written by one layer implementation
+    (megatron's local layers, Transformer Engine) loads into the other: the weights share their names
+    (the local spec's ``sharded_state_dict_keys_map``), and the ``_extra_state`` entries, which differ
+    between the two, are kept out (``localize_extra_states``)."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
-    sds = [c.sharded_state_dict() for c in chunks]  # wrappers forward sharded_state_dict to the GPTModel
+    # wrappers forward sharded_state_dict to the GPTModel
+    sds = [localize_extra_states(c.sharded_state_dict()) for c in chunks]
     if len(sds) == 1:
         return {"model": sds[0]}
     # ShardedTensor keys are global (layer offsets included), so the nesting here does not affect loading.
     return {"model": {f"chunk{i}": sd for i, sd in enumerate(sds)}}
+
+
+def _holds_state(data: Any) -> bool:
+    # megatron's local linears report None, Transformer Engine an empty tensor unless it trains in fp8
+    return not (data is None or (isinstance(data, torch.Tensor) and data.numel() == 0))
+
+
+def localize_extra_states(sharded_state_dict: dict) -> dict:
+    """Each ``_extra_state`` ShardedObject that holds nothing becomes a LocalNonpersistentObject: not
+    written by a save, not requested by a load (which hands the module its own value back), as
+    Megatron-LM's ``--ckpt-drop-redundant-extra-state`` does. Only Transformer Engine modules have
+    ``_extra_state`` entries beside the linears (its attention, its norms), so without this a local
+    checkpoint lacks keys a TE model asks for. An entry with content (TE fp8 scaling state) is kept."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
+
+    def localize(value):
+        if isinstance(value, ShardedObject) and value.key.endswith("._extra_state") and not _holds_state(value.data):
+            return LocalNonpersistentObject(value.data)
+        return value
+
+    return dict_list_map_inplace(localize, sharded_state_dict)
 
 
 def _rank() -> int:
