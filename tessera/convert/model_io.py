@@ -12,6 +12,7 @@ import torch
 
 from tessera.config import ConfigError, from_dict
 from tessera.convert.errors import ConvertError
+from tessera.model.layer_names import match_names, to_local_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -35,33 +36,7 @@ def _ensure_parallel() -> None:
 
 # With Transformer Engine (a CUDA machine) the pre-norms are fused into linear_qkv / linear_fc1 and
 # named after them; the converters speak the local spec's names and translate at the model boundary.
-_TE_FUSED_NORMS = (
-    ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
-    ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
-)
-
-
-def to_model_names(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        if k not in expected:
-            for local, te in _TE_FUSED_NORMS:
-                if k.endswith(local) and k[: -len(local)] + te in expected:
-                    k = k[: -len(local)] + te
-                    break
-        out[k] = v
-    return out
-
-
-def to_local_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        for local, te in _TE_FUSED_NORMS:
-            if k.endswith(te):
-                k = k[: -len(te)] + local
-                break
-        out[k] = v
-    return out
+to_model_names = match_names
 
 
 def _param_keys(module: torch.nn.Module) -> set[str]:

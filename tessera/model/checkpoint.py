@@ -49,11 +49,11 @@ def model_sharded_state_dict(model: Any) -> dict:
 
     The same dict serves saves and load requests, so a checkpoint written by one layer implementation
     (megatron's local layers, Transformer Engine) loads into the other: the weights share their names
-    (the local spec's ``sharded_state_dict_keys_map``), and the ``_extra_state`` entries, which differ
-    between the two, are kept out (``localize_extra_states``)."""
+    (the local spec's ``sharded_state_dict_keys_map``), and so do the linears' ``_extra_state`` entries;
+    the norms' entries, which only TE has, are kept out (``localize_norm_extra_states``)."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     # wrappers forward sharded_state_dict to the GPTModel
-    sds = [localize_extra_states(c.sharded_state_dict()) for c in chunks]
+    sds = [localize_norm_extra_states(c.sharded_state_dict()) for c in chunks]
     if len(sds) == 1:
         return {"model": sds[0]}
     # ShardedTensor keys are global (layer offsets included), so the nesting here does not affect loading.
@@ -61,21 +61,24 @@ def model_sharded_state_dict(model: Any) -> dict:
 
 
 def _holds_state(data: Any) -> bool:
-    # megatron's local linears report None, Transformer Engine an empty tensor unless it trains in fp8
+    # an empty tensor is what Transformer Engine reports unless it trains in fp8
     return not (data is None or (isinstance(data, torch.Tensor) and data.numel() == 0))
 
 
-def localize_extra_states(sharded_state_dict: dict) -> dict:
-    """Each ``_extra_state`` ShardedObject that holds nothing becomes a LocalNonpersistentObject: not
-    written by a save, not requested by a load (which hands the module its own value back), as
-    Megatron-LM's ``--ckpt-drop-redundant-extra-state`` does. Only Transformer Engine modules have
-    ``_extra_state`` entries beside the linears (its attention, its norms), so without this a local
-    checkpoint lacks keys a TE model asks for. An entry with content (TE fp8 scaling state) is kept."""
+def localize_norm_extra_states(sharded_state_dict: dict) -> dict:
+    """Each empty ``_extra_state`` ShardedObject of a norm becomes a LocalNonpersistentObject: not written
+    by a save, not requested by a load (which hands the module its own value back), as Megatron-LM's
+    ``--ckpt-drop-redundant-extra-state`` does. Transformer Engine's norms (``decoder.final_layernorm``,
+    the Swin ``post_*_layernorm``) carry one and torch's norms do not, so without this a TE model asks a
+    local checkpoint for keys it lacks. The linears keep theirs: megatron's local linears save a None
+    ``_extra_state`` where TE saves its own, so both layouts hold those keys. An entry with content
+    (TE fp8 scaling state) is kept."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
 
     def localize(value):
-        if isinstance(value, ShardedObject) and value.key.endswith("._extra_state") and not _holds_state(value.data):
+        if (isinstance(value, ShardedObject) and value.key.endswith("layernorm._extra_state")
+                and not _holds_state(value.data)):
             return LocalNonpersistentObject(value.data)
         return value
 
