@@ -55,6 +55,7 @@ def load(checkpoint_dir: str | Path, device: str | torch.device | None = None, d
     checkpoint are read (optimizer etc. are ignored). Any TP/PP layout of the save loads here.
     """
     from megatron.core import dist_checkpointing, parallel_state
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from tessera.model.chameleon import build_model
     from tessera.model.parallel import ensure_single_process
@@ -76,9 +77,11 @@ def load(checkpoint_dir: str | Path, device: str | torch.device | None = None, d
     if not (path / DIST_DIR).is_dir():
         raise CheckpointError(f"{path / DIST_DIR}: missing (incomplete checkpoint)")
     model = build_model(cfg, pre_process=True, post_process=True)
+    # megatron raises several types for missing / mismatched tensors; torch.distributed.checkpoint's
+    # CheckpointException is a BaseException
     try:
         state = dist_checkpointing.load(model_sharded_state_dict(model), str(path / DIST_DIR))
-    except Exception as exc:  # megatron raises several types for missing/mismatched tensors
+    except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"{path / DIST_DIR}: cannot load the model weights: {exc}") from exc
     model.load_state_dict(state["model"])
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
