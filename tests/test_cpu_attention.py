@@ -150,6 +150,7 @@ def test_model_step_equals_the_sdpa_path(monkeypatch, dtype, autocast):
     from tessera.model import build_model
     from tessera.model.config import ModelConfig
 
+    monkeypatch.setenv("TESSERA_CPU_ATTENTION", "1")  # the kernel even where SDPA is the faster path (AMX-BF16)
     cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
                       vocab_size=256, seq_length=96, params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0)
     model = build_model(cfg, init_seed=3)

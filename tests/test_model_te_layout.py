@@ -90,7 +90,7 @@ def _checks(out_path: str, tmp: str) -> None:
     import tessera.model as tm
     from tessera.convert import model_io
     from tessera.generate.decoder import KVCacheDecoder
-    from tessera.model import chameleon, layer_names, spec
+    from tessera.model import chameleon, implementations, layer_names, spec
     from tessera.model.checkpoint import model_sharded_state_dict
     from tessera.model.config import get_preset
 
@@ -142,6 +142,7 @@ def _checks(out_path: str, tmp: str) -> None:
             return {"types": {k: type(v).__name__ for k, v in names.items()}}
 
         check(f"{variant}/modules", modules)
+        check(f"{variant}/banner", lambda: dataclasses.asdict(implementations.describe(te, "why")))
         check(f"{variant}/sharded_layout",
               lambda: {"local": _sharded_layout(local), "te": _sharded_layout(te)})
 
@@ -272,6 +273,19 @@ def test_te_model_is_built_from_te_modules(results, variant):
     assert types["final_layernorm"] == "RMSNorm"  # TENorm builds TE's RMSNorm
     if variant == "swin":
         assert types["post_mlp_layernorm"] == "RMSNorm"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_banner_names_te_modules(results, variant):
+    r = _ok(results, f"{variant}/banner")
+    qkv = "TEColumnParallelLinear" if variant == "swin" else "TELayerNormColumnParallelLinear"
+    assert r["spec"] == "Transformer Engine"
+    assert r["linear"] == f"Transformer Engine ({qkv}, TERowParallelLinear)"
+    norm = ("Transformer Engine RMSNorm" if variant == "swin"
+            else "fused into TELayerNormColumnParallelLinear (Transformer Engine)")
+    assert r["norm"].startswith(norm), r["norm"]
+    assert "final norm: Transformer Engine RMSNorm" in r["norm"]
+    assert r["core_attention"].startswith("Transformer Engine DotProductAttention")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from tessera.model import linear
 from tessera.model.config import ModelConfig
 from tessera.model.cpu import cuda_missing, enable_cpu_compat
+from tessera.model.implementations import report_once
 from tessera.model.rope import patch_rope_without_copies
 from tessera.model.spec import chameleon_block_spec, te_status
 from tessera.model.swiglu import SwiGLU
@@ -137,13 +138,18 @@ def build_model(
     if cuda_missing():
         patch_rope_without_copies()
     if use_te is None:
-        use_te = te_status().available
+        status = te_status()
+        use_te = status.available
+        why = status.reason if use_te else f"Transformer Engine not used: {status.reason}"
     elif use_te:
+        why = "use_te=True requested"
         from megatron.core.extensions.transformer_engine import HAVE_TE
 
         if not HAVE_TE:
             raise ValueError("build_model(use_te=True): Transformer Engine is not installed (or megatron-core "
                              "cannot load it)")
+    else:
+        why = "use_te=False requested"
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron parallel state is not initialised: call tessera.model.initialize_parallel() first")
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
@@ -185,6 +191,8 @@ def build_model(
     if init_seed is not None:
         init_layout_invariant(model, init_seed)
     model.tessera_config = cfg  # the ModelConfig travels with the module (KV decoding reads swin_norm etc.)
+    if not next(model.parameters()).is_meta:  # meta builds only count or adopt weights
+        report_once(model, why)
     return model
 
 

@@ -71,7 +71,7 @@ def te_status() -> TEStatus:
 
     if not megatron_te.HAVE_TE:
         return TEStatus(False, "megatron-core could not load Transformer Engine")
-    return TEStatus(True, f"Transformer Engine {getattr(transformer_engine, '__version__', '')}".strip())
+    return TEStatus(True, f"Transformer Engine {getattr(transformer_engine, '__version__', '?')} on CUDA")
 
 
 def local_layer_spec(cfg: ModelConfig) -> ModuleSpec:
