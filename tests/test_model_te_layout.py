@@ -217,6 +217,12 @@ def _checks(out_path: str, tmp: str) -> None:
             last = dec.prefill(ids[:1], torch.tensor([0]))[0]
             return {"diff": diff(last.float(), ref[0, -1])}
 
+        def same_init():  # init_layout_invariant draws by global name: the two layouts start equal
+            a = chameleon.build_model(cfg, use_te=False, init_seed=7)
+            b = chameleon.build_model(cfg, use_te=True, init_seed=7)
+            return {"diff": diff(logits(b), logits(a))}
+
+        check(f"{variant}/same_init", same_init)
         check(f"{variant}/dist_local_to_te", dist_local_to_te)
         check(f"{variant}/dist_te_to_local", dist_te_to_local)
         check(f"{variant}/load_picks_te", load_picks_te)
@@ -302,7 +308,7 @@ def test_checkpoint_keys_and_shapes_are_the_same(results, variant):
     assert not any(k.endswith("layernorm._extra_state") for k in keys)  # TE's norms' entries stay out
 
 
-@pytest.mark.parametrize("check", ["dist_local_to_te", "dist_te_to_local", "load_picks_te", "converter"])
+@pytest.mark.parametrize("check", ["same_init", "dist_local_to_te", "dist_te_to_local", "load_picks_te", "converter"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_weights_cross_implementations_with_the_same_logits(results, variant, check):
     r = _ok(results, f"{variant}/{check}")
