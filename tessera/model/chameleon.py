@@ -111,6 +111,20 @@ class ChameleonGPTModel(GPTModel):
         return logits
 
 
+def _choose_transformer_engine(use_te: bool | None) -> tuple[bool, str]:
+    """(use the TE spec?, why) for build_model's ``use_te``."""
+    if use_te is None:
+        status = te_status()
+        return status.available, status.reason if status.available else f"Transformer Engine not used: {status.reason}"
+    if use_te:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+
+        if not HAVE_TE:
+            raise ValueError("build_model(use_te=True): Transformer Engine is not installed (or megatron-core "
+                             "cannot load it)")
+    return use_te, f"use_te={use_te} requested"
+
+
 def build_model(
     cfg: ModelConfig,
     pre_process: bool | None = None,
@@ -132,24 +146,13 @@ def build_model(
     the layout (PP stages consume the RNG in another order); fine when weights are loaded afterwards.
 
     ``use_te``: the Transformer Engine layer spec (True) or megatron's local one (False); None uses TE
-    when ``spec.te_status()`` says it can run (TE imports and CUDA is present).
+    when ``spec.te_status()`` says it can run (TE imports and CUDA is present). The first model a process
+    materialises says which implementations it runs, on rank 0 (``implementations.report_once``).
     """
     enable_cpu_compat()
     if cuda_missing():
         patch_rope_without_copies()
-    if use_te is None:
-        status = te_status()
-        use_te = status.available
-        why = status.reason if use_te else f"Transformer Engine not used: {status.reason}"
-    elif use_te:
-        why = "use_te=True requested"
-        from megatron.core.extensions.transformer_engine import HAVE_TE
-
-        if not HAVE_TE:
-            raise ValueError("build_model(use_te=True): Transformer Engine is not installed (or megatron-core "
-                             "cannot load it)")
-    else:
-        why = "use_te=False requested"
+    use_te, why = _choose_transformer_engine(use_te)
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron parallel state is not initialised: call tessera.model.initialize_parallel() first")
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()

@@ -42,8 +42,10 @@ def count_parameters(cfg: ModelConfig) -> int:
             return analytic_parameter_count(cfg)
         meta_cfg = dataclasses.replace(cfg)
         # use_cpu_initialization keeps megatron from asking for a CUDA device; on meta nothing is allocated.
+        # The local spec: it has the TE spec's parameters (a fused norm is the same [hidden] weight), and
+        # TE's modules would allocate on the CPU device megatron names for them, meta context or not.
         with torch.device("meta"):
-            model = build_model(meta_cfg, pre_process=True, post_process=True,
+            model = build_model(meta_cfg, pre_process=True, post_process=True, use_te=False,
                                 perform_initialization=False, use_cpu_initialization=True)
         return sum(p.numel() for p in model.parameters())
     finally:
