@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tessera.data.document import document_to_tar_members, write_tar
 from tessera.data.raw import SKIP_REASONS, DocumentLimits, SkipStats, iter_documents
-from tessera.data.synth import document_rng, document_to_tar_members, make_document, write_tar
+from tessera.data.synth import document_rng, make_document
 
 
 def _png(img: Image.Image, fmt: str = "PNG") -> bytes:

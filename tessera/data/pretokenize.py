@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tessera.data.document import Document
 from tessera.data.raw import SKIP_REASONS, DocumentLimits, SkipStats, expand_urls, iter_documents
-from tessera.data.synth import Document
 from tessera.data.tokenizers import (
     ImageTokenizerLike,
     TextTokenizerLike,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import webdataset as wds
 from PIL import Image
 
-from tessera.data.synth import Document
+from tessera.data.document import Document
 
 log = logging.getLogger("tessera.data")
 
