@@ -33,12 +33,12 @@ from tessera.data.raw import SKIP_REASONS, DocumentLimits, SkipStats, expand_url
 from tessera.data.tokenizers import (
     ImageTokenizerLike,
     TextTokenizerLike,
-    fit_image,
     load_image_tokenizer,
     load_text_tokenizer,
     vocabulary_for,
 )
 from tessera.progress import Progress
+from tessera.tokenizers.preprocess import fit_image
 from tessera.tokenizers.vocab import Vocabulary
 
 log = logging.getLogger("tessera.data")

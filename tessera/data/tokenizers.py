@@ -55,13 +55,3 @@ def vocabulary_for(text: TextTokenizerLike, image: ImageTokenizerLike) -> Vocabu
         num_image_codes=int(image.num_codes),
         image_tokens_per_image=int(image.tokens_per_image),
     )
-
-
-def fit_image(img: Image.Image, size: int) -> Image.Image:
-    """Centre-crop to a square and resize to the tokenizer's side (no-op for the synthetic corpus)."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
