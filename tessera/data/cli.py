@@ -33,21 +33,40 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _pretokenize(args: argparse.Namespace) -> int:
+    from tessera.convert.errors import ConvertError
     from tessera.data.pretokenize import PretokenizeError, PretokenizeOptions, pretokenize
 
     _logging()
-    opts = PretokenizeOptions(
-        max_doc_tokens=args.max_doc_tokens, max_images=args.max_images, max_text_chars=args.max_text_chars,
-        batch_docs=args.batch_docs, image_batch=args.image_batch, device=args.device,
-    )
     try:
+        opts = PretokenizeOptions(
+            max_doc_tokens=args.max_doc_tokens, max_images=args.max_images, max_text_chars=args.max_text_chars,
+            batch_docs=args.batch_docs, image_batch=args.image_batch, device=args.device, reader=_reader_options(args),
+        )
         st = pretokenize(args.input, args.out, args.text_tokenizer, args.image_tokenizer, args.workers, opts, args.overwrite)
-    except (PretokenizeError, OSError, ValueError) as exc:
+    except (PretokenizeError, ConvertError, OSError, ValueError) as exc:
         return _fail(str(exc))
     print(f"wrote {args.out}: {st['documents']} documents, {st['tokens']:,} tokens "
           f"(text {st['text_tokens']:,}, image {st['image_tokens']:,}, special {st['special_tokens']:,}); "
           f"skipped {st['skipped_total']} {json.dumps({k: v for k, v in st['skipped'].items() if v})}")
     return 0
+
+
+def _reader_options(args: argparse.Namespace):
+    from tessera.data.formats import ReaderOptions
+
+    return ReaderOptions(format=args.format, caption_first=args.caption_first, image_column=args.image_column,
+                         text_column=args.text_column)
+
+
+def _add_reader_flags(p: argparse.ArgumentParser) -> None:
+    from tessera.data.formats import FORMATS
+
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                   help="shard format (default: detected per shard; docs/data.md lists them)")
+    p.add_argument("--caption-first", type=float, default=0.5,
+                   help="share of image-caption pairs written caption first (the rest image first)")
+    p.add_argument("--image-column", default=None, help="parquet: the image column (default: image, jpg, ...)")
+    p.add_argument("--text-column", default=None, help="parquet: the caption column (default: text, caption, ...)")
 
 
 def _named_dirs(items: list[str]) -> dict[str, str]:
@@ -127,9 +146,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("pretokenize", help="raw shards -> megatron indexed dataset of unified-vocabulary ids")
-    p.add_argument("--input", required=True, nargs="+", help="shard paths or brace patterns 'shards/{000..099}.tar'")
-    p.add_argument("--text-tokenizer", required=True, help="sentencepiece .model")
-    p.add_argument("--image-tokenizer", required=True, help="VQ tokenizer directory")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="shards (.tar, .parquet, .jsonl), image folders, folders of shards, brace patterns")
+    p.add_argument("--text-tokenizer", required=True,
+                   help="sentencepiece .model, or an imported Chameleon's IMPORT/tokenizers/text")
+    p.add_argument("--image-tokenizer", required=True, help="VQ tokenizer directory (or IMPORT/tokenizers/image)")
+    _add_reader_flags(p)
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=1, help="processes, shards split among them")
     p.add_argument("--max-doc-tokens", type=int, default=None, help="skip (and count) longer documents")

@@ -217,8 +217,12 @@ def _parse_json(data: bytes, stats: SkipStats, where: str, what: str) -> object 
 
 
 def _tar_samples(url: str, stats: SkipStats) -> Iterator[dict]:
+    seen = []
+
     def on_error(exc: Exception) -> bool:
-        stats.skip("unreadable_shard", url, f"{type(exc).__name__}: {exc}")
+        if not seen:  # webdataset reports one damaged tar at two levels (member and sample iterators)
+            stats.skip("unreadable_shard", url, f"{type(exc).__name__}: {exc}")
+        seen.append(exc)
         return True
 
     yield from wds.tariterators.tarfile_samples([{"url": url}], handler=on_error)
