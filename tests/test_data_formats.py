@@ -245,8 +245,8 @@ def test_image_folder_with_captions(tmp_path):
     assert counts == {"missing_caption": 1, "missing_image": 1, "empty_file": 1, "bad_image": 1}
     assert [(d.key, d.segments[0]) for d in docs] == [("a", "first"), ("b", "second"), ("sub/c", "third, in a subfolder")]
     assert _same_pixels(docs[1].images[0], _image(71)) and _same_pixels(docs[2].images[0], _image(72))
-    # text tokenizer training does not decode images: broken.png's caption is text all the same
-    assert list(iter_texts(str(tmp_path / "f"))) == ["first", "second", "y", "third, in a subfolder"]
+    # text tokenizer training neither decodes nor checks images: broken.png's and empty.png's captions count
+    assert list(iter_texts(str(tmp_path / "f"))) == ["first", "second", "y", "x", "third, in a subfolder"]
 
 
 # ---- one run over every format; detection per shard; empty runs fail --------------------------------

@@ -107,6 +107,7 @@ class ReaderOptions:
     caption_first: float = 0.5
     image_column: str | None = None
     text_column: str | None = None
+    images: bool = True  # False: text only (tokenizer training); image entries are neither looked up nor checked
 
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:
@@ -247,6 +248,8 @@ def _segments_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[
             if isinstance(seg, dict) and isinstance(seg.get("text"), str) and "image" not in seg:
                 out.append(seg["text"])
             elif isinstance(seg, dict) and isinstance(seg.get("image"), str) and "text" not in seg:
+                if not opts.images:
+                    continue
                 name = seg["image"]
                 # the image file is KEY.<suffix>; webdataset stores it under the lower-cased <suffix>
                 suffix = name[len(key) + 1 :] if name.startswith(key + ".") else name
@@ -292,11 +295,10 @@ def _img2dataset_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterat
         key = sample.get("__key__", "?")
         where = f"{url}:{key}"
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
+        if opts.images and ext is None:
             stats.skip("missing_image", where, "no .jpg/.jpeg/.png/.webp member")
             continue
-        data = sample[ext]
-        if len(data) == 0:
+        if opts.images and len(sample[ext]) == 0:
             stats.skip("empty_file", where, f"{key}.{ext}")
             continue
         caption = None
@@ -312,7 +314,10 @@ def _img2dataset_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterat
         if not (caption and caption.strip()):
             stats.skip("missing_caption", where, f"no text in {key}.txt or a caption/text field of {key}.json")
             continue
-        yield RawDocument(key, order.segments(caption, RawImage(f"{key}.{ext}", data)), "img2dataset")
+        if not opts.images:
+            yield RawDocument(key, [caption], "img2dataset")
+            continue
+        yield RawDocument(key, order.segments(caption, RawImage(f"{key}.{ext}", sample[ext])), "img2dataset")
 
 
 def _image_cell(cell: object, base: Path, where: str, stats: SkipStats, name: str) -> RawImage | None:
@@ -340,7 +345,7 @@ def _image_cell(cell: object, base: Path, where: str, stats: SkipStats, name: st
 
 
 def _interleaved_row(texts: object, images: object, key: str, where: str, base: Path, stats: SkipStats,
-                     members: dict | None = None) -> list[str | RawImage] | None:
+                     opts: ReaderOptions, members: dict | None = None) -> list[str | RawImage] | None:
     """OBELICS / MINT-1T: ``texts[i]`` and ``images[i]`` aligned, one of the two null at each position.
     In a tar, an image entry names a member (``KEY.<suffix>`` or the suffix), or the k-th non-null entry
     is frame k of the document's multi-frame ``KEY.tiff`` (MINT-1T PDF / ArXiv)."""
@@ -357,6 +362,9 @@ def _interleaved_row(texts: object, images: object, key: str, where: str, base: 
             out.append(t)
         if im is None:
             continue
+        k += 1
+        if not opts.images:
+            continue
         img = None
         if members is not None and isinstance(im, str) and not is_url(im):
             suffix = (im[len(key) + 1 :] if im.startswith(key + ".") else im).lower()
@@ -369,14 +377,13 @@ def _interleaved_row(texts: object, images: object, key: str, where: str, base: 
             else:
                 multi = next((e for e in ("tiff", "tif") if e in members), None)
                 if multi is not None:
-                    img = RawImage(f"{key}.{multi}", members[multi], frame=k)
+                    img = RawImage(f"{key}.{multi}", members[multi], frame=k - 1)
         if img is None:
             img = _image_cell(im, base, where, stats, f"images[{i}]")
             if img is None:
                 return None
         out.append(img)
-        k += 1
-    if not out:
+    if not out and not k:
         stats.skip("bad_schema", where, "no text and no image")
         return None
     return out
@@ -397,7 +404,7 @@ def _interleaved_tar_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> It
             stats.skip("bad_schema", where, "expected a JSON object with 'texts' and 'images'")
             continue
         members = {k: v for k, v in sample.items() if not k.startswith("__") and k != "json"}
-        segs = _interleaved_row(meta.get("texts"), meta.get("images"), key, where, base, stats, members)
+        segs = _interleaved_row(meta.get("texts"), meta.get("images"), key, where, base, stats, opts, members)
         if segs is not None:
             yield RawDocument(key, segs, meta.get("source") if isinstance(meta.get("source"), str) else "interleaved")
 
@@ -421,7 +428,7 @@ def _interleaved_jsonl_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> 
                 stats.skip("bad_schema", f"{url}:{n + 1}", "expected a JSON object with 'texts' and 'images'")
                 continue
             key = str(meta.get("key") or meta.get("id") or f"{stem}-{n:08d}")
-            segs = _interleaved_row(meta.get("texts"), meta.get("images"), key, f"{url}:{key}", base, stats)
+            segs = _interleaved_row(meta.get("texts"), meta.get("images"), key, f"{url}:{key}", base, stats, opts)
             if segs is not None:
                 yield RawDocument(key, segs, meta.get("source") if isinstance(meta.get("source"), str) else "interleaved")
 
@@ -476,13 +483,13 @@ def _parquet_pair_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Itera
         if caption is not None and not isinstance(caption, str):
             stats.skip("bad_schema", where, f"column {txt_col!r} is not a string")
             continue
-        img = _image_cell(row.get(img_col), base, where, stats, f"{key}.{img_col}")
-        if img is None:
+        img = _image_cell(row.get(img_col), base, where, stats, f"{key}.{img_col}") if opts.images else None
+        if opts.images and img is None:
             continue
         if not (caption and caption.strip()):
             stats.skip("missing_caption", where, f"empty column {txt_col!r}")
             continue
-        yield RawDocument(key, order.segments(caption, img), "parquet")
+        yield RawDocument(key, order.segments(caption, img) if img else [caption], "parquet")
 
 
 def _interleaved_parquet_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[RawDocument]:
@@ -497,7 +504,7 @@ def _interleaved_parquet_docs(url: str, opts: ReaderOptions, stats: SkipStats) -
     cols = ["texts", "images"] + ([key_col] if key_col else [])
     for n, row in enumerate(_parquet_batches(url, cols, stats)):
         key = str(row[key_col]) if key_col and row.get(key_col) is not None else f"{stem}-{n:08d}"
-        segs = _interleaved_row(row.get("texts"), row.get("images"), key, f"{url}:{key}", base, stats)
+        segs = _interleaved_row(row.get("texts"), row.get("images"), key, f"{url}:{key}", base, stats, opts)
         if segs is not None:
             yield RawDocument(key, segs, "interleaved")
 
@@ -522,7 +529,7 @@ def _folder_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[Ra
         if not txt.is_file():
             stats.skip("missing_caption", where, f"no {txt.name}")
             continue
-        if p.stat().st_size == 0:
+        if opts.images and p.stat().st_size == 0:
             stats.skip("empty_file", where, p.name)
             continue
         caption = _decode_text(txt.read_bytes(), stats, where, txt.name)
@@ -531,7 +538,8 @@ def _folder_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[Ra
         if not caption.strip():
             stats.skip("missing_caption", where, f"{txt.name} is empty")
             continue
-        yield RawDocument(key, order.segments(caption, RawImage(p.name, path=str(p))), "folder")
+        img = RawImage(p.name, path=str(p))
+        yield RawDocument(key, order.segments(caption, img) if opts.images else [caption], "folder")
 
 
 def iter_raw_documents(url: str, fmt: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[RawDocument]:

@@ -15,7 +15,7 @@ import io
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import webdataset as wds
@@ -145,9 +145,9 @@ def iter_documents(
 
 def iter_texts(urls: str | Sequence[str], stats: SkipStats | None = None,
                options: ReaderOptions = DEFAULT_OPTIONS) -> Iterator[str]:
-    """The text segments of every document (images are not decoded)."""
+    """The text segments of every document; images are neither decoded nor required to be there."""
     stats = SkipStats() if stats is None else stats
-    for _, raw in iter_raw(urls, stats, options):
+    for _, raw in iter_raw(urls, stats, replace(options, images=False)):
         stats.documents += 1
         yield from (s for s in raw.segments if isinstance(s, str))
 
