@@ -1,4 +1,4 @@
-"""``tessera data ...``: synth, pretokenize, report, bench (docs/data.md)."""
+"""``tessera data ...``: synth, curate, pretokenize, report, bench (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,30 @@ def _pretokenize(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {st['documents']} documents, {st['tokens']:,} tokens "
           f"(text {st['text_tokens']:,}, image {st['image_tokens']:,}, special {st['special_tokens']:,}); "
           f"skipped {st['skipped_total']} {json.dumps({k: v for k, v in st['skipped'].items() if v})}")
+    return 0
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from tessera.data.curate import CurateConfig, CurateError, curate
+
+    _logging()
+    try:
+        cfg = CurateConfig(
+            min_side=args.min_side, max_aspect=args.max_aspect, min_colours=args.min_colours, min_entropy=args.min_entropy,
+            min_text_chars=args.min_text_chars, max_text_chars=args.max_text_chars,
+            max_repeat_ratio=args.max_repeat_ratio, max_nonprintable_ratio=args.max_nonprintable_ratio,
+            languages=tuple(x for x in (args.language or "").split(",") if x),
+            min_language_score=args.min_language_score, scorer=args.scorer, min_score=args.min_score,
+            scorer_image_size=args.scorer_image_size, dedup_text=not args.no_dedup_text,
+            dedup_images=not args.no_dedup_images, near_dup_hamming=args.near_dup_hamming, shard_size=args.shard_size,
+        )
+        st = curate(args.input, args.out, cfg, _reader_options(args), args.workers, args.overwrite)
+    except (CurateError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    from tessera.data.curate import format_report
+
+    print(format_report(st), end="")
+    print(f"wrote {args.out}: {st['documents']} documents in {len(st['shards'])} shard(s); stats {args.out}/stats.json")
     return 0
 
 
@@ -162,6 +186,35 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="VQ encoder device (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete output directory")
     p.set_defaults(func=_pretokenize)
+
+    p = sub.add_parser("curate", help="filter and deduplicate raw shards (any format) into segments-layout shards")
+    p.add_argument("--input", required=True, nargs="+", help="shards, image folders, folders of shards, brace patterns")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1, help="processes, shards split among them (same output)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_reader_flags(p)
+    g = p.add_argument_group("image filters (off unless given)")
+    g.add_argument("--min-side", type=int, default=0, help="drop images with a shorter side (pixels)")
+    g.add_argument("--max-aspect", type=float, default=None, help="drop images longer than this x their width")
+    g.add_argument("--min-colours", type=int, default=0, help="drop images with fewer distinct colours (blank)")
+    g.add_argument("--min-entropy", type=float, default=0.0, help="drop images with less grey-level entropy (bits)")
+    g = p.add_argument_group("text filters (off unless given)")
+    g.add_argument("--min-text-chars", type=int, default=0)
+    g.add_argument("--max-text-chars", type=int, default=None)
+    g.add_argument("--max-repeat-ratio", type=float, default=None, help="share of characters in runs of 3+ equal ones")
+    g.add_argument("--max-nonprintable-ratio", type=float, default=None)
+    g.add_argument("--language", default=None, help="keep these languages, e.g. en,de (needs py3langid)")
+    g.add_argument("--min-language-score", type=float, default=0.5)
+    g = p.add_argument_group("alignment scorer (yours; nothing is downloaded)")
+    g.add_argument("--scorer", default=None, help="TorchScript file (pixels [n,3,S,S] in [0,1], texts) or module:function")
+    g.add_argument("--min-score", type=float, default=None)
+    g.add_argument("--scorer-image-size", type=int, default=224)
+    g = p.add_argument_group("deduplication across all shards (first occurrence kept)")
+    g.add_argument("--no-dedup-text", action="store_true", help="keep documents whose text was seen before")
+    g.add_argument("--no-dedup-images", action="store_true", help="keep documents whose image pixels were seen before")
+    g.add_argument("--near-dup-hamming", type=int, default=4, help="perceptual-hash bits (-1: off)")
+    p.add_argument("--shard-size", type=int, default=1000, help="documents per output shard")
+    p.set_defaults(func=_curate)
 
     p = sub.add_parser("report", help="modality balance per source and in the woven stream")
     p.add_argument("dirs", nargs="*", help="pretokenized directories (NAME=DIR or DIR)")

@@ -33,25 +33,35 @@ def document_to_tar_members(doc: Document, image_bytes: list[tuple[str, bytes]] 
 
     Images are written as PNG, unless ``image_bytes`` gives each image's (extension, encoded bytes),
     which are then stored as they are (no re-encoding: curation keeps the source's JPEGs)."""
+    if image_bytes is None:
+        image_bytes = []
+        for seg in doc.images:
+            buf = io.BytesIO()
+            seg.save(buf, format="PNG")
+            image_bytes.append(("png", buf.getvalue()))
+    return segments_to_tar_members(doc.key, doc.segments, doc.source, image_bytes)
+
+
+def segments_to_tar_members(key: str, segments: list, source: str, image_bytes: list[tuple[str, bytes]],
+                            extra: dict | None = None) -> list[tuple[str, bytes]]:
+    """KEY.json + image members for ``segments`` (str = text, anything else = the next of ``image_bytes``);
+    ``extra`` adds fields to KEY.json (readers ignore them)."""
     members: list[tuple[str, bytes]] = []
     segs: list[dict] = []
     n = 0
-    for seg in doc.segments:
+    for seg in segments:
         if isinstance(seg, str):
             segs.append({"text": seg})
             continue
-        if image_bytes is not None:
-            ext, data = image_bytes[n]
-        else:
-            buf = io.BytesIO()
-            seg.save(buf, format="PNG")
-            ext, data = "png", buf.getvalue()
-        name = f"{doc.key}.{n}.{ext}"
+        ext, data = image_bytes[n]
+        name = f"{key}.{n}.{ext}"
         members.append((name, data))
         segs.append({"image": name})
         n += 1
-    meta = json.dumps({"segments": segs, "source": doc.source}, ensure_ascii=False).encode("utf-8")
-    return [(f"{doc.key}.json", meta), *members]
+    if n != len(image_bytes):
+        raise ValueError(f"{key}: {n} image segments but {len(image_bytes)} encoded images")
+    meta = json.dumps({"segments": segs, "source": source, **(extra or {})}, ensure_ascii=False).encode("utf-8")
+    return [(f"{key}.json", meta), *members]
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:

@@ -217,7 +217,8 @@ def _parse_json(data: bytes, stats: SkipStats, where: str, what: str) -> object 
         return None
 
 
-def _tar_samples(url: str, stats: SkipStats) -> Iterator[dict]:
+def tar_samples(url: str, stats: SkipStats) -> Iterator[dict]:
+    """webdataset's samples of one tar (dicts of lower-cased suffix -> bytes); a damaged tar is counted once."""
     seen = []
 
     def on_error(exc: Exception) -> bool:
@@ -230,7 +231,7 @@ def _tar_samples(url: str, stats: SkipStats) -> Iterator[dict]:
 
 
 def _segments_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[RawDocument]:
-    for sample in _tar_samples(url, stats):
+    for sample in tar_samples(url, stats):
         key = sample.get("__key__", "?")
         where = f"{url}:{key}"
         if sample.get("json") is None:
@@ -291,7 +292,7 @@ def _caption_from_json(meta: object) -> str | None:
 
 def _img2dataset_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[RawDocument]:
     order = _PairOrder(opts.caption_first)
-    for sample in _tar_samples(url, stats):
+    for sample in tar_samples(url, stats):
         key = sample.get("__key__", "?")
         where = f"{url}:{key}"
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -391,7 +392,7 @@ def _interleaved_row(texts: object, images: object, key: str, where: str, base: 
 
 def _interleaved_tar_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[RawDocument]:
     base = Path(url).parent
-    for sample in _tar_samples(url, stats):
+    for sample in tar_samples(url, stats):
         key = sample.get("__key__", "?")
         where = f"{url}:{key}"
         if sample.get("json") is None:
