@@ -138,6 +138,14 @@ def _bench(args: argparse.Namespace) -> int:
     from tessera.data.bench import benchmark_batches
     from tessera.data.config import load_data_config
 
+    if args.curate:
+        from tessera.data.bench import benchmark_curation
+
+        r = benchmark_curation(args.docs, args.image_size, args.workers)
+        print(json.dumps(r, indent=2) if args.json else
+              f"curate: {r['documents_per_s_per_core']:,.1f} documents/s/core ({r['documents_read']} documents of "
+              f"{r['image_size']} px JPEG, {r['workers']} worker(s), {r['seconds']:.1f} s; kept {r['documents']})")
+        return 0
     try:
         if args.config:
             cfg = load_data_config(args.config)
@@ -232,4 +240,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--global-batch", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--curate", action="store_true",
+                   help="instead: documents/s/core of `tessera data curate` on generated img2dataset shards")
+    p.add_argument("--docs", type=int, default=2000, help="--curate: documents to generate")
+    p.add_argument("--image-size", type=int, default=256, help="--curate: picture side (JPEG)")
+    p.add_argument("--workers", type=int, default=1, help="--curate: processes")
     p.set_defaults(func=_bench)

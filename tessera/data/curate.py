@@ -139,9 +139,9 @@ def _small(img: Image.Image, side: int = 128) -> Image.Image:
                                                         Image.Resampling.NEAREST)
 
 
-def distinct_colours(img: Image.Image) -> int:
-    a = np.asarray(_small(img).convert("RGB"), dtype=np.uint32).reshape(-1, 3)
-    return int(np.unique((a[:, 0] << 16) | (a[:, 1] << 8) | a[:, 2]).size)
+def has_colours(img: Image.Image, n: int) -> bool:
+    """At least ``n`` distinct RGB colours (Pillow stops counting past n - 1)."""
+    return n <= 1 or _small(img).convert("RGB").getcolors(n - 1) is None
 
 
 def grey_entropy(img: Image.Image) -> float:
@@ -224,9 +224,10 @@ def first_failing_filter(images: Sequence[Image.Image], text: str, cfg: CurateCo
             return "image_too_small"
         if cfg.max_aspect is not None and max(w, h) > cfg.max_aspect * min(w, h):
             return "image_aspect"
-        if cfg.min_colours and distinct_colours(im) < cfg.min_colours:
+        small = _small(im)
+        if cfg.min_colours and not has_colours(small, cfg.min_colours):
             return "image_few_colours"
-        if cfg.min_entropy and grey_entropy(im) < cfg.min_entropy:
+        if cfg.min_entropy and grey_entropy(small) < cfg.min_entropy:
             return "image_low_entropy"
     n = len(text.strip())
     if n < cfg.min_text_chars:
