@@ -119,6 +119,7 @@ def benchmark_curation(docs: int = 2000, image_size: int = 256, workers: int = 1
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-    return {"documents_per_s_per_core": st["documents_per_s_per_core"], "documents_read": st["documents_read"],
+    return {"documents_per_s_per_core": st["documents_per_s_per_core"], "documents_per_cpu_s": st["documents_per_cpu_s"],
+            "documents_read": st["documents_read"],
             "documents": st["documents"], "seconds": st["seconds"], "workers": st["workers"],
             "image_size": image_size, "filtered": {k: v for k, v in st["filtered"].items() if v}}

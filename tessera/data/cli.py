@@ -143,7 +143,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         r = benchmark_curation(args.docs, args.image_size, args.workers)
         print(json.dumps(r, indent=2) if args.json else
-              f"curate: {r['documents_per_s_per_core']:,.1f} documents/s/core ({r['documents_read']} documents of "
+              f"curate: {r['documents_per_s_per_core']:,.1f} documents/s/core, {r['documents_per_cpu_s']:,.1f} per CPU "
+              f"second ({r['documents_read']} documents of "
               f"{r['image_size']} px JPEG, {r['workers']} worker(s), {r['seconds']:.1f} s; kept {r['documents']})")
         return 0
     try:
