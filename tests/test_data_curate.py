@@ -243,3 +243,19 @@ def test_measures():
     assert grey_entropy(Image.new("RGB", (8, 8), (5, 5, 5))) == 0.0
     assert abs(grey_entropy(Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))) - 8.0) < 1e-9
     assert repeat_ratio("aaab") == 0.75 and repeat_ratio("hello") == 0.0 and repeat_ratio("!!!!") == 1.0
+
+
+def test_curate_cli(tmp_path, capsys):
+    from tessera.cli import main
+
+    write_corpus(tmp_path / "raw")
+    assert main(["data", "curate", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--min-side", "16",
+                 "--max-aspect", "3", "--min-colours", "2", "--min-entropy", "0.5", "--min-text-chars", "5",
+                 "--max-repeat-ratio", "0.5", "--max-nonprintable-ratio", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "6 of 17 documents kept" in out and "| near_duplicate_image | 1 |" in out
+    assert main(["data", "curate", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / "out")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["data", "curate", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / "o2"),
+                 "--min-score", "0.5"]) == 2
+    assert "--min-score needs --scorer" in capsys.readouterr().err

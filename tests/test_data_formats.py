@@ -295,3 +295,23 @@ def _opts(**reader):
     from tessera.data.pretokenize import PretokenizeOptions
 
     return PretokenizeOptions(reader=ReaderOptions(**reader))
+
+
+def test_cli_fails_in_one_line_on_a_run_without_documents(tmp_path, capsys):
+    """`tessera data pretokenize --format segments` on img2dataset shards: exit 2, one line naming the fix."""
+    from tessera.cli import main
+    from tessera.tokenizers.image import ImageTokenizer, VQConfig
+    from tessera.tokenizers.text import train_text_tokenizer
+
+    write_img2dataset(tmp_path / "00000.tar")
+    train_text_tokenizer([str(tmp_path / "00000.tar")], tmp_path / "text", 300)
+    ImageTokenizer.from_config(VQConfig.preset("tiny")).save(tmp_path / "vq")
+    args = ["data", "pretokenize", "--input", str(tmp_path / "00000.tar"), "--out", str(tmp_path / "out"),
+            "--text-tokenizer", str(tmp_path / "text.model"), "--image-tokenizer", str(tmp_path / "vq")]
+    assert main([*args, "--format", "segments"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the skip log lines
+    assert len(err) == 1 and err[0].startswith("tessera data: error: no documents read from 1 shard(s)")
+    assert err[0].endswith("These look like img2dataset shards: pass --format img2dataset")
+    assert main([*args, "--caption-first", "1"]) == 0 and not (tmp_path / "out.partial").exists()
+    st = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert st["documents"] == 4 and st["sources"] == {"img2dataset": 4}
