@@ -93,7 +93,7 @@ class VQTrainConfig:
 class ImageTokenizerTrainConfig:
     vq: VQConfig = field(default_factory=VQConfig)
     train: VQTrainConfig = field(default_factory=VQTrainConfig)
-    data: list[str] = field(default_factory=list)  # image folders, image files or webdataset .tar shards
+    data: list[str] = field(default_factory=list)  # image folders, image files, .tar shards, folders of shards
     out: str = "vq_out"
 
 
