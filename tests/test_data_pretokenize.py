@@ -80,7 +80,7 @@ def test_corrupt_samples_skipped_good_ones_byte_equal(tmp_path):
                      progress=False)
     assert st["skipped"] == EXPECTED and st["skipped_total"] == sum(EXPECTED.values())
     # the same good documents alone
-    from tessera.data.synth import document_to_tar_members, write_tar
+    from tessera.data.document import document_to_tar_members, write_tar
 
     write_tar(tmp_path / "clean.tar", [m for d in goods for m in document_to_tar_members(d)])
     pretokenize(str(tmp_path / "clean.tar"), tmp_path / "clean", ByteTokenizer(), PatchColourTokenizer(), progress=False)

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tessera.data.document import document_to_tar_members, write_tar
 from tessera.data.raw import SKIP_REASONS, DocumentLimits, SkipStats, iter_documents
-from tessera.data.synth import document_rng, document_to_tar_members, make_document, write_tar
+from tessera.data.synth import document_rng, make_document
 
 
 def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -48,7 +49,7 @@ def corrupt_members() -> dict[str, list[tuple[str, bytes]]]:
     }
 
 
-EXPECTED = {"empty_file": 2, "invalid_utf8": 1, "invalid_json": 1, "bad_schema": 1, "missing_json": 1,
+EXPECTED = {"empty_file": 2, "invalid_utf8": 1, "invalid_json": 1, "bad_schema": 1, "missing_json": 1, "missing_caption": 0,
             "missing_image": 1, "bad_image": 2, "too_long": 1, "unreadable_shard": 0}
 
 

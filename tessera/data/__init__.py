@@ -1,8 +1,11 @@
 """tessera.data: corpora, pretokenization and the training batch stream (docs/data.md).
 
+- ``document``: the core ``Document`` type and the segments-layout writer (``document_to_tar_members``, ``write_tar``).
 - ``synth``: the built-in synthetic shapes corpus (``make_document``, ``render_scene``, ``caption``,
   ``parse_caption``, ``write_synth``); ``detect``: its detector and text<->image scores.
-- ``raw``: ``iter_documents`` over webdataset shards, counting and skipping corrupt samples.
+- ``formats`` / ``raw``: the one reader: img2dataset, parquet, OBELICS / MINT-1T interleaved, image folders and
+  the segments layout, detected per shard; ``iter_documents`` counts and skips corrupt samples.
+- ``curate``: filters and exact / near-duplicate removal across shards (``tessera data curate``).
 - ``pretokenize``: shards -> megatron IndexedDataset + vocab.json + stats.json, atomic and resumable.
 - ``batches`` / ``weave`` / ``config``: packed samples, weave schedules, ``WovenBatchIterator``.
 - ``report``, ``bench``: modality balance and ``benchmark_batches``.

@@ -1,4 +1,5 @@
-"""Throughput of the batch pipeline from pretokenized data (the bench engineer calls ``benchmark_batches``)."""
+"""Throughput of the data pipeline: the batch stream from pretokenized data (``benchmark_batches``) and
+curation of raw shards (``benchmark_curation``, documents/s per core)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,63 @@ def benchmark_batches(
         "reset_attention_mask": packing.reset_attention_mask,
         "reset_position_ids": packing.reset_position_ids,
     }
+
+
+def write_caption_shards(out: Path, docs: int, image_size: int = 256, shard_size: int = 500, seed: int = 0,
+                         dup_every: int = 10) -> list[Path]:
+    """img2dataset-style shards (KEY.jpg + KEY.txt + KEY.json) of smooth random JPEG pictures with unique
+    captions; every ``dup_every``-th picture repeats an earlier one, so deduplication has work to do."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from tessera.data.document import write_tar
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, members, pictures = [], [], []
+    for i in range(docs):
+        if dup_every and i % dup_every == dup_every - 1 and pictures:
+            data = pictures[int(rng.integers(len(pictures)))]
+        else:
+            grid = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+            img = Image.fromarray(grid).resize((image_size, image_size), Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            data = buf.getvalue()
+            pictures.append(data)
+        key = f"{i:09d}"
+        cap = f"picture {i}: a smooth pattern of {int(rng.integers(2, 9))} colours, photographed at dusk"
+        members += [(f"{key}.jpg", data), (f"{key}.txt", cap.encode()),
+                    (f"{key}.json", json.dumps({"key": key, "caption": cap, "status": "success"}).encode())]
+        if len(members) >= 3 * shard_size or i == docs - 1:
+            paths.append(out / f"{len(paths):05d}.tar")
+            write_tar(paths[-1], members)
+            members = []
+    return paths
+
+
+def benchmark_curation(docs: int = 2000, image_size: int = 256, workers: int = 1, workdir: str | Path | None = None,
+                       cfg=None) -> dict:
+    """Time ``tessera data curate`` over generated img2dataset-style shards with every filter on except the
+    language filter and the scorer (user-supplied models); returns its stats plus the corpus settings."""
+    import shutil
+    import tempfile
+
+    from tessera.data.curate import CurateConfig, curate
+
+    cfg = cfg or CurateConfig(min_side=64, max_aspect=3.0, min_colours=16, min_entropy=1.0, min_text_chars=5,
+                              max_text_chars=2000, max_repeat_ratio=0.5, max_nonprintable_ratio=0.1)
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tessera-bench-curate-"))
+    try:
+        write_caption_shards(root / "raw", docs, image_size)
+        st = curate(str(root / "raw"), root / "out", cfg, workers=workers, overwrite=True, progress=False)
+    finally:
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return {"documents_per_s_per_core": st["documents_per_s_per_core"], "documents_per_cpu_s": st["documents_per_cpu_s"],
+            "documents_read": st["documents_read"],
+            "documents": st["documents"], "seconds": st["seconds"], "workers": st["workers"],
+            "image_size": image_size, "filtered": {k: v for k, v in st["filtered"].items() if v}}

@@ -1,4 +1,4 @@
-"""``tessera data ...``: synth, pretokenize, report, bench (docs/data.md)."""
+"""``tessera data ...``: synth, curate, pretokenize, report, bench (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -33,21 +33,64 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _pretokenize(args: argparse.Namespace) -> int:
+    from tessera.convert.errors import ConvertError
     from tessera.data.pretokenize import PretokenizeError, PretokenizeOptions, pretokenize
 
     _logging()
-    opts = PretokenizeOptions(
-        max_doc_tokens=args.max_doc_tokens, max_images=args.max_images, max_text_chars=args.max_text_chars,
-        batch_docs=args.batch_docs, image_batch=args.image_batch, device=args.device,
-    )
     try:
+        opts = PretokenizeOptions(
+            max_doc_tokens=args.max_doc_tokens, max_images=args.max_images, max_text_chars=args.max_text_chars,
+            batch_docs=args.batch_docs, image_batch=args.image_batch, device=args.device, reader=_reader_options(args),
+        )
         st = pretokenize(args.input, args.out, args.text_tokenizer, args.image_tokenizer, args.workers, opts, args.overwrite)
-    except (PretokenizeError, OSError, ValueError) as exc:
+    except (PretokenizeError, ConvertError, OSError, ValueError) as exc:
         return _fail(str(exc))
     print(f"wrote {args.out}: {st['documents']} documents, {st['tokens']:,} tokens "
           f"(text {st['text_tokens']:,}, image {st['image_tokens']:,}, special {st['special_tokens']:,}); "
           f"skipped {st['skipped_total']} {json.dumps({k: v for k, v in st['skipped'].items() if v})}")
     return 0
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from tessera.data.curate import CurateConfig, CurateError, curate
+
+    _logging()
+    try:
+        cfg = CurateConfig(
+            min_side=args.min_side, max_aspect=args.max_aspect, min_colours=args.min_colours, min_entropy=args.min_entropy,
+            min_text_chars=args.min_text_chars, max_text_chars=args.max_text_chars,
+            max_repeat_ratio=args.max_repeat_ratio, max_nonprintable_ratio=args.max_nonprintable_ratio,
+            languages=tuple(x for x in (args.language or "").split(",") if x),
+            min_language_score=args.min_language_score, scorer=args.scorer, min_score=args.min_score,
+            scorer_image_size=args.scorer_image_size, dedup_text=not args.no_dedup_text,
+            dedup_images=not args.no_dedup_images, near_dup_hamming=args.near_dup_hamming, shard_size=args.shard_size,
+        )
+        st = curate(args.input, args.out, cfg, _reader_options(args), args.workers, args.overwrite)
+    except (CurateError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    from tessera.data.curate import format_report
+
+    print(format_report(st), end="")
+    print(f"wrote {args.out}: {st['documents']} documents in {len(st['shards'])} shard(s); stats {args.out}/stats.json")
+    return 0
+
+
+def _reader_options(args: argparse.Namespace):
+    from tessera.data.formats import ReaderOptions
+
+    return ReaderOptions(format=args.format, caption_first=args.caption_first, image_column=args.image_column,
+                         text_column=args.text_column)
+
+
+def _add_reader_flags(p: argparse.ArgumentParser) -> None:
+    from tessera.data.formats import FORMATS
+
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                   help="shard format (default: detected per shard; docs/data.md lists them)")
+    p.add_argument("--caption-first", type=float, default=0.5,
+                   help="share of image-caption pairs written caption first (the rest image first)")
+    p.add_argument("--image-column", default=None, help="parquet: the image column (default: image, jpg, ...)")
+    p.add_argument("--text-column", default=None, help="parquet: the caption column (default: text, caption, ...)")
 
 
 def _named_dirs(items: list[str]) -> dict[str, str]:
@@ -95,6 +138,15 @@ def _bench(args: argparse.Namespace) -> int:
     from tessera.data.bench import benchmark_batches
     from tessera.data.config import load_data_config
 
+    if args.curate:
+        from tessera.data.bench import benchmark_curation
+
+        r = benchmark_curation(args.docs, args.image_size, args.workers)
+        print(json.dumps(r, indent=2) if args.json else
+              f"curate: {r['documents_per_s_per_core']:,.1f} documents/s/core, {r['documents_per_cpu_s']:,.1f} per CPU "
+              f"second ({r['documents_read']} documents of "
+              f"{r['image_size']} px JPEG, {r['workers']} worker(s), {r['seconds']:.1f} s; kept {r['documents']})")
+        return 0
     try:
         if args.config:
             cfg = load_data_config(args.config)
@@ -127,9 +179,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("pretokenize", help="raw shards -> megatron indexed dataset of unified-vocabulary ids")
-    p.add_argument("--input", required=True, nargs="+", help="shard paths or brace patterns 'shards/{000..099}.tar'")
-    p.add_argument("--text-tokenizer", required=True, help="sentencepiece .model")
-    p.add_argument("--image-tokenizer", required=True, help="VQ tokenizer directory")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="shards (.tar, .parquet, .jsonl), image folders, folders of shards, brace patterns")
+    p.add_argument("--text-tokenizer", required=True,
+                   help="sentencepiece .model, or an imported Chameleon's IMPORT/tokenizers/text")
+    p.add_argument("--image-tokenizer", required=True, help="VQ tokenizer directory (or IMPORT/tokenizers/image)")
+    _add_reader_flags(p)
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=1, help="processes, shards split among them")
     p.add_argument("--max-doc-tokens", type=int, default=None, help="skip (and count) longer documents")
@@ -140,6 +195,35 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="VQ encoder device (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete output directory")
     p.set_defaults(func=_pretokenize)
+
+    p = sub.add_parser("curate", help="filter and deduplicate raw shards (any format) into segments-layout shards")
+    p.add_argument("--input", required=True, nargs="+", help="shards, image folders, folders of shards, brace patterns")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1, help="processes, shards split among them (same output)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_reader_flags(p)
+    g = p.add_argument_group("image filters (off unless given)")
+    g.add_argument("--min-side", type=int, default=0, help="drop images with a shorter side (pixels)")
+    g.add_argument("--max-aspect", type=float, default=None, help="drop images longer than this x their width")
+    g.add_argument("--min-colours", type=int, default=0, help="drop images with fewer distinct colours (blank)")
+    g.add_argument("--min-entropy", type=float, default=0.0, help="drop images with less grey-level entropy (bits)")
+    g = p.add_argument_group("text filters (off unless given)")
+    g.add_argument("--min-text-chars", type=int, default=0)
+    g.add_argument("--max-text-chars", type=int, default=None)
+    g.add_argument("--max-repeat-ratio", type=float, default=None, help="share of characters in runs of 3+ equal ones")
+    g.add_argument("--max-nonprintable-ratio", type=float, default=None)
+    g.add_argument("--language", default=None, help="keep these languages, e.g. en,de (needs py3langid)")
+    g.add_argument("--min-language-score", type=float, default=0.5)
+    g = p.add_argument_group("alignment scorer (yours; nothing is downloaded)")
+    g.add_argument("--scorer", default=None, help="TorchScript file (pixels [n,3,S,S] in [0,1], texts) or module:function")
+    g.add_argument("--min-score", type=float, default=None)
+    g.add_argument("--scorer-image-size", type=int, default=224)
+    g = p.add_argument_group("deduplication across all shards (first occurrence kept)")
+    g.add_argument("--no-dedup-text", action="store_true", help="keep documents whose text was seen before")
+    g.add_argument("--no-dedup-images", action="store_true", help="keep documents whose image pixels were seen before")
+    g.add_argument("--near-dup-hamming", type=int, default=4, help="perceptual-hash bits (-1: off)")
+    p.add_argument("--shard-size", type=int, default=1000, help="documents per output shard")
+    p.set_defaults(func=_curate)
 
     p = sub.add_parser("report", help="modality balance per source and in the woven stream")
     p.add_argument("dirs", nargs="*", help="pretokenized directories (NAME=DIR or DIR)")
@@ -157,4 +241,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--global-batch", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--curate", action="store_true",
+                   help="instead: documents/s/core of `tessera data curate` on generated img2dataset shards")
+    p.add_argument("--docs", type=int, default=2000, help="--curate: documents to generate")
+    p.add_argument("--image-size", type=int, default=256, help="--curate: picture side (JPEG)")
+    p.add_argument("--workers", type=int, default=1, help="--curate: processes")
     p.set_defaults(func=_bench)

@@ -22,23 +22,32 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tessera.data.raw import SKIP_REASONS, DocumentLimits, SkipStats, expand_urls, iter_documents
-from tessera.data.synth import Document
+from tessera.data.document import Document
+from tessera.data.raw import (
+    SKIP_REASONS,
+    DocumentLimits,
+    ReaderOptions,
+    SkipStats,
+    expand_urls,
+    explain_empty,
+    iter_documents,
+    resolve_format,
+)
 from tessera.data.tokenizers import (
     ImageTokenizerLike,
     TextTokenizerLike,
-    fit_image,
     load_image_tokenizer,
     load_text_tokenizer,
     vocabulary_for,
 )
 from tessera.progress import Progress
+from tessera.tokenizers.preprocess import fit_image
 from tessera.tokenizers.vocab import Vocabulary
 
 log = logging.getLogger("tessera.data")
@@ -60,6 +69,7 @@ class PretokenizeOptions:
     batch_docs: int = 64  # documents whose texts / images are encoded in one call
     image_batch: int = 64
     device: str | None = None  # where a VQ encoder loaded from a path runs; None: cuda when present
+    reader: ReaderOptions = field(default_factory=ReaderOptions)  # --format, --caption-first, columns
 
 
 def token_dtype(vocab: Vocabulary) -> type[np.number]:
@@ -140,7 +150,7 @@ def pretokenize_shard(
             sources[doc.source] = sources.get(doc.source, 0) + 1
 
     batch: list[Document] = []
-    for doc in iter_documents([url], stats, limits):
+    for doc in iter_documents([url], stats, limits, opts.reader):
         batch.append(doc)
         if len(batch) >= opts.batch_docs:
             flush(batch)
@@ -193,7 +203,7 @@ def _fingerprint(urls: list[str], vocab: Vocabulary, text_spec, image_spec, opts
             "vocab": vocab.to_dict(),
             "text": ident(text_spec),
             "image": ident(image_spec),
-            "opts": [opts.max_doc_tokens, opts.max_images, opts.max_text_chars],
+            "opts": [opts.max_doc_tokens, opts.max_images, opts.max_text_chars, asdict(opts.reader)],
         },
         sort_keys=True,
     )
@@ -228,6 +238,9 @@ def pretokenize(
     missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
     if missing:
         raise PretokenizeError(f"--input: {len(missing)} shard(s) do not exist, first: {missing[0]}")
+    if options.reader.format != "auto":
+        for u in urls:
+            resolve_format(u, options.reader)  # a forced format its container cannot hold fails here
     if out.exists():
         if not overwrite:
             what = "a complete dataset" if is_complete(out) else "something"
@@ -276,6 +289,13 @@ def pretokenize(
                 for r in pool.imap_unordered(_worker_run, todo):
                     results[r["shard"]] = r
                     prog.update(1, docs=sum(x["documents"] for x in results.values()))
+
+    if sum(r["documents"] for r in results.values()) == 0:
+        # nothing to train on: fail now (the parts stay for inspection) instead of publishing an empty OUT
+        skipped = SkipStats()
+        for r in results.values():
+            skipped.skipped.update(r["skipped"])
+        raise PretokenizeError(explain_empty(urls, skipped, options.reader))
 
     # merge parts in shard order, then publish the directory by one rename
     merged = str(partial / DATA_PREFIX)

@@ -16,16 +16,16 @@ Everything here is deterministic given a seed and small enough for a tiny model 
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from tessera.data.document import Document, document_to_tar_members, write_tar
+from tessera.data.raw import iter_documents
 from tessera.progress import Progress
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -85,19 +85,6 @@ class Scene:
     relation: str | None = None  # two objects only
     background: str = "white"
     jitter: tuple[float, ...] = field(default=(0.0, 0.0, 0.0, 0.0), compare=False)  # dx, dy per object
-
-
-@dataclass
-class Document:
-    """An interleaved document: text segments (str) and images (PIL, RGB) in reading order."""
-
-    key: str
-    segments: list[str | Image.Image]
-    source: str = ""
-
-    @property
-    def images(self) -> list[Image.Image]:
-        return [s for s in self.segments if isinstance(s, Image.Image)]
 
 
 def random_scene(rng: random.Random, two_objects_p: float = 0.5, background_p: float = 0.3) -> Scene:
@@ -240,38 +227,6 @@ def document_rng(seed: int, index: int) -> random.Random:
     return random.Random(seed * 1_000_000_007 + index)
 
 
-def document_to_tar_members(doc: Document) -> list[tuple[str, bytes]]:
-    """The raw format: KEY.json plus one KEY.<i>.png per image (docs/data.md)."""
-    members: list[tuple[str, bytes]] = []
-    segs: list[dict] = []
-    n = 0
-    for seg in doc.segments:
-        if isinstance(seg, str):
-            segs.append({"text": seg})
-        else:
-            name = f"{doc.key}.{n}.png"
-            buf = io.BytesIO()
-            seg.save(buf, format="PNG")
-            members.append((name, buf.getvalue()))
-            segs.append({"image": name})
-            n += 1
-    meta = json.dumps({"segments": segs, "source": doc.source}, ensure_ascii=False).encode("utf-8")
-    return [(f"{doc.key}.json", meta), *members]
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """Byte-deterministic tar (fixed mtime/owner), written to a temp name and renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    tmp.replace(path)
-
-
 def write_corpus(
     out: str | Path,
     docs: int,
@@ -303,8 +258,6 @@ def write_corpus(
 def caption_image_pairs(urls, limit: int | None = None) -> list[tuple[str, Image.Image]]:
     """(caption, image) for every caption directly before or after its image in the shards ``urls``
     (a brace pattern or list), e.g. the held-out split's evaluation prompts and references."""
-    from tessera.data.raw import iter_documents
-
     pairs: list[tuple[str, Image.Image]] = []
     for doc in iter_documents(urls):
         segs = doc.segments

@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from PIL import Image
 
-from tessera.tokenizers.vocab import Vocabulary
+from tessera.tokenizers.vocab import Vocabulary, VocabularyError
 
 
 @runtime_checkable
@@ -36,9 +36,11 @@ class ImageTokenizerLike(Protocol):
 
 
 def load_text_tokenizer(path: str) -> TextTokenizerLike:
-    from tessera.tokenizers.text import TextTokenizer
+    """A sentencepiece ``.model`` (Tessera's ``TextTokenizer``) or an imported Chameleon's
+    ``IMPORT/tokenizers/text`` directory (``HFTextTokenizer``: Chameleon's own BPE, in the import's ids)."""
+    from tessera.convert.hf_tokenizer import load_text_tokenizer as load
 
-    return TextTokenizer.load(path)
+    return load(path)
 
 
 def load_image_tokenizer(path: str, device: str | None = None) -> ImageTokenizerLike:
@@ -49,19 +51,20 @@ def load_image_tokenizer(path: str, device: str | None = None) -> ImageTokenizer
 
 
 def vocabulary_for(text: TextTokenizerLike, image: ImageTokenizerLike) -> Vocabulary:
-    """The unified vocabulary the pretokenized ids live in."""
+    """The unified vocabulary the pretokenized ids live in. A text tokenizer that carries its own
+    (an imported Chameleon's: its specials, order and padding) fixes it, so the data speaks the
+    checkpoint's ids; its image sizes must then match the image tokenizer."""
+    own = getattr(text, "vocab", None)
+    if isinstance(own, Vocabulary):
+        got = (int(image.num_codes), int(image.tokens_per_image))
+        if (own.num_image_codes, own.image_tokens_per_image) != got:
+            raise VocabularyError(
+                f"the text tokenizer's vocabulary has {own.num_image_codes} image codes x {own.image_tokens_per_image} "
+                f"per image, the image tokenizer {got[0]} x {got[1]}: not the same checkpoint's tokenizers"
+            )
+        return own
     return Vocabulary(
         num_text_tokens=int(text.vocab_size),
         num_image_codes=int(image.num_codes),
         image_tokens_per_image=int(image.tokens_per_image),
     )
-
-
-def fit_image(img: Image.Image, size: int) -> Image.Image:
-    """Centre-crop to a square and resize to the tokenizer's side (no-op for the synthetic corpus)."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)

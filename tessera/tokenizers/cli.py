@@ -133,7 +133,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", required=True)
 
     p = sub.add_parser("train-text", help="train the sentencepiece BPE text tokenizer")
-    p.add_argument("--input", nargs="+", required=True, help="text files and/or webdataset .tar shards")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="text files and/or shards / folders in any raw format (docs/data.md); only their text is read")
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", type=int, required=True, help="target number of pieces (see docs/tokenizers.md)")
     p.add_argument("--character-coverage", type=float, default=0.9995)
@@ -146,7 +147,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", help="YAML with sections vq, train (and optionally data, out)")
     g.add_argument("--preset", help="demo | tiny | chameleon")
-    p.add_argument("--data", nargs="+", help="image folders, image files and/or webdataset .tar shards")
+    p.add_argument("--data", nargs="+", help="image folders, image files, .tar shards (any layout), folders of shards")
     p.add_argument("--out", help="output directory (tokenizer, checkpoints, TensorBoard logs)")
     p.set_defaults(func=_train_image, accepts_overrides=True)
 

@@ -16,15 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
 from tessera.config import ConfigError, from_dict, to_dict
+from tessera.tokenizers.preprocess import fit_image, open_image, pixels, to_rgb  # noqa: F401 (to_rgb re-exported)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -109,52 +109,17 @@ VQ_PRESETS: dict[str, dict] = {
 }
 
 
-# ---- preprocessing ---------------------------------------------------------------------------
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is alpha-blended onto white (as Chameleon does)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):
-        img = img.convert("RGBA")
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":
-            arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
-        elif img.mode.startswith("I;16") or (arr.size and arr.max() > 255):
-            arr = arr / 257.0  # 16-bit range onto 8 bits
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBa", "La"):  # premultiplied alpha: blending onto white is colour + white * (1 - a)
-        arr = np.asarray(img, dtype=np.float32)
-        col = arr[..., :-1] if img.mode == "RGBa" else np.repeat(arr[..., :1], 3, axis=-1)
-        rgb = col + 255.0 * (1.0 - arr[..., -1:] / 255.0)
-        return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[..., 3:4] / 255.0
-        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
-        return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
-    if img.mode == "1":
-        img = img.convert("L")
-    return img.convert("RGB")
+# ---- preprocessing: the one function lives in tessera.tokenizers.preprocess --------------------
 
 
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:
-    """PIL image -> float [3, size, size] in [-1, 1]: RGB, shortest side resized to ``size``
-    (LANCZOS), centre-cropped."""
-    img = to_rgb(img)
-    w, h = img.size
-    if w == 0 or h == 0:
-        raise ImageTokenizerError("image has zero size")
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.LANCZOS)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return arr / 127.5 - 1.0
+    """PIL image -> float [3, size, size] in [-1, 1] through the one preprocessing (``fit_image``:
+    RGB, shortest side resized to ``size`` with LANCZOS, centre-cropped)."""
+    try:
+        img = fit_image(img, size)
+    except ValueError as exc:
+        raise ImageTokenizerError(str(exc)) from exc
+    return torch.from_numpy(pixels(img)).float() / 127.5 - 1.0
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -163,9 +128,7 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise ImageTokenizerError(f"{path}: image file not found")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return ImageOps.exif_transpose(im) or im
+        return open_image(path)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageTokenizerError(f"{path}: unreadable image: {exc}") from exc
 

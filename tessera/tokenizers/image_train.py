@@ -17,12 +17,10 @@ Output directory layout::
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 import random
-import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from tessera.config import (
@@ -44,6 +42,7 @@ from tessera.config import (
     save_config,
     to_dict,
 )
+from tessera.data.raw import FormatError, ImageRef, index_images, load_image_ref
 from tessera.progress import Progress
 from tessera.tokenizers.image import (
     VQ_PRESETS,
@@ -55,8 +54,6 @@ from tessera.tokenizers.image import (
 )
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -96,7 +93,7 @@ class VQTrainConfig:
 class ImageTokenizerTrainConfig:
     vq: VQConfig = field(default_factory=VQConfig)
     train: VQTrainConfig = field(default_factory=VQTrainConfig)
-    data: list[str] = field(default_factory=list)  # image folders, image files or webdataset .tar shards
+    data: list[str] = field(default_factory=list)  # image folders, image files, .tar shards, folders of shards
     out: str = "vq_out"
 
 
@@ -149,69 +146,30 @@ def load_train_config(
 # ---- data ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ImageRef:
-    path: str
-    member: str | None = None  # name inside a .tar shard
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.member}" if self.member else self.path
-
-
 def discover_images(inputs: Sequence[str | Path]) -> list[ImageRef]:
-    """Every image under the inputs (folders recursively, image files, image members of .tar shards), sorted."""
-    refs: list[ImageRef] = []
-    for inp in inputs:
-        p = Path(inp)
-        if not p.exists():
-            raise ImageTokenizerError(f"{p}: data path not found")
-        if p.is_dir():
-            refs.extend(ImageRef(str(f)) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_EXTS and f.is_file())
-        elif p.suffix == ".tar":
-            try:
-                with tarfile.open(p) as tf:
-                    names = sorted(m.name for m in tf if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTS)
-            except tarfile.TarError as exc:
-                raise ImageTokenizerError(f"{p}: not a readable tar shard: {exc}") from exc
-            refs.extend(ImageRef(str(p), n) for n in names)
-        elif p.suffix.lower() in IMAGE_EXTS:
-            refs.append(ImageRef(str(p)))
-        else:
-            raise ImageTokenizerError(f"{p}: not an image folder, image file or .tar shard")
-    if not refs:
-        raise ImageTokenizerError(f"no images found in {[str(i) for i in inputs]}")
-    return refs
+    """Every image under the inputs (image files, image folders, .tar shards of any layout, folders of shards),
+    through the one reader (``tessera.data.raw.index_images``)."""
+    try:
+        return index_images([str(i) for i in inputs])
+    except FormatError as exc:
+        raise ImageTokenizerError(str(exc)) from exc
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Preprocessed images; an unreadable one yields None (counted and skipped by the collate)."""
+    """Preprocessed images; an unreadable one yields (where, why) (counted and skipped by the collate)."""
 
     def __init__(self, refs: list[ImageRef], size: int) -> None:
         self.refs, self.size = refs, size
-        self._tars: dict[str, tarfile.TarFile] = {}
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def _open(self, ref: ImageRef) -> Image.Image:
-        if ref.member is None:
-            return Image.open(ref.path)
-        tf = self._tars.get(ref.path)
-        if tf is None:
-            tf = self._tars[ref.path] = tarfile.open(ref.path)
-        fh = tf.extractfile(ref.member)
-        if fh is None:
-            raise OSError("not a file")
-        return Image.open(io.BytesIO(fh.read()))
-
     def __getitem__(self, i: int) -> torch.Tensor | tuple[str, str]:
         ref = self.refs[i]
         try:
-            with self._open(ref) as im:
-                im.load()
-                return preprocess(im, self.size)
-        except (OSError, UnidentifiedImageError, ValueError, KeyError, tarfile.TarError) as exc:
-            return (str(ref), str(exc))
+            return preprocess(load_image_ref(ref), self.size)
+        except Exception as exc:  # PIL raises many types for bad bytes
+            return (str(ref), f"{type(exc).__name__}: {exc}")
 
 
 def collate(batch: list) -> tuple[torch.Tensor, list[tuple[str, str]]]:

@@ -13,11 +13,8 @@ Only ``<unk>`` (id 0, never produced thanks to byte fallback) is reserved inside
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -117,44 +114,26 @@ class TextTokenizer:
 # ---- training --------------------------------------------------------------------------------
 
 
-def _doc_texts(doc: object, where: str) -> list[str]:
-    if not isinstance(doc, dict) or not isinstance(doc.get("segments"), list):
-        raise TextTokenizerError(f"{where}: expected {{'segments': [...]}}")
-    return [s["text"] for s in doc["segments"] if isinstance(s, dict) and isinstance(s.get("text"), str)]
-
-
 def iter_corpus_texts(inputs: Sequence[str | Path], stats: dict[str, int] | None = None) -> Iterator[str]:
-    """Text of every input: a plain text file (as is), or the text segments of each ``KEY.json`` in
-    a webdataset ``.tar`` shard. A sample whose JSON is unreadable is counted in ``stats['corrupt']``,
-    logged once and skipped."""
+    """Text of every input: a plain text file (as is), or the text of every document of shards and folders
+    in any format ``tessera.data.raw`` reads (webdataset, parquet, JSONL, image folders with captions;
+    images are not read). Bad samples are counted in ``stats['corrupt']`` and skipped."""
+    from tessera.data.formats import SHARD_EXTS, SkipStats
+    from tessera.data.raw import iter_texts
+
     stats = stats if stats is not None else {}
     stats.setdefault("corrupt", 0)
     for inp in inputs:
         path = Path(inp)
-        if not path.exists():
+        if not path.exists() and "{" not in str(inp):
             raise TextTokenizerError(f"{path}: input file not found")
-        if path.is_dir():
-            raise TextTokenizerError(f"{path}: is a directory; pass text files or .tar shards")
-        if path.suffix == ".tar":
+        if path.is_dir() or path.name.lower().endswith(SHARD_EXTS) or "{" in str(inp):
+            skipped = SkipStats()
             try:
-                tf = tarfile.open(path)
-            except tarfile.TarError as exc:
-                raise TextTokenizerError(f"{path}: not a readable tar shard: {exc}") from exc
-            with tf:
-                for member in tf:
-                    if not (member.isfile() and member.name.endswith(".json")):
-                        continue
-                    where = f"{path}:{member.name}"
-                    try:
-                        fh = tf.extractfile(member)
-                        assert fh is not None
-                        texts = _doc_texts(json.load(io.TextIOWrapper(fh, encoding="utf-8")), where)
-                    except (ValueError, UnicodeDecodeError, AssertionError, tarfile.TarError) as exc:
-                        if stats["corrupt"] == 0:
-                            log.warning("skipping corrupt sample %s: %s", where, exc)
-                        stats["corrupt"] += 1
-                        continue
-                    yield from texts
+                yield from iter_texts(str(inp), skipped)
+            except ValueError as exc:  # a parquet shard without a text column, ...
+                raise TextTokenizerError(str(exc)) from exc
+            stats["corrupt"] += sum(skipped.as_dict().values())
         else:
             try:
                 yield path.read_text(encoding="utf-8")
