@@ -144,6 +144,9 @@ def test_dispatch_and_errors():
         cross_entropy_z(logits.to(torch.float64), labels)
     with pytest.raises(ValueError, match="power of two"):
         cross_entropy_z(logits, labels, backend="triton", block=48)
+    # beyond the blocks tessera.kernels.aot compiles ahead of time
+    with pytest.raises(ValueError, match="power of two from 16 to 4096, got 8192"):
+        cross_entropy_z(logits, labels, backend="triton", block=8192)
 
 
 def test_language_model_loss_is_deterministic_and_takes_bf16():

@@ -326,3 +326,29 @@ def test_untruncated_keep_is_allowed():
     allowed = torch.rand(3, V, generator=gen) > 0.3
     z = torch.where(allowed, torch.randint(-3, 4, (3, V), generator=gen).float(), float("-inf"))
     assert torch.equal(_keep_reference(z, allowed, 0, 1.0), allowed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_logits_and_table_are_realigned(dtype):
+    """A misaligned view with an odd row stride (and a misaligned modality table): the host code copies
+    them to 16-byte-aligned rows for the kernel (one compiled variant, vectorised loads); same result."""
+    from tessera.kernels.sampling import _aligned_rows
+
+    params = PARAMS["per_modality"]
+    gen = torch.Generator().manual_seed(9)
+    flat = (torch.randn(len(MIXED) * (V + 3) + 1, generator=gen) * 2.0).to(dtype)
+    logits = flat[1:].view(len(MIXED), V + 3)[:, :V]
+    assert logits.data_ptr() % 16 and logits.stride(0) % 16
+    aligned = _aligned_rows(logits)
+    assert aligned.data_ptr() % 16 == 0 and aligned.stride(0) % 16 == 0 and torch.equal(aligned, logits)
+    assert _aligned_rows(aligned) is aligned
+    rules = _rules()
+    table = torch.empty(V + 1, dtype=torch.int8)[1:]
+    rules = TokenRules(table.copy_(rules.modality_table), *[getattr(rules, f) for f in
+                       ("boi_id", "eoi_id", "eos_id", "pad_id", "image_tokens_per_image", "max_seq_len")])
+    s_ref, s_tri = _state(MIXED), _state(MIXED)
+    t_ref, p_ref = _step("reference", logits, s_ref, rules, params)
+    t_tri, p_tri = _step("triton", logits, s_tri, rules, params)
+    assert torch.equal(t_ref, t_tri)
+    _assert_same_state(s_ref, s_tri)
+    torch.testing.assert_close(p_tri, p_ref, atol=1e-6, rtol=1e-5)

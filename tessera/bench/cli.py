@@ -1,4 +1,4 @@
-"""``tessera bench {train,decode,kernels,vq,data,plan,all} [--json out.json]``.
+"""``tessera bench {train,decode,kernels,vq,data,plan,all} [--json out.json]`` and ``tessera bench gpu-check``.
 
 Each benchmark prints a table and (with ``--json``) writes one JSON file holding the command, the
 machine (CPU model, cores, torch, GPU, measured matmul peaks and copy bandwidth) and the results.
@@ -92,6 +92,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--gpu", default="h100")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("gpu-check", help="validate a GPU: versions, compiled kernels, TE layers, checkpoints, "
+                       "training, generation (docs/training.md, Validating a GPU)")
+    from tessera.bench.gpu_check import cmd_gpu_check
+    from tessera.bench.gpu_check import register as register_gpu_check
+
+    register_gpu_check(p)
+    p.set_defaults(func=cmd_gpu_check)
 
     p = sub.add_parser("all", help="every benchmark at a small size, one JSON")
     _common(p)

@@ -57,7 +57,8 @@ def _load_z(
     return z, allowed
 
 
-@triton.jit
+# rng_key is any uint32: Triton would compile a key equal to 1 as a constant, which has no .to()
+@triton.jit(do_not_specialize=["rng_key"])
 def sample_step_kernel(
     logits_ptr, stride, table_ptr, mode_ptr, cw_ptr, pos_ptr, done_ptr, tok_ptr, probs_ptr, probs_stride,
     V, n_groups, boi_id, eoi_id, eos_id, pad_id, n_img, max_len,

@@ -121,12 +121,21 @@ def _backward_reference(logits, labels, lse, coef_sm, coef_hot, vocab_start: int
                 out.copy_(g)  # casts to grad's dtype
 
 
+# Every vocabulary chunk the Triton kernels can be launched with (tessera.kernels.aot compiles each
+# ahead of time): 4096 by default, a smaller power of two for a narrower vocabulary or when asked.
+TRITON_BLOCKS = tuple(1 << i for i in range(4, 13))
+
+
 def _triton_block(v: int, block: int | None) -> int:
-    b = block if block is not None else 4096
-    b = min(b, 1 << (v - 1).bit_length())
-    if b & (b - 1):
-        raise ValueError(f"cross_entropy_z: the Triton block must be a power of two, got {block}")
-    return max(16, b)
+    b = block if block is not None else TRITON_BLOCKS[-1]
+    if b not in TRITON_BLOCKS:
+        raise ValueError(f"cross_entropy_z: the Triton block must be a power of two from {TRITON_BLOCKS[0]} to "
+                         f"{TRITON_BLOCKS[-1]}, got {block}")
+    return max(TRITON_BLOCKS[0], min(b, 1 << (v - 1).bit_length()))
+
+
+def _triton_num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
 
 
 def _forward_stats_triton(logits, labels, vocab_start: int, block: int | None):
@@ -138,7 +147,7 @@ def _forward_stats_triton(logits, labels, vocab_start: int, block: int | None):
     t = torch.empty_like(m)
     blk = _triton_block(v, block)
     _ce_triton.ce_forward_kernel[(tokens,)](
-        logits, logits.stride(0), labels, m, s, t, v, vocab_start, BLOCK=blk, num_warps=8 if blk >= 2048 else 4
+        logits, logits.stride(0), labels, m, s, t, v, vocab_start, BLOCK=blk, num_warps=_triton_num_warps(blk)
     )
     return m, s, t
 
@@ -150,7 +159,7 @@ def _backward_triton(logits, labels, lse, coef_sm, coef_hot, vocab_start: int, g
     blk = _triton_block(v, block)
     _ce_triton.ce_backward_kernel[(tokens,)](
         logits, logits.stride(0), grad, grad.stride(0), labels, lse, coef_sm, coef_hot, v, vocab_start,
-        BLOCK=blk, num_warps=8 if blk >= 2048 else 4,
+        BLOCK=blk, num_warps=_triton_num_warps(blk),
     )
 
 

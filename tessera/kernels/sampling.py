@@ -350,8 +350,26 @@ def _greedy_step(logits, state, rules, params, n, mode, cw, pos, done, in_img) -
 
 
 # ---- Triton ---------------------------------------------------------------------------------------
+# The vocabulary chunks the kernel is launched with: 4096 for real vocabularies, 512 for small ones
+# (test and demo vocabularies). Two sizes, not one per power of two: each constexpr value is another
+# compile at the first launch on a GPU and in tessera.kernels.aot's sweep, for no speed that matters.
+TRITON_BLOCKS = (512, 4096)
+
+
 def _block_size(v: int) -> int:
-    return min(4096, max(16, 1 << (v - 1).bit_length()))
+    return TRITON_BLOCKS[0] if v <= TRITON_BLOCKS[0] else TRITON_BLOCKS[1]
+
+
+def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, V] when every row starts 16-byte aligned (base address, and a row stride Triton sees as
+    divisible by 16), else a copy into such a buffer. The kernel re-reads the logits on every pass;
+    aligned rows get vectorised loads, and one compiled variant instead of one per misalignment."""
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0:
+        return x
+    b, v = x.shape
+    out = torch.empty(b, -(-v // 16) * 16, dtype=x.dtype, device=x.device)[:, :v]
+    out.copy_(x)
+    return out
 
 
 def sample_step_triton(
@@ -367,8 +385,7 @@ def sample_step_triton(
     from . import _sampling_triton
 
     n = _check(logits, state, rules, params)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+    logits = _aligned_rows(logits)
     b, v = logits.shape
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
     write_probs = probs_out is not None
@@ -377,6 +394,8 @@ def sample_step_triton(
             raise ValueError(f"probs_out must be fp32 [{n}, {v}] with unit last stride")
     probs = probs_out if write_probs else tokens  # dummy pointer when unused
     table = rules.modality_table.to(logits.device)
+    if table.stride(0) != 1 or table.data_ptr() % 16:
+        table = table.clone(memory_format=torch.contiguous_format)  # read on every pass, as the logits
     tp, ip = params.text, params.image
     _sampling_triton.sample_step_kernel[(n,)](
         logits, logits.stride(0), table, state.mode, state.codes_written, state.position, state.done,
