@@ -17,9 +17,16 @@ With Transformer Engine layers (the GPU spec) the pre-attention / pre-MLP norms 
 ``zero_centered_gamma``) and ``input_layernorm`` / ``pre_mlp_layernorm`` are IdentityOp: the decoder
 reads the fused tables then (``_fused_norm``), and TE's standalone ``TENorm`` from its tables too.
 
-The cache is one preallocated tensor ``[layers, 2, batch, kv_heads, max_len, head_dim]``. Prompts are
-LEFT-padded so every row writes the same cache column at every step; each row has its own rotary
-position (``column - pad``) and padded keys are masked out of attention.
+The cache is one preallocated tensor ``[layers, 2, batch, kv_heads, capacity, head_dim]`` (the requested
+length rounded up to whole attention windows). Prompts are LEFT-padded so every row writes the same
+cache column at every step; each row has its own rotary position (``column - pad``) and padded keys
+are masked out of attention.
+
+The prefill runs once per prompt batch with the prompt's shapes. A one-token step
+(``_graph_step``) is one function of buffers made by ``allocate``: the column it writes is a device
+tensor and it attends over a whole window of ``kv_window`` columns, masking the unfilled ones, so its
+shapes are fixed per (rows, capacity, window). On CUDA it is captured once per window and replayed
+(cuda_graph.py); everywhere else, and where capture fails, the same function runs eagerly.
 
 Numerics: with ``dtype=float32`` the logits equal the GPTModel full forward to fp32 rounding (tested).
 ``bfloat16`` is the fast path on CPUs with AMX/AVX512-bf16 and on GPUs; norms and softmax still run in
@@ -51,7 +58,9 @@ FUSED_STEP_MAX_BATCH = 32
 # A decode step attends to the first columns of the cache in whole windows of this many columns
 # (masked past the filled ones), so its shapes change once per window, not once per token: one
 # CUDA graph per window. Within a window the extra columns cost a little attention, not weights.
-KV_WINDOW = 256
+# Smaller off CUDA, where no graph is captured and the PyTorch-ops step pays for every masked column.
+KV_WINDOW_CUDA = 256
+KV_WINDOW = 64
 
 
 @dataclass
@@ -339,7 +348,7 @@ class KVCacheDecoder:
         self._rope_len = 0
         self.cache: torch.Tensor | None = None
         self.length = 0  # columns of the cache filled so far (same for every row)
-        self.kv_window = KV_WINDOW
+        self.kv_window = KV_WINDOW_CUDA if dev.type == "cuda" else KV_WINDOW
 
     @property
     def step_backend(self) -> str:
@@ -412,11 +421,11 @@ class KVCacheDecoder:
     # ---- cache -----------------------------------------------------------------------------
     def allocate(self, batch: int, max_len: int) -> None:
         """Preallocate the cache for ``batch`` rows of at most ``max_len`` tokens, and the step's other
-        buffers (pad lengths, key mask, token ids, column, logits). With CUDA graphs ``max_len`` is
-        rounded up to whole attention windows, so calls of similar lengths reuse the captured graphs."""
-        if self._graphs is not None:
-            max_len = -(-max_len // self.kv_window) * self.kv_window
-        shape = (self.num_layers, 2, batch, self.num_groups, max_len, self.head_dim)
+        buffers (pad lengths, key mask, token ids, column, logits). ``max_len`` is rounded up to whole
+        attention windows (``capacity``): every step attends over whole windows (the same shapes whether it is
+        replayed as a CUDA graph or not), and calls of similar lengths reuse the captured graphs."""
+        capacity = -(-max_len // self.kv_window) * self.kv_window
+        shape = (self.num_layers, 2, batch, self.num_groups, capacity, self.head_dim)
         fresh = self.cache is None or self.cache.shape != shape
         if fresh:
             dev = self.device
@@ -428,15 +437,16 @@ class KVCacheDecoder:
             # The step's inputs and outputs live in these tensors for as long as the cache does (what a
             # captured graph points at): prefill and step write into them, never rebind them.
             self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
-            self._key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)
+            self._key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=dev)
             self._tokens = torch.zeros(batch, dtype=torch.long, device=dev)
             self._column = torch.zeros(1, dtype=torch.long, device=dev)
             self._logits = torch.zeros(batch, self.vocab_size, dtype=self.dtype, device=dev)
-        rope_grew = self._rope_tables(max_len)
+        rope_grew = self._rope_tables(capacity)
         if self._graphs is not None and (fresh or rope_grew):
             self._graphs.reset()
         self.length = 0
-        self.batch, self.max_len = batch, max_len
+        # max_len: what the caller asked for (steps beyond it are refused); capacity: the cache's columns
+        self.batch, self.max_len, self.capacity = batch, max_len, capacity
         if self._fused is not None:
             self._fused.bind()
 
@@ -567,6 +577,7 @@ class KVCacheDecoder:
             raise DecoderError(f"prefill batch {b} != allocated batch {self.batch}")
         self.length = 0
         self._check_room(L)
+        padded = bool((pad > 0).any())  # the engine's pad is a host tensor: no device sync
         pad = pad.to(device=self.device, dtype=torch.long)
         self.pad.copy_(pad)
         col = torch.arange(L, device=self.device)
@@ -578,7 +589,7 @@ class KVCacheDecoder:
         mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=self.device)[None]
         self._key_valid.zero_()
         self._key_valid[:, :L] = valid
-        if not bool((pad > 0).any()):  # no padding: plain causal attention (SDPA's fast path), no mask tensors
+        if not padded:  # no padding: plain causal attention (SDPA's fast path), no mask tensors
             return self._forward(ids.to(self.device), pos, None, last_only=not all_logits, causal=True)
         return self._forward(ids.to(self.device), pos, mask[:, None], last_only=not all_logits)
 
@@ -597,7 +608,7 @@ class KVCacheDecoder:
             return logits
         self._tokens.copy_(tokens.reshape(-1))
         self._column.fill_(col)
-        window = min(self.max_len, (col // self.kv_window + 1) * self.kv_window)
+        window = (col // self.kv_window + 1) * self.kv_window  # the capacity is whole windows
         if self._graphs is not None:
             self._graphs.run(window)
         else:
