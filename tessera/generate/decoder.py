@@ -358,9 +358,10 @@ class KVCacheDecoder:
         if self._graphs is not None and self._graphs.failed is None:
             return (f"CUDA graphs (the step captured per batch shape and {self.kv_window}-column attention "
                     f"window after {self._graphs.warmup_steps} eager step(s); prefill eager)")
-        why = self._graphs.failed if self._graphs is not None else self._graphs_off
+        if self._graphs is not None:
+            return f"PyTorch ops (CUDA graphs off: {self._graphs.failed})"
         if self.device.type == "cuda":
-            return f"PyTorch ops (CUDA graphs off: {why})"
+            return f"PyTorch ops (CUDA graphs off: {self._graphs_off})"
         return self._eager_backend
 
     def graph_stats(self) -> dict | None:
