@@ -348,8 +348,9 @@ def test_engine_with_recorded_graphs_equals_eager(model):
         prompts, cfg = CASES[case]
         cfg = dataclasses.replace(cfg, max_new_tokens=min(cfg.max_new_tokens, 14))
         ra, _ = eager.generate(prompts, cfg)
-        rb, _ = graphed.generate(prompts, cfg)
+        rb, stats = graphed.generate(prompts, cfg)
         assert [r.new_ids for r in ra] == [r.new_ids for r in rb]
+        assert stats.step_backend.startswith("CUDA graphs")  # what document.json's stats say
     stats = graphed.decoder.graph_stats()
     assert stats["failed"] is None and stats["replays"] > 3 * stats["eager_steps"]
 

@@ -289,19 +289,19 @@ def benchmark_decode_latency(
     (``cfg_scale`` != 1: two rows per prompt), against the memory-bandwidth floor of that device.
 
     Each batch size decodes ``new_tokens`` tokens per prompt in interleaved mode (``ignore_eos``, the
-    configuration's default sampling), once with CUDA graphs and once without where ``cuda_graphs``
-    asks for both and the device has them. Per-token latency = (time of the whole generate call - time
-    of a one-token call) / (new_tokens - 1), best of ``repeats`` (round-robin), after a warm-up call
-    that also captures the graphs. The floor is the bytes a step must read (the decoding weights, plus
-    the KV cache of every row at the average length) / the measured copy bandwidth (``copy_gbps``
-    when given). Returns a JSON-able dict: ``rows`` (batch, rows, cuda_graphs, per_token_ms,
-    tokens_per_s, ttft_ms, floor_ms, ratio_to_floor, step_backend, graph_stats), ``copy_gbps``,
-    ``weight_bytes``, ``device``, ``device_name``, ``cuda_graphs_off`` (why graphs did not run, or None).
+    configuration's default sampling; with a short budget no image fits, so these are text tokens, and
+    the guidance rows are decoded all the same), once with CUDA graphs and once without where
+    ``cuda_graphs`` asks for both and the device has them, round-robin, after a warm-up call that also
+    captures the graphs. Per-token latency: the engine's decode time (after the prefill, to the last
+    token on the host; CUDA events on a GPU) / ``new_tokens``, best of ``repeats``. The floor is the bytes
+    a step must read (the decoding weights, plus the KV cache of every row at the average length) / the
+    measured copy bandwidth (``copy_gbps`` when given). Returns a JSON-able dict: ``rows`` (batch,
+    rows, cuda_graphs, per_token_ms, tokens_per_s, ttft_ms, floor_ms, ratio_to_floor, step_backend,
+    graph_stats), ``copy_gbps``, ``weight_bytes``, ``device``, ``device_name``, ``cuda_graphs_off`` (why
+    graphs did not run, or None).
     """
     from tessera.generate.cuda_graph import graphs_unavailable
 
-    if new_tokens < 2:
-        raise ValueError("benchmark_decode_latency needs new_tokens >= 2 (latency = difference of two runs)")
     if model is None:
         mcfg, model = _random_model(preset, model_overrides, seed)
         context = mcfg.seq_length
@@ -319,7 +319,6 @@ def benchmark_decode_latency(
     engines = {g: GenerationEngine(model, vocab, context, dtype=dtype, cuda_graphs=g) for g in flags}
     gen = GenerationConfig(mode="interleaved", max_new_tokens=new_tokens, ignore_eos=True, cfg_scale=cfg_scale,
                            seed=seed)
-    one = dataclasses.replace(gen, max_new_tokens=1)
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(vocab.text_offset, vocab.image_offset, (max(batches), prompt_len), generator=g)
     prompts[:, 0] = vocab.bos_id
@@ -335,33 +334,29 @@ def benchmark_decode_latency(
         "copy_gbps": gbps, "weight_bytes": weight_bytes, "cuda_graphs_off": off, "rows": [],
     }
 
-    def run(engine: GenerationEngine, b: int, cfg: GenerationConfig) -> tuple[float, GenerationStats]:
+    def run(engine: GenerationEngine, b: int) -> GenerationStats:
         _sync(device)
-        t0 = time.perf_counter()
-        res, stats = engine.generate(prompts[:b].tolist(), cfg)
-        _sync(device)
-        assert all(len(r.new_ids) == cfg.max_new_tokens for r in res)
-        return time.perf_counter() - t0, stats
+        res, stats = engine.generate(prompts[:b].tolist(), gen)
+        assert all(len(r.new_ids) == new_tokens for r in res)
+        return stats
 
     for b in batches:
         for engine in engines.values():
-            run(engine, b, gen)  # warm-up: allocations, kernel selection, graph capture
-        full: dict[bool, list[float]] = {f: [] for f in flags}
-        single: dict[bool, list[float]] = {f: [] for f in flags}
-        rows = 0
+            run(engine, b)  # warm-up: allocations, kernel selection, graph capture
+        runs: dict[bool, list[GenerationStats]] = {f: [] for f in flags}
         for _ in range(repeats):
             for f, engine in engines.items():  # round-robin: machine load hits both alike
-                t, stats = run(engine, b, gen)
-                full[f].append(t)
-                rows = stats.rows
-                single[f].append(run(engine, b, one)[0])
+                runs[f].append(run(engine, b))
+        rows = runs[flags[0]][0].rows
         mean_len = prompt_len + (new_tokens - 1) / 2
         floor_ms = (weight_bytes + rows * mean_len * kv_bytes_per_column) / (gbps * 1e9) * 1e3
         for f, engine in engines.items():
-            per_token = (min(full[f]) - min(single[f])) / (new_tokens - 1) * 1e3
+            best = min(runs[f], key=lambda s: s.decode_s)
+            per_token = best.decode_s / new_tokens * 1e3
             result["rows"].append({
                 "batch": b, "rows": rows, "cuda_graphs": f, "per_token_ms": per_token,
-                "tokens_per_s": b * new_tokens / min(full[f]), "ttft_ms": min(single[f]) * 1e3,
+                "tokens_per_s": b * new_tokens / (best.prefill_s + best.decode_s),
+                "ttft_ms": min(s.time_to_first_token_s for s in runs[f]) * 1e3,
                 "floor_ms": floor_ms, "ratio_to_floor": per_token / floor_ms,
                 "step_backend": engine.decoder.step_backend, "graph_stats": engine.decoder.graph_stats(),
             })

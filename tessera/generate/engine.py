@@ -58,6 +58,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     time_to_first_token_s: float = 0.0
+    step_backend: str = ""  # how the decode steps ran (KVCacheDecoder.step_backend, read after decoding)
 
     @property
     def tokens_per_s(self) -> float:
@@ -326,6 +327,7 @@ class GenerationEngine:
         stats.prefill_s = clock.seconds("start", "prefill")
         stats.decode_s = clock.seconds("prefill", "end")
         stats.steps = step
+        stats.step_backend = self.decoder.step_backend
         result = []
         for g in range(n):
             k = plan.initial_codes[g] if plan.initial_mode[g] else None
