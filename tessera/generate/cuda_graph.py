@@ -127,9 +127,11 @@ class DecodeGraphs:
         self.replays += 1
 
     def reset(self) -> None:
-        """Forget every graph: the buffers they were captured on have been reallocated."""
+        """Forget every graph: the buffers they were captured on have been reallocated. New graphs get a
+        new pool (the old one is freed with the last graph that used it)."""
         self._graphs.clear()
         self._warm.clear()
+        self._pool = None
 
     def stats(self) -> dict:
         return {"captures": self.captures, "replays": self.replays, "eager_steps": self.eager_steps,
