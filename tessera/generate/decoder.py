@@ -58,9 +58,10 @@ FUSED_STEP_MAX_BATCH = 32
 # A decode step attends to the first columns of the cache in whole windows of this many columns
 # (masked past the filled ones), so its shapes change once per window, not once per token: one
 # CUDA graph per window. Within a window the extra columns cost a little attention, not weights.
-# Smaller off CUDA, where no graph is captured and the PyTorch-ops step pays for every masked column.
+# Off CUDA no graph is captured: a window of one column, i.e. exactly the filled columns, and a cache
+# of exactly the length asked for.
 KV_WINDOW_CUDA = 256
-KV_WINDOW = 64
+KV_WINDOW = 1
 
 
 @dataclass
