@@ -223,7 +223,7 @@ def test_decode_loop_makes_one_sync_per_step(model, case, step, monkeypatch):
     eng = make_engine(model, step, flat=case.startswith("interleaved"))
     res, stats, events = decode_syncs(eng, prompts, cfg, monkeypatch)
     assert stats.steps == max(len(r.new_ids) for r in res) > 1
-    assert events == ["tolist"] * stats.steps  # the packed tokens + done flags, nothing else
+    assert events == ["tolist"] * stats.steps  # the sampled tokens, nothing else
     if cfg.mode == "image":
         assert all(r.finish_reason == "image" for r in res)
     if case.startswith("interleaved"):
@@ -231,6 +231,18 @@ def test_decode_loop_makes_one_sync_per_step(model, case, step, monkeypatch):
         assert sum(boi) > 0 and max(boi) <= cfg.max_images  # images happened; the device-side count held
     if step == "recorded-graphs":
         assert eng.decoder.graph_stats()["replays"] > 0
+
+
+def test_prompts_stop_at_their_own_room(model):
+    """Only tokens cross to the host: it ends each prompt where the kernel's position limit does (its own
+    room: max_new_tokens, or less where the context is reached first), for ragged prompts in one batch."""
+    eng = make_engine(model, "recorded-graphs")
+    prompts = [[VOCAB.bos_id] + [10] * 79, [VOCAB.bos_id, 11], [VOCAB.bos_id] + [12] * 90]
+    cfg = GenerationConfig(mode="text", max_new_tokens=12, ignore_eos=True, text=SAMPLED)
+    res, stats = eng.generate(prompts, cfg)
+    assert [len(r.new_ids) for r in res] == [12, 12, 5]  # 96 - 91 = 5: the context is the limit
+    assert all(r.finish_reason == "length" for r in res) and stats.steps == 12
+    assert VOCAB.pad_id not in [t for r in res for t in r.new_ids]  # never a done row's <pad>
 
 
 def test_triton_sampler_host_side_is_sync_free(monkeypatch):
@@ -326,7 +338,7 @@ def test_captured_step_is_sync_free_and_allocation_stable():
             assert counter.events == []
             dec.length += 1
             logits = dec._logits
-        assert dec.step(logits.argmax(-1), reuse_output=True) is dec._logits
+        dec.step(logits.argmax(-1))
         assert {k: t.data_ptr() for k, t in buffers.items()} == ptrs
         assert all(getattr(dec, a) is t for a, t in (("_logits", buffers["logits"]), ("pad", buffers["pad"]),
                                                       ("_key_valid", buffers["key_valid"]), ("cache", buffers["cache"])))
@@ -389,11 +401,17 @@ def test_where_graphs_run_and_why_not(model, monkeypatch):
 
 
 def test_step_returns_the_callers_own_tensor_unless_asked(model):
-    dec = KVCacheDecoder(model, dtype=torch.float32, fused_cpu_step=False)
-    dec.allocate(1, 8)
-    dec.prefill(torch.tensor([[1, 10, 11]]), torch.tensor([0]))
-    a = dec.step(torch.tensor([12]))
-    kept = a.clone()
-    b = dec.step(torch.tensor([13]))
-    assert torch.equal(a, kept) and not torch.equal(a, b)
-    assert dec.step(torch.tensor([14]), reuse_output=True) is dec._logits
+    """Replayed steps write one logits buffer: ``step`` hands out a copy unless ``reuse_output`` (the
+    engine) asks for the buffer itself; eager steps always return a new tensor."""
+    for graphs in (False, True):
+        dec = KVCacheDecoder(model, dtype=torch.float32, fused_cpu_step=False)
+        if graphs:
+            use_recorded_graphs(dec, window=4)
+        dec.allocate(1, 12)
+        dec.prefill(torch.tensor([[1, 10, 11]]), torch.tensor([0]))
+        for t in range(12, 16):  # past the window's warm-up step: replayed when graphs are on
+            a = dec.step(torch.tensor([t]))
+        kept = a.clone()
+        b = dec.step(torch.tensor([16]))
+        assert torch.equal(a, kept) and not torch.equal(a, b)
+        assert (dec.step(torch.tensor([17]), reuse_output=True) is dec._logits) == graphs

@@ -459,13 +459,12 @@ class KVCacheDecoder:
 
     def _attention_block(
         self, li: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-        causal: bool, column: torch.Tensor | None = None,
+        causal: bool, column: torch.Tensor | None = None, window: int = 0,
     ) -> torch.Tensor:
         """x [b, s, h] in the weights' dtype (already normed for pre-norm); writes k/v of the s new columns;
         returns [b, s, h]. Prefill (``column`` None): the columns follow the host-side ``length`` and the
         keys are the filled columns. Step: ``column`` (a device tensor [1]) is the one column written and
-        the keys are the first ``mask.shape[-1]`` columns (the window), ``mask`` [b, window] says which are
-        filled."""
+        the keys are the first ``window`` columns, ``mask`` [b, window] (or None) says which are filled."""
         lw = self.layers[li]
         b, s, _ = x.shape
         ng, hd = self.num_groups, self.head_dim
@@ -493,7 +492,7 @@ class KVCacheDecoder:
         else:
             kc.index_copy_(2, column, k.transpose(1, 2))
             vc.index_copy_(2, column, v.transpose(1, 2))
-            end = mask.shape[-1]
+            end = window
         keys = kc.narrow(2, 0, end)  # [b, ng, end, hd]
         values = vc.narrow(2, 0, end)
         if s == 1:
@@ -524,11 +523,11 @@ class KVCacheDecoder:
 
     def _layers_forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, causal: bool,
-        column: torch.Tensor | None = None,
+        column: torch.Tensor | None = None, window: int = 0,
     ) -> torch.Tensor:
         for li, lw in enumerate(self.layers):
             a = lw.ln_attn(x) if lw.ln_attn is not None else x
-            h = self._attention_block(li, a.to(self.dtype), rope, mask, causal, column)
+            h = self._attention_block(li, a.to(self.dtype), rope, mask, causal, column, window)
             # x is this forward's own tensor (from F.embedding): residual adds in place, no new buffers
             x.add_(lw.post_attn(h.to(x.dtype)) if lw.post_attn is not None else h)
             a = lw.ln_mlp(x) if lw.ln_mlp is not None else x
@@ -555,18 +554,24 @@ class KVCacheDecoder:
         return self._output(x[:, -1] if last_only else x)
 
     def _graph_step(self, window: int) -> None:
-        """One decoding step, written to be captured as a CUDA graph (cuda_graph.py) and run as is
-        everywhere else: reads the token ids ``_tokens`` [b] and the cache column ``_column`` [1],
-        writes that column of the cache and of ``_key_valid`` and the logits into ``_logits``; attends
-        over the first ``window`` columns, the unfilled ones masked. Only buffers made by ``allocate``
-        cross its boundary (their addresses are what a graph replays), it makes no host sync, has no
-        Python branch on tensor values and never reads the host-side ``length``."""
+        """One decoding step as a CUDA graph captures it (cuda_graph.py): ``_step_logits`` into the
+        ``_logits`` buffer."""
+        self._logits.copy_(self._step_logits(window))
+
+    def _step_logits(self, window: int, masked: bool = True) -> torch.Tensor:
+        """One decoding step, written to be captured and run as is everywhere else: reads the token ids
+        ``_tokens`` [b] and the cache column ``_column`` [1], writes that column of the cache and of
+        ``_key_valid``; attends over the first ``window`` columns, the unfilled ones masked (``masked``
+        False: every column of the window is known to be filled, no mask). Only buffers made by
+        ``allocate`` cross its boundary (their addresses are what a graph replays), it makes no host sync,
+        has no Python branch on tensor values and never reads the host-side ``length``."""
         column = self._column
         self._key_valid.index_fill_(1, column, True)
         pos = (column - self.pad).clamp(min=0)[:, None]  # [b, 1]: each row's rotary position
         x = F.embedding(self._tokens[:, None], self.embedding)
-        x = self._layers_forward(x, self._rope_for(pos), self._key_valid[:, :window], False, column)
-        self._logits.copy_(self._output(x[:, -1]))
+        mask = self._key_valid[:, :window] if masked else None
+        x = self._layers_forward(x, self._rope_for(pos), mask, False, column, window)
+        return self._output(x[:, -1])
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -591,6 +596,7 @@ class KVCacheDecoder:
         mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=self.device)[None]
         self._key_valid.zero_()
         self._key_valid[:, :L] = valid
+        self._padded = padded
         if not padded:  # no padding: plain causal attention (SDPA's fast path), no mask tensors
             return self._forward(ids.to(self.device), pos, None, last_only=not all_logits, causal=True)
         return self._forward(ids.to(self.device), pos, mask[:, None], last_only=not all_logits)
@@ -613,7 +619,10 @@ class KVCacheDecoder:
         window = (col // self.kv_window + 1) * self.kv_window  # the capacity is whole windows
         if self._graphs is not None:
             self._graphs.run(window)
-        else:
-            self._graph_step(window)
+            self.length += 1
+            return self._logits if reuse_output else self._logits.clone()
+        # Eager: the same function; without padding a one-column window holds only filled columns (the
+        # CPU's case), so the all-true mask is skipped (masking it would change no value).
+        logits = self._step_logits(window, masked=self._padded or self.kv_window > 1)
         self.length += 1
-        return self._logits if reuse_output else self._logits.clone()
+        return logits

@@ -271,6 +271,7 @@ class GenerationEngine:
             done=torch.zeros(n * streams, dtype=torch.int32, device=dev),
         )
         out: list[list[int]] = [[] for _ in range(n)]
+        room = [lim - ln for lim, ln in zip(plan.limits, lengths, strict=True)]  # tokens each prompt may add
         reason = ["length"] * n
         finished = [False] * n
         # Generated images per prompt, for max_images: counted on the device from the sampled tokens.
@@ -290,14 +291,14 @@ class GenerationEngine:
                 state.done.view(streams, n).masked_fill_(head == v.eoi_id, 1)
             if images_done is not None:
                 images_done += head == v.eoi_id
-            link.send(head, state.done[:n])
+            link.send(head)
             step += 1
             if ahead and step < budget:
                 # The next step only needs the tokens, which are on the device: queue it before waiting
                 # for them on the host. A row's tokens never exceed ``budget``, so this never overruns the
                 # cache; after the last token it is one wasted step.
                 logits = self.decoder.step(tokens, reuse_output=True)
-            new, done_now = link.receive()  # the one device -> host transfer of the step
+            new = link.receive()  # the one device -> host transfer of the step
             if step == 1:
                 stats.time_to_first_token_s = clock.since_start()
             produced = 0
@@ -313,7 +314,7 @@ class GenerationEngine:
                     reason[g] = "eos"
                 elif t == v.eoi_id and cfg.mode == "image":
                     reason[g] = "image"
-                elif not done_now[g]:
+                elif len(out[g]) < room[g]:  # the kernel's other stop: the prompt's limit is reached
                     continue
                 finished[g] = True
             stats.new_tokens += produced
@@ -351,33 +352,31 @@ class GenerationEngine:
 
 
 class _TokenLink:
-    """The one device -> host transfer per step: the sampled token and the done flag of each prompt,
-    packed into one tensor. On CUDA it is an asynchronous copy into pinned memory and an event, so the
-    host can queue the next decode step before it waits (``receive``)."""
+    """The one device -> host transfer per step: the token sampled for each prompt. The host needs
+    nothing else: a prompt is finished by ``<eos>``, by image mode's ``<eoi>``, or when its tokens reach
+    its room (the kernel's position limit), all known from the tokens. On CUDA it is an asynchronous
+    copy into pinned memory and an event, so the host can queue the next decode step before it waits
+    (``receive``)."""
 
     def __init__(self, n: int, device: torch.device) -> None:
-        self.n = n
         self.cuda = device.type == "cuda"
-        self._packed: torch.Tensor | None = None
+        self._tokens: torch.Tensor | None = None
         if self.cuda:
-            self._host = torch.empty(2 * n, dtype=torch.long, pin_memory=True)
+            self._host = torch.empty(n, dtype=torch.long, pin_memory=True)
             self._event = torch.cuda.Event()
 
-    def send(self, tokens: torch.Tensor, done: torch.Tensor) -> None:
-        packed = torch.cat((tokens, done.to(torch.long)))
+    def send(self, tokens: torch.Tensor) -> None:
         if self.cuda:
-            self._host.copy_(packed, non_blocking=True)
+            self._host.copy_(tokens, non_blocking=True)
             self._event.record()
         else:
-            self._packed = packed
+            self._tokens = tokens
 
-    def receive(self) -> tuple[list[int], list[int]]:
+    def receive(self) -> list[int]:
         if self.cuda:
             self._event.synchronize()
-            values = self._host.tolist()
-        else:
-            values = self._packed.tolist()
-        return values[: self.n], values[self.n :]
+            return self._host.tolist()
+        return self._tokens.tolist()
 
 
 class _Clock:
