@@ -434,7 +434,7 @@ class KVCacheDecoder:
             self.cache = self._kv = None  # free the old cache before the new one exists
             # zeros, not empty: a step attends over masked columns too, with weight 0, and 0 * NaN is NaN
             self.cache = torch.zeros(shape, dtype=self.attn_dtype, device=dev)
-            # per-layer [b, ng, max_len, hd] views: narrow() on them is cheaper than multi-axis indexing
+            # per-layer [b, ng, capacity, hd] views: narrow() on them is cheaper than multi-axis indexing
             self._kv = [(self.cache[li, 0], self.cache[li, 1]) for li in range(self.num_layers)]
             # The step's inputs and outputs live in these tensors for as long as the cache does (what a
             # captured graph points at): prefill and step write into them, never rebind them.
@@ -447,6 +447,7 @@ class KVCacheDecoder:
         if self._graphs is not None and (fresh or rope_grew):
             self._graphs.reset()
         self.length = 0
+        self._padded = False
         # max_len: what the caller asked for (steps beyond it are refused); capacity: the cache's columns
         self.batch, self.max_len, self.capacity = batch, max_len, capacity
         if self._fused is not None:
