@@ -27,3 +27,30 @@ def test_benchmark_decode_step_tiny():
     r = benchmark_decode_step("tiny", batch=2, context=4, steps=3, rounds=1, dtypes=("float32",))
     assert set(r) == {"tessera-float32", "transformers-float32"}
     assert all(v["min_ms"] > 0 and v["median_ms"] >= v["min_ms"] for v in r.values())
+
+
+def test_benchmark_decode_latency_tiny():
+    """The GPU check's generation numbers, here on the CPU (no CUDA graphs: said so, rows without them)."""
+    from tessera.generate.bench import benchmark_decode_latency, format_latency_table
+
+    r = benchmark_decode_latency("tiny", batches=(1, 2), prompt_len=4, new_tokens=5, repeats=1, dtype="float32")
+    assert r["cuda_graphs_off"] == "device cpu" and r["device"] == "cpu"
+    assert [(row["batch"], row["rows"], row["cuda_graphs"]) for row in r["rows"]] == [(1, 2, False), (2, 4, False)]
+    for row in r["rows"]:
+        assert row["per_token_ms"] > 0 and row["tokens_per_s"] > 0 and row["graph_stats"] is None
+        assert row["ratio_to_floor"] == row["per_token_ms"] / row["floor_ms"]
+    # the floor grows with the rows (their KV cache) on top of the weights every step reads
+    assert r["rows"][1]["floor_ms"] > r["rows"][0]["floor_ms"] > r["weight_bytes"] / (r["copy_gbps"] * 1e9) * 1e3
+    assert "x floor" in format_latency_table(r) and "CUDA graphs not measured: device cpu" in format_latency_table(r)
+
+
+def test_bench_import_is_light():
+    """tessera.generate.bench is imported by the GPU check: no megatron, no CUDA initialisation on import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, tessera.generate.bench as b; "
+            "assert callable(b.benchmark_decode_latency); "
+            "assert not any(m.startswith('megatron') for m in sys.modules), 'megatron imported'; "
+            "assert not torch.cuda.is_initialized()")
+    subprocess.run([sys.executable, "-c", code], check=True)

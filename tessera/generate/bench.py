@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tessera.generate.config import GenerationConfig, SamplingParams
-from tessera.generate.engine import GenerationEngine
+from tessera.generate.engine import GenerationEngine, GenerationStats
 from tessera.tokenizers.vocab import Modality, Vocabulary
 
 
@@ -32,20 +32,43 @@ def _vocab_for(vocab_size: int) -> Vocabulary:
                       image_tokens_per_image=per_image, pad_to_multiple_of=128)
 
 
-def _copy_gbps() -> float:
+def _copy_gbps(device: torch.device | str | None = None) -> float:
+    """Measured copy bandwidth of ``device`` (GB/s, read + write bytes counted, as STREAM does)."""
+    device = torch.device(device or "cpu")
     try:
         from tessera.bench.machine import measure_copy_gbps
 
-        return float(measure_copy_gbps())
+        return float(measure_copy_gbps(device=device))
     except ImportError:  # the bench harness is optional here: the same STREAM-copy measurement
-        n = 64 * 2**20
-        src, dst = torch.ones(n), torch.empty(n)
+        n = (256 if device.type == "cuda" else 64) * 2**20
+        src = torch.ones(n, device=device)
+        dst = torch.empty_like(src)
         best = float("inf")
         for _ in range(5):
+            _sync(device)
             t0 = time.perf_counter()
             dst.copy_(src)
+            _sync(device)
             best = min(best, time.perf_counter() - t0)
         return 2.0 * n * 4 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _random_model(preset: str, model_overrides: dict | None, seed: int) -> tuple[Any, torch.nn.Module]:
+    """(config, GPTModel) of a preset with random weights, fp32, no dropout, where megatron puts it (CUDA
+    when there is one)."""
+    from tessera.model import build_model, get_preset
+    from tessera.model.parallel import ensure_single_process
+
+    ensure_single_process()
+    cfg = dataclasses.replace(get_preset(preset), params_dtype="float32", hidden_dropout=0.0,
+                              attention_dropout=0.0, **(model_overrides or {}))
+    torch.manual_seed(seed)
+    return cfg, build_model(cfg, pre_process=True, post_process=True).eval()
 
 
 def _decode_weight_bytes(engine: GenerationEngine) -> int:
@@ -91,14 +114,8 @@ def benchmark_decode(
 def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes, repeats, model_overrides,
                       check_greedy, seed, verbose, compare_torch_step) -> dict[str, Any]:  # noqa: ANN001
     from tessera.generate.hf import build_hf_chameleon
-    from tessera.model import build_model, get_preset
-    from tessera.model.parallel import ensure_single_process
 
-    ensure_single_process()
-    cfg = dataclasses.replace(get_preset(preset), params_dtype="float32", hidden_dropout=0.0,
-                              attention_dropout=0.0, **(model_overrides or {}))
-    torch.manual_seed(seed)
-    model = build_model(cfg, pre_process=True, post_process=True).eval()
+    cfg, model = _random_model(preset, model_overrides, seed)
     device = next(model.parameters()).device
     vocab = _vocab_for(cfg.vocab_size)
     hf32 = build_hf_chameleon(model, vocab, swin_norm=cfg.swin_norm, max_position_embeddings=cfg.seq_length)
@@ -142,8 +159,7 @@ def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes
         return wall, {"tokens": out[:, prompt_len:].tolist()}
 
     def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
 
     result: dict[str, Any] = {
         "preset": preset, "model": dataclasses.asdict(cfg), "prompt_len": prompt_len, "new_tokens": new_tokens,
@@ -205,7 +221,7 @@ def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes
             speed[f"batch{b}_fused_step_vs_torch_step"] = mine["tokens_per_s"] / base["tokens_per_s"]
     result["speedup"] = speed
     result["step_backend"] = {dt: e.decoder.step_backend for dt, e in engines.items()}
-    gbps = _copy_gbps() if device.type == "cpu" else None
+    gbps = _copy_gbps(device)
     floor = {}
     if gbps:
         for dt in dtypes:
@@ -252,6 +268,126 @@ def format_decode_table(result: dict) -> str:
 
 def _fmt_load(x: float | None) -> str:
     return f"{x:.1f}" if x is not None else "?"
+
+
+def benchmark_decode_latency(
+    preset: str = "demo",
+    batches: tuple[int, ...] = (1, 8),
+    cfg_scale: float = 3.0,
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    dtype: str = "bfloat16",
+    cuda_graphs: tuple[bool, ...] = (True, False),
+    repeats: int = 3,
+    model: torch.nn.Module | None = None,
+    model_overrides: dict | None = None,
+    seed: int = 0,
+    copy_gbps: float | None = None,
+) -> dict[str, Any]:
+    """Per-token decode latency of ``GenerationEngine`` on the device the model is on (a random ``preset``
+    model, built where megatron puts it: CUDA when present; or ``model``), with classifier-free guidance
+    (``cfg_scale`` != 1: two rows per prompt), against the memory-bandwidth floor of that device.
+
+    Each batch size decodes ``new_tokens`` tokens per prompt in interleaved mode (``ignore_eos``, the
+    configuration's default sampling; with a short budget no image fits, so these are text tokens, and
+    the guidance rows are decoded all the same), once with CUDA graphs and once without where
+    ``cuda_graphs`` asks for both and the device has them, round-robin, after a warm-up call that also
+    captures the graphs. Per-token latency: the engine's decode time (after the prefill, to the last
+    token on the host; CUDA events on a GPU) / ``new_tokens``, best of ``repeats``. The floor is the bytes
+    a step must read (the decoding weights, plus the KV cache of every row at the average length) / the
+    measured copy bandwidth (``copy_gbps`` when given). Returns a JSON-able dict: ``rows`` (batch,
+    rows, cuda_graphs, per_token_ms, tokens_per_s, ttft_ms, floor_ms, ratio_to_floor, step_backend,
+    graph_stats), ``copy_gbps``, ``weight_bytes``, ``device``, ``device_name``, ``cuda_graphs_off`` (why
+    graphs did not run, or None).
+    """
+    from tessera.generate.cuda_graph import graphs_unavailable
+
+    if model is None:
+        mcfg, model = _random_model(preset, model_overrides, seed)
+        context = mcfg.seq_length
+    else:
+        context = int(getattr(getattr(model, "module", model), "max_sequence_length", 0))  # megatron's GPTModel
+        if context <= 0:
+            raise ValueError("model= must be a megatron GPTModel (it has no max_sequence_length)")
+        preset = "given model"
+    device = next(model.parameters()).device
+    vocab = _vocab_for(getattr(model, "module", model).embedding.word_embeddings.weight.shape[0])
+    off = graphs_unavailable(device)
+    flags = [g for g in dict.fromkeys(cuda_graphs) if not (g and off)]
+    if not flags:
+        raise ValueError(f"no configuration to measure: CUDA graphs asked for but unavailable ({off})")
+    engines = {g: GenerationEngine(model, vocab, context, dtype=dtype, cuda_graphs=g) for g in flags}
+    gen = GenerationConfig(mode="interleaved", max_new_tokens=new_tokens, ignore_eos=True, cfg_scale=cfg_scale,
+                           seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(vocab.text_offset, vocab.image_offset, (max(batches), prompt_len), generator=g)
+    prompts[:, 0] = vocab.bos_id
+    gbps = copy_gbps or _copy_gbps(device)
+    first = next(iter(engines.values()))
+    d = first.decoder
+    weight_bytes = _decode_weight_bytes(first)
+    kv_bytes_per_column = d.num_layers * 2 * d.num_groups * d.head_dim * d.attn_dtype.itemsize  # per row
+    result: dict[str, Any] = {
+        "preset": preset, "dtype": dtype, "cfg_scale": cfg_scale, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "copy_gbps": gbps, "weight_bytes": weight_bytes, "cuda_graphs_off": off, "rows": [],
+    }
+
+    def run(engine: GenerationEngine, b: int) -> GenerationStats:
+        _sync(device)
+        res, stats = engine.generate(prompts[:b].tolist(), gen)
+        assert all(len(r.new_ids) == new_tokens for r in res)
+        return stats
+
+    for b in batches:
+        for engine in engines.values():
+            run(engine, b)  # warm-up: allocations, kernel selection, graph capture
+        runs: dict[bool, list[GenerationStats]] = {f: [] for f in flags}
+        for _ in range(repeats):
+            for f, engine in engines.items():  # round-robin: machine load hits both alike
+                runs[f].append(run(engine, b))
+        rows = runs[flags[0]][0].rows
+        mean_len = prompt_len + (new_tokens - 1) / 2
+        floor_ms = (weight_bytes + rows * mean_len * kv_bytes_per_column) / (gbps * 1e9) * 1e3
+        for f, engine in engines.items():
+            best = min(runs[f], key=lambda s: s.decode_s)
+            per_token = best.decode_s / new_tokens * 1e3
+            result["rows"].append({
+                "batch": b, "rows": rows, "cuda_graphs": f, "per_token_ms": per_token,
+                "tokens_per_s": b * new_tokens / (best.prefill_s + best.decode_s),
+                "ttft_ms": min(s.time_to_first_token_s for s in runs[f]) * 1e3,
+                "floor_ms": floor_ms, "ratio_to_floor": per_token / floor_ms,
+                "step_backend": engine.decoder.step_backend, "graph_stats": engine.decoder.graph_stats(),
+            })
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        from tessera.bench.machine import cpu_model
+
+        return cpu_model()
+    except ImportError:
+        return "cpu"
+
+
+def format_latency_table(result: dict) -> str:
+    lines = [
+        f"decode latency: {result['preset']}, {result['dtype']}, CFG {result['cfg_scale']}, prompt "
+        f"{result['prompt_len']}, {result['new_tokens']} new tokens, {result['device_name']} ({result['device']}), "
+        f"copy {result['copy_gbps']:.1f} GB/s, weights {result['weight_bytes'] / 1e6:.1f} MB",
+        f"{'batch':>5} {'rows':>5} {'graphs':>6} {'ms/token':>9} {'floor ms':>9} {'x floor':>8} {'tokens/s':>10}",
+    ]
+    for r in result["rows"]:
+        lines.append(f"{r['batch']:>5} {r['rows']:>5} {'yes' if r['cuda_graphs'] else 'no':>6} "
+                     f"{r['per_token_ms']:>9.3f} {r['floor_ms']:>9.3f} {r['ratio_to_floor']:>8.1f} "
+                     f"{r['tokens_per_s']:>10.1f}")
+    if result.get("cuda_graphs_off"):
+        lines.append(f"CUDA graphs not measured: {result['cuda_graphs_off']}")
+    for r in result["rows"]:
+        lines.append(f"batch {r['batch']}, graphs {'on' if r['cuda_graphs'] else 'off'}: {r['step_backend']}")
+    return "\n".join(lines)
 
 
 def benchmark_decode_step(

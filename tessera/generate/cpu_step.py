@@ -130,9 +130,9 @@ class FusedCPUStep:
             self._layers[i].k_cache, self._layers[i].v_cache = kc.data_ptr(), vc.data_ptr()
         self._cos, self._sin = d._cos.contiguous(), d._sin_signed.contiguous()
         m.cos, m.sin_signed, m.rot = self._cos.data_ptr(), self._sin.data_ptr(), self._cos.shape[-1]
-        if self._cos.shape[0] < d.max_len:
+        if self._cos.shape[0] < d.capacity:
             raise RuntimeError("RoPE tables shorter than the cache")
-        m.batch, m.max_len = d.batch, d.max_len
+        m.batch, m.max_len = d.batch, d.capacity
         n = self._lib.tessera_decode_scratch_floats(ctypes.byref(m))
         if self._scratch is None or self._scratch.numel() < n:
             self._scratch = torch.empty(n, dtype=torch.float32)
@@ -150,6 +150,6 @@ class FusedCPUStep:
         if rc == -3:
             raise ValueError(f"token ids outside the embedding [0, {d.embedding.shape[0]}): {tokens.tolist()}")
         if rc != 0:
-            raise RuntimeError(f"fused CPU decode step failed (code {rc}: cache column {col} of {d.max_len}, "
+            raise RuntimeError(f"fused CPU decode step failed (code {rc}: cache column {col} of {d.capacity}, "
                                f"rotary dims {self._model.rot})")
         return logits

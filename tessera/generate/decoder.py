@@ -17,9 +17,16 @@ With Transformer Engine layers (the GPU spec) the pre-attention / pre-MLP norms 
 ``zero_centered_gamma``) and ``input_layernorm`` / ``pre_mlp_layernorm`` are IdentityOp: the decoder
 reads the fused tables then (``_fused_norm``), and TE's standalone ``TENorm`` from its tables too.
 
-The cache is one preallocated tensor ``[layers, 2, batch, kv_heads, max_len, head_dim]``. Prompts are
-LEFT-padded so every row writes the same cache column at every step; each row has its own rotary
-position (``column - pad``) and padded keys are masked out of attention.
+The cache is one preallocated tensor ``[layers, 2, batch, kv_heads, capacity, head_dim]`` (the requested
+length rounded up to whole attention windows). Prompts are LEFT-padded so every row writes the same
+cache column at every step; each row has its own rotary position (``column - pad``) and padded keys
+are masked out of attention.
+
+The prefill runs once per prompt batch with the prompt's shapes. A one-token step
+(``_graph_step``) is one function of buffers made by ``allocate``: the column it writes is a device
+tensor and it attends over a whole window of ``kv_window`` columns, masking the unfilled ones, so its
+shapes are fixed per (rows, capacity, window). On CUDA it is captured once per window and replayed
+(cuda_graph.py); everywhere else, and where capture fails, the same function runs eagerly.
 
 Numerics: with ``dtype=float32`` the logits equal the GPTModel full forward to fp32 rounding (tested).
 ``bfloat16`` is the fast path on CPUs with AMX/AVX512-bf16 and on GPUs; norms and softmax still run in
@@ -36,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.generate.cuda_graph import DecodeGraphs, graphs_unavailable
+
 
 class DecoderError(RuntimeError):
     pass
@@ -45,6 +54,14 @@ class DecoderError(RuntimeError):
 # with the fused C step's GEMV loops: equal at 64 rows, 20% ahead at 256 (demo model, bf16, 2 threads;
 # docs/generation.md). CFG doubles or triples the rows.
 FUSED_STEP_MAX_BATCH = 32
+
+# A decode step attends to the first columns of the cache in whole windows of this many columns
+# (masked past the filled ones), so its shapes change once per window, not once per token: one
+# CUDA graph per window. Within a window the extra columns cost a little attention, not weights.
+# Off CUDA no graph is captured: a window of one column, i.e. exactly the filled columns, and a cache
+# of exactly the length asked for.
+KV_WINDOW_CUDA = 256
+KV_WINDOW = 1
 
 
 @dataclass
@@ -217,9 +234,12 @@ class KVCacheDecoder:
         device: torch.device | str | None = None,
         swin_norm: bool | None = None,
         fused_cpu_step: bool | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         """``fused_cpu_step``: None uses the fused C step on the CPU when it supports the model, True
-        requires it (DecoderError otherwise), False keeps every step in PyTorch ops."""
+        requires it (DecoderError otherwise), False keeps every step in PyTorch ops.
+        ``cuda_graphs``: None replays the decode step as CUDA graphs on a CUDA device (unless
+        ``TESSERA_CUDA_GRAPHS=0``), True requires a CUDA device, False runs every step eagerly."""
         gpt = getattr(module, "module", module)  # accept a DDP/Float16 wrapper too
         for attr in ("embedding", "decoder", "output_layer", "rotary_pos_emb"):
             if getattr(gpt, attr, None) is None:
@@ -296,13 +316,20 @@ class KVCacheDecoder:
         self._lin = F.linear
         # The CPU decode step as one C call when the model fits it (cpu_step.py); prefill stays here.
         self._fused = None
-        self.step_backend = "PyTorch ops"
+        self._eager_backend = "PyTorch ops"
         if fused_cpu_step is not False and dev.type == "cpu":
             from tessera.generate.cpu_step import FusedCPUStep
 
-            self._fused, self.step_backend = FusedCPUStep.create(self)
+            self._fused, self._eager_backend = FusedCPUStep.create(self)
             if fused_cpu_step and self._fused is None:
-                raise DecoderError(f"fused_cpu_step=True but {self.step_backend}")
+                raise DecoderError(f"fused_cpu_step=True but {self._eager_backend}")
+        # On a GPU the step is replayed as CUDA graphs (cuda_graph.py); eager where they cannot run.
+        self._graphs: DecodeGraphs | None = None
+        self._graphs_off = "disabled (cuda_graphs=False)" if cuda_graphs is False else graphs_unavailable(dev)
+        if cuda_graphs and self._graphs_off is not None:
+            raise DecoderError(f"cuda_graphs=True but CUDA graphs cannot run: {self._graphs_off}")
+        if self._graphs_off is None:
+            self._graphs = DecodeGraphs(self._graph_step, dev)
         # The fused step holds the plain weights (its own references); the PyTorch path, which still runs
         # the prefill and batches above FUSED_STEP_MAX_BATCH, gets oneDNN-prepacked copies in bf16.
         if _can_prepack(dt, dev):
@@ -322,6 +349,25 @@ class KVCacheDecoder:
         self._rope_len = 0
         self.cache: torch.Tensor | None = None
         self.length = 0  # columns of the cache filled so far (same for every row)
+        self.kv_window = KV_WINDOW_CUDA if dev.type == "cuda" else KV_WINDOW
+
+    @property
+    def step_backend(self) -> str:
+        """How ``step`` runs, and why (the fused C step, CUDA graphs, or PyTorch ops and the reason)."""
+        if self._fused is not None:
+            return self._eager_backend
+        if self._graphs is not None and self._graphs.failed is None:
+            return (f"CUDA graphs (the step captured per batch shape and {self.kv_window}-column attention "
+                    f"window after {self._graphs.warmup_steps} eager step(s); prefill eager)")
+        if self._graphs is not None:
+            return f"PyTorch ops (CUDA graphs off: {self._graphs.failed})"
+        if self.device.type == "cuda":
+            return f"PyTorch ops (CUDA graphs off: {self._graphs_off})"
+        return self._eager_backend
+
+    def graph_stats(self) -> dict | None:
+        """Captures, replays, eager steps and the failure reason of the CUDA graphs (None: not in use)."""
+        return self._graphs.stats() if self._graphs is not None else None
 
     def _fuse_qk_norm(self, lw: _Layer) -> None:
         """Per-head LayerNorm of q and of k as ONE layer_norm + one addcmul over the [q..., k] slots of
@@ -340,9 +386,10 @@ class KVCacheDecoder:
         lw.qk_eps = q[2]
 
     # ---- rotary ----------------------------------------------------------------------------
-    def _rope_tables(self, max_len: int) -> None:
+    def _rope_tables(self, max_len: int) -> bool:
+        """Grow the cos / signed-sin tables to ``max_len`` positions; True when they were rebuilt."""
         if max_len <= self._rope_len:
-            return
+            return False
         freqs = self._rope.get_freqs_non_repeated(max_len).to(self.device).float()  # [max_len, rot/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         # rotate_half(t) * sin == swap_halves(t) * [-sin, sin]: the sign lives in the table (_apply_rope).
@@ -351,6 +398,7 @@ class KVCacheDecoder:
         self._cos = emb.cos().to(self.attn_dtype)
         self._sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.attn_dtype)
         self._rope_len = max_len
+        return True
 
     def _rope_for(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos / signed sin for rotary positions pos [b, s] -> [b, s, 1, 1, rot] each (once per forward),
@@ -374,15 +422,34 @@ class KVCacheDecoder:
 
     # ---- cache -----------------------------------------------------------------------------
     def allocate(self, batch: int, max_len: int) -> None:
-        """Preallocate the cache for ``batch`` rows of at most ``max_len`` tokens."""
-        shape = (self.num_layers, 2, batch, self.num_groups, max_len, self.head_dim)
-        if self.cache is None or self.cache.shape != shape:
-            self.cache = torch.empty(shape, dtype=self.attn_dtype, device=self.device)
-            # per-layer [b, ng, max_len, hd] views: narrow() on them is cheaper than multi-axis indexing
+        """Preallocate the cache for ``batch`` rows of at most ``max_len`` tokens, and the step's other
+        buffers (pad lengths, key mask, token ids, column, logits). ``max_len`` is rounded up to whole
+        attention windows (``capacity``): every step attends over whole windows (the same shapes whether it is
+        replayed as a CUDA graph or not), and calls of similar lengths reuse the captured graphs."""
+        capacity = -(-max_len // self.kv_window) * self.kv_window
+        shape = (self.num_layers, 2, batch, self.num_groups, capacity, self.head_dim)
+        fresh = self.cache is None or self.cache.shape != shape
+        if fresh:
+            dev = self.device
+            self.cache = self._kv = None  # free the old cache before the new one exists
+            # zeros, not empty: a step attends over masked columns too, with weight 0, and 0 * NaN is NaN
+            self.cache = torch.zeros(shape, dtype=self.attn_dtype, device=dev)
+            # per-layer [b, ng, capacity, hd] views: narrow() on them is cheaper than multi-axis indexing
             self._kv = [(self.cache[li, 0], self.cache[li, 1]) for li in range(self.num_layers)]
-        self._rope_tables(max_len)
+            # The step's inputs and outputs live in these tensors for as long as the cache does (what a
+            # captured graph points at): prefill and step write into them, never rebind them.
+            self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
+            self._key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=dev)
+            self._tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+            self._column = torch.zeros(1, dtype=torch.long, device=dev)
+            self._logits = torch.zeros(batch, self.vocab_size, dtype=self.dtype, device=dev)
+        rope_grew = self._rope_tables(capacity)
+        if self._graphs is not None and (fresh or rope_grew):
+            self._graphs.reset()
         self.length = 0
-        self.batch, self.max_len = batch, max_len
+        self._padded = False
+        # max_len: what the caller asked for (steps beyond it are refused); capacity: the cache's columns
+        self.batch, self.max_len, self.capacity = batch, max_len, capacity
         if self._fused is not None:
             self._fused.bind()
 
@@ -393,9 +460,12 @@ class KVCacheDecoder:
 
     def _attention_block(
         self, li: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-        causal: bool,
+        causal: bool, column: torch.Tensor | None = None, window: int = 0,
     ) -> torch.Tensor:
-        """x [b, s, h] in the weights' dtype (already normed for pre-norm); writes k/v of the s new columns; returns [b, s, h]."""
+        """x [b, s, h] in the weights' dtype (already normed for pre-norm); writes k/v of the s new columns;
+        returns [b, s, h]. Prefill (``column`` None): the columns follow the host-side ``length`` and the
+        keys are the filled columns. Step: ``column`` (a device tensor [1]) is the one column written and
+        the keys are the first ``window`` columns, ``mask`` [b, window] (or None) says which are filled."""
         lw = self.layers[li]
         b, s, _ = x.shape
         ng, hd = self.num_groups, self.head_dim
@@ -415,10 +485,15 @@ class KVCacheDecoder:
             q = self._apply_rope(q, rope) * self.softmax_scale
             k = self._apply_rope(k.unsqueeze(3), rope).squeeze(3)
         v = mixed.select(3, qpg + 1)  # [b, s, ng, hd]
-        start, end = self.length, self.length + s
         kc, vc = self._kv[li]
-        kc.narrow(2, start, s).copy_(k.transpose(1, 2))
-        vc.narrow(2, start, s).copy_(v.transpose(1, 2))
+        if column is None:
+            start, end = self.length, self.length + s
+            kc.narrow(2, start, s).copy_(k.transpose(1, 2))
+            vc.narrow(2, start, s).copy_(v.transpose(1, 2))
+        else:
+            kc.index_copy_(2, column, k.transpose(1, 2))
+            vc.index_copy_(2, column, v.transpose(1, 2))
+            end = window
         keys = kc.narrow(2, 0, end)  # [b, ng, end, hd]
         values = vc.narrow(2, 0, end)
         if s == 1:
@@ -426,7 +501,7 @@ class KVCacheDecoder:
             # heads of a group share their K/V without repeating them. Softmax in fp32, like SDPA's.
             scores = torch.matmul(q.squeeze(1), keys.transpose(-1, -2)).float()  # [b, ng, qpg, end]
             if mask is not None:
-                scores = scores.masked_fill(~mask.view(b, 1, 1, end), float("-inf"))
+                scores = scores.masked_fill(~mask.reshape(b, 1, 1, end), float("-inf"))
             ctx = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # [b, ng, qpg, hd]
             ctx = ctx.reshape(b, 1, self.num_heads * hd)
         else:
@@ -447,40 +522,72 @@ class KVCacheDecoder:
             h = self.activation(h)
         return self._lin(h, lw.fc2)
 
-    def _forward(
-        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, last_only: bool, causal: bool = False
+    def _layers_forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, causal: bool,
+        column: torch.Tensor | None = None, window: int = 0,
     ) -> torch.Tensor:
-        if self.cache is None:
-            raise DecoderError("call allocate(batch, max_len) before decoding")
-        s = ids.shape[1]
-        self._check_room(s)
-        x = F.embedding(ids, self.embedding)
-        rope = self._rope_for(pos)
         for li, lw in enumerate(self.layers):
             a = lw.ln_attn(x) if lw.ln_attn is not None else x
-            h = self._attention_block(li, a.to(self.dtype), rope, mask, causal)
+            h = self._attention_block(li, a.to(self.dtype), rope, mask, causal, column, window)
             # x is this forward's own tensor (from F.embedding): residual adds in place, no new buffers
             x.add_(lw.post_attn(h.to(x.dtype)) if lw.post_attn is not None else h)
             a = lw.ln_mlp(x) if lw.ln_mlp is not None else x
             h = self._mlp(li, a.to(self.dtype))
             x.add_(lw.post_mlp(h.to(x.dtype)) if lw.post_mlp is not None else h)
-        self.length += s
-        if last_only:
-            x = x[:, -1]
+        return x
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:
             x = self.final_norm(x)
         return self._lin(x.to(self.dtype), self.output)
+
+    def _forward(
+        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, last_only: bool, causal: bool = False
+    ) -> torch.Tensor:
+        """The prefill: ``ids`` [b, s] into the next s columns (host-side ``length``)."""
+        if self.cache is None:
+            raise DecoderError("call allocate(batch, max_len) before decoding")
+        s = ids.shape[1]
+        self._check_room(s)
+        x = F.embedding(ids, self.embedding)
+        x = self._layers_forward(x, self._rope_for(pos), mask, causal)
+        self.length += s
+        return self._output(x[:, -1] if last_only else x)
+
+    def _graph_step(self, window: int) -> None:
+        """One decoding step as a CUDA graph captures it (cuda_graph.py): ``_step_logits`` into the
+        ``_logits`` buffer."""
+        self._logits.copy_(self._step_logits(window))
+
+    def _step_logits(self, window: int, masked: bool = True) -> torch.Tensor:
+        """One decoding step, written to be captured and run as is everywhere else: reads the token ids
+        ``_tokens`` [b] and the cache column ``_column`` [1], writes that column of the cache and of
+        ``_key_valid``; attends over the first ``window`` columns, the unfilled ones masked (``masked``
+        False: every column of the window is known to be filled, no mask). Only buffers made by
+        ``allocate`` cross its boundary (their addresses are what a graph replays), it makes no host sync,
+        has no Python branch on tensor values and never reads the host-side ``length``."""
+        column = self._column
+        self._key_valid.index_fill_(1, column, True)
+        pos = (column - self.pad).clamp(min=0)[:, None]  # [b, 1]: each row's rotary position
+        x = F.embedding(self._tokens[:, None], self.embedding)
+        mask = self._key_valid[:, :window] if masked else None
+        x = self._layers_forward(x, self._rope_for(pos), mask, False, column, window)
+        return self._output(x[:, -1])
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """ids [b, L] left-padded (``pad[i]`` leading pad tokens in row i). Fills the first L cache
         columns and returns the logits of the last position [b, V] (or of every position [b, L, V])."""
         b, L = ids.shape
+        if self.cache is None:
+            raise DecoderError("call allocate(batch, max_len) before decoding")
         if b != self.batch:
             raise DecoderError(f"prefill batch {b} != allocated batch {self.batch}")
         self.length = 0
-        pad = pad.to(device=self.device, dtype=torch.long).contiguous()
-        self.pad = pad
+        self._check_room(L)
+        padded = bool((pad > 0).any())  # the engine's pad is a host tensor: no device sync
+        pad = pad.to(device=self.device, dtype=torch.long)
+        self.pad.copy_(pad)
         col = torch.arange(L, device=self.device)
         pos = (col[None, :] - pad[:, None]).clamp(min=0)
         valid = col[None, :] >= pad[:, None]  # [b, L] key is a real token
@@ -488,24 +595,35 @@ class KVCacheDecoder:
         # A padded query attends only to itself (its output is never used) so softmax never sees an
         # all-masked row.
         mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=self.device)[None]
-        self._key_valid = torch.zeros(b, self.max_len, dtype=torch.bool, device=self.device)
+        self._key_valid.zero_()
         self._key_valid[:, :L] = valid
-        self._padded = bool((pad > 0).any())
-        if not self._padded:  # no padding: plain causal attention (SDPA's fast path), no mask tensors
+        self._padded = padded
+        if not padded:  # no padding: plain causal attention (SDPA's fast path), no mask tensors
             return self._forward(ids.to(self.device), pos, None, last_only=not all_logits, causal=True)
         return self._forward(ids.to(self.device), pos, mask[:, None], last_only=not all_logits)
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token per row ([b]) and return the next-token logits [b, V]."""
+    def step(self, tokens: torch.Tensor, reuse_output: bool = False) -> torch.Tensor:
+        """Append one token per row ([b]) and return the next-token logits [b, V]: a tensor of the caller's
+        own, or with ``reuse_output`` the decoder's logits buffer where the step has one (it is
+        overwritten by the next step; the engine reads it before that)."""
         col = self.length
+        self._check_room(1)
+        if tokens.numel() != self.batch:
+            raise DecoderError(f"step got {tokens.numel()} tokens for a batch of {self.batch}")
         if self._fused is not None and self.batch <= FUSED_STEP_MAX_BATCH:
-            self._check_room(1)
             logits = self._fused.step(tokens, self.pad, self._key_valid, col)
             self.length += 1
             return logits
-        pos = (col - self.pad).clamp(min=0)[:, None]
-        self._key_valid[:, col] = True
-        # One new query sees every filled column: only padded keys need masking.
-        mask = self._key_valid[:, None, None, : col + 1] if self._padded else None
-        return self._forward(tokens.to(self.device).view(-1, 1), pos, mask, last_only=True)
+        self._tokens.copy_(tokens.reshape(-1))
+        self._column.fill_(col)
+        window = (col // self.kv_window + 1) * self.kv_window  # the capacity is whole windows
+        if self._graphs is not None:
+            self._graphs.run(window)
+            self.length += 1
+            return self._logits if reuse_output else self._logits.clone()
+        # Eager: the same function; without padding a one-column window holds only filled columns (the
+        # CPU's case), so the all-true mask is skipped (masking it would change no value).
+        logits = self._step_logits(window, masked=self._padded or self.kv_window > 1)
+        self.length += 1
+        return logits

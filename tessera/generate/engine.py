@@ -58,6 +58,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     time_to_first_token_s: float = 0.0
+    step_backend: str = ""  # how the decode steps ran (KVCacheDecoder.step_backend, read after decoding)
 
     @property
     def tokens_per_s(self) -> float:
@@ -107,6 +108,7 @@ class GenerationEngine:
         swin_norm: bool | None = None,
         backend: str = "auto",
         fused_cpu_step: bool | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if vocab is None:
             raise GenerationError("generation needs the checkpoint's vocabulary (vocab.json)")
@@ -114,14 +116,19 @@ class GenerationEngine:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = resolve_dtype(dtype, self.device) if isinstance(dtype, str) else dtype
         # fused_cpu_step: the CPU decode step as one C call (None: when the model allows; KVCacheDecoder)
+        # cuda_graphs: the GPU decode step replayed as CUDA graphs (None: on CUDA; KVCacheDecoder)
         self.decoder = KVCacheDecoder(module, dtype=self.dtype, device=self.device, swin_norm=swin_norm,
-                                      fused_cpu_step=fused_cpu_step)
+                                      fused_cpu_step=fused_cpu_step, cuda_graphs=cuda_graphs)
         if self.decoder.vocab_size < vocab.size:
             raise GenerationError(
                 f"model output has {self.decoder.vocab_size} ids but the vocabulary has {vocab.size}"
             )
         self.vocab = vocab
         self.backend = backend  # sampling kernel: Triton on CUDA, the PyTorch reference elsewhere
+        # Queue each decode step before waiting for the previous step's tokens on the host (CUDA: the
+        # GPU is never idle while the host streams tokens); on the CPU the step runs when called, so the
+        # loop waits first and skips the step after the last token.
+        self.overlap_host = self.device.type == "cuda"
         self.context_length = int(context_length)
         table = vocab.modality_table(padded=True)
         if table.numel() < self.decoder.vocab_size:  # output wider than the vocabulary: extra ids are special
@@ -263,24 +270,37 @@ class GenerationEngine:
             ),
             done=torch.zeros(n * streams, dtype=torch.int32, device=dev),
         )
-        images_done = [0] * n
         out: list[list[int]] = [[] for _ in range(n)]
+        room = [lim - ln for lim, ln in zip(plan.limits, lengths, strict=True)]  # tokens each prompt may add
         reason = ["length"] * n
         finished = [False] * n
+        # Generated images per prompt, for max_images: counted on the device from the sampled tokens.
+        images_done = torch.zeros(n, dtype=torch.int32, device=dev) if cfg.max_images else None
+        link = _TokenLink(n, dev)
+        ahead = self.overlap_host
 
-        t0 = time.perf_counter()
+        clock = _Clock(dev)
         logits = self.decoder.prefill(ids, pad)
-        stats.prefill_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        clock.mark("prefill")
         step = 0
         while True:
             self._mask_logits(logits, cfg, images_done, n)
             tokens = sample_step(logits, state, rules, params, seed=cfg.seed, offset=step, backend=self.backend)
-            if step == 0:
-                stats.time_to_first_token_s = stats.prefill_s + time.perf_counter() - t1
+            head = tokens[:n]
+            if cfg.mode == "image":  # one image, then stop: every stream of the group is done after its <eoi>
+                state.done.view(streams, n).masked_fill_(head == v.eoi_id, 1)
+            if images_done is not None:
+                images_done += head == v.eoi_id
+            link.send(head)
             step += 1
-            new = tokens[:n].tolist()
-            done_now = state.done[:n].tolist()
+            if ahead and step < budget:
+                # The next step only needs the tokens, which are on the device: queue it before waiting
+                # for them on the host. A row's tokens never exceed ``budget``, so this never overruns the
+                # cache; after the last token it is one wasted step.
+                logits = self.decoder.step(tokens, reuse_output=True)
+            new = link.receive()  # the one device -> host transfer of the step
+            if step == 1:
+                stats.time_to_first_token_s = clock.since_start()
             produced = 0
             for g in range(n):
                 if finished[g]:
@@ -290,14 +310,11 @@ class GenerationEngine:
                 produced += 1
                 if on_token is not None:
                     on_token(g, t)
-                if t == v.eoi_id:
-                    images_done[g] += 1
                 if t == v.eos_id:
                     reason[g] = "eos"
                 elif t == v.eoi_id and cfg.mode == "image":
                     reason[g] = "image"
-                    state.done[g::n] = 1  # text-to-image: one image, then stop
-                elif not done_now[g]:
+                elif len(out[g]) < room[g]:  # the kernel's other stop: the prompt's limit is reached
                     continue
                 finished[g] = True
             stats.new_tokens += produced
@@ -305,9 +322,13 @@ class GenerationEngine:
                 progress(produced)
             if all(finished):
                 break
-            logits = self.decoder.step(tokens)
-        stats.decode_s = time.perf_counter() - t1
+            if not ahead:
+                logits = self.decoder.step(tokens, reuse_output=True)
+        clock.mark("end")
+        stats.prefill_s = clock.seconds("start", "prefill")
+        stats.decode_s = clock.seconds("prefill", "end")
         stats.steps = step
+        stats.step_backend = self.decoder.step_backend
         result = []
         for g in range(n):
             k = plan.initial_codes[g] if plan.initial_mode[g] else None
@@ -315,16 +336,74 @@ class GenerationEngine:
             result.append(GeneratedSequence(list(rows[g]), out[g], reason[g], prefix))
         return result, stats
 
-    def _mask_logits(self, logits: torch.Tensor, cfg: GenerationConfig, images_done: list[int], n: int) -> None:
+    def _mask_logits(
+        self, logits: torch.Tensor, cfg: GenerationConfig, images_done: torch.Tensor | None, n: int
+    ) -> None:
         """What the kernel's state machine does not know: ``text`` mode, ``max_images`` and
         ``ignore_eos``. The kernel reads text-mode logits from the conditional row, so masking there
-        is enough."""
+        is enough. On the device, in place: no host sync."""
         boi = self.vocab.boi_id
         if cfg.ignore_eos:
             logits[:n, self.vocab.eos_id] = float("-inf")
         if cfg.mode == "text":
             logits[:n, boi] = float("-inf")
-        elif cfg.max_images:
-            for g in range(n):
-                if images_done[g] >= cfg.max_images:
-                    logits[g, boi] = float("-inf")
+        elif images_done is not None:
+            logits[:n, boi].masked_fill_(images_done >= cfg.max_images, float("-inf"))
+
+
+class _TokenLink:
+    """The one device -> host transfer per step: the token sampled for each prompt. The host needs
+    nothing else: a prompt is finished by ``<eos>``, by image mode's ``<eoi>``, or when its tokens reach
+    its room (the kernel's position limit), all known from the tokens. On CUDA it is an asynchronous
+    copy into pinned memory and an event, so the host can queue the next decode step before it waits
+    (``receive``)."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._tokens: torch.Tensor | None = None
+        if self.cuda:
+            self._host = torch.empty(n, dtype=torch.long, pin_memory=True)
+            self._event = torch.cuda.Event()
+
+    def send(self, tokens: torch.Tensor) -> None:
+        if self.cuda:
+            self._host.copy_(tokens, non_blocking=True)
+            self._event.record()
+        else:
+            self._tokens = tokens
+
+    def receive(self) -> list[int]:
+        if self.cuda:
+            self._event.synchronize()
+            return self._host.tolist()
+        return self._tokens.tolist()
+
+
+class _Clock:
+    """Wall-clock marks; on CUDA, events on the stream, so the prefill is timed where it runs without a
+    sync of its own (read after the decode loop's transfers have waited for it)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._t0 = time.perf_counter()
+        self._marks: dict[str, float | torch.cuda.Event] = {}
+        self.mark("start")
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks[name] = event
+        else:
+            self._marks[name] = time.perf_counter()
+
+    def since_start(self) -> float:
+        """Host seconds since the clock was made (call it after a host sync: time to first token)."""
+        return time.perf_counter() - self._t0
+
+    def seconds(self, a: str, b: str) -> float:
+        x, y = self._marks[a], self._marks[b]
+        if self.cuda:
+            y.synchronize()
+            return x.elapsed_time(y) / 1e3
+        return y - x
