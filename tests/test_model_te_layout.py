@@ -336,9 +336,4 @@ def test_load_weights_both_ways(results, variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kv_decoder_reads_megatrons_te_modules(results, variant):
-    r = results[f"{variant}/decoder"]
-    if not r["ok"] and "object has no attribute 'softmax_scale'" in r["error"]:
-        # known, left to the generation code: it reads core_attention.softmax_scale, which TE's
-        # DotProductAttention does not have (it hands the scale to its backends)
-        pytest.xfail("tessera.generate.decoder reads TEDotProductAttention.softmax_scale")
     assert _ok(results, f"{variant}/decoder")["diff"] < 1e-4

@@ -310,7 +310,7 @@ class KVCacheDecoder:
                     fc2=_weight(layer.mlp.linear_fc2, f"layer {i} linear_fc2", dt, dev),
                 )
             )
-        self.softmax_scale = float(layer.self_attention.core_attention.softmax_scale)
+        self.softmax_scale = _softmax_scale(layer.self_attention)
         for lw in self.layers:
             self._fuse_qk_norm(lw)
         self._lin = F.linear
@@ -627,3 +627,13 @@ class KVCacheDecoder:
         logits = self._step_logits(window, masked=self._padded or self.kv_window > 1)
         self.length += 1
         return logits
+
+
+def _softmax_scale(attention) -> float:
+    """The attention's score scale. megatron's local DotProductAttention keeps it as ``softmax_scale``;
+    Transformer Engine's hands it to its backends instead, so derive it as megatron does:
+    ``config.softmax_scale`` or 1 / sqrt(head_dim)."""
+    scale = getattr(attention.core_attention, "softmax_scale", None)
+    if scale is None:
+        scale = attention.config.softmax_scale or attention.config.kv_channels ** -0.5
+    return float(scale)
