@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 # megatron-core releases Tessera is tested with (docs/training.md, "Installing on a GPU cluster").
-MEGATRON_CORE = ">=0.16.0,<0.20"
+MEGATRON_CORE = ">=0.16.0,<0.18"
 
 # The distributions behind the top-level modules Tessera imports, for a one-line "not installed" error.
 DISTRIBUTIONS = {

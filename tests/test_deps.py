@@ -46,7 +46,7 @@ def test_version_is_read_from_package_info_without_running_it(tmp_path):
     assert megatron_core_version(Path(installed.origin).parent) == importlib.metadata.version("megatron-core")
 
 
-@pytest.mark.parametrize("version", ["0.15.3", "0.16.0rc0", "0.20.0", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.15.3", "0.16.0rc0", "0.18.0", "0.19.2", "1.0.0"])
 def test_versions_outside_the_range_are_refused_with_both_versions_named(version, monkeypatch):
     monkeypatch.delenv("TESSERA_SKIP_VERSION_CHECK", raising=False)
     with pytest.raises(UnsupportedDependency) as exc:
@@ -56,7 +56,7 @@ def test_versions_outside_the_range_are_refused_with_both_versions_named(version
     check_megatron_core(version)
 
 
-@pytest.mark.parametrize("version", ["0.16.0", "0.16.1", None])
+@pytest.mark.parametrize("version", ["0.16.0", "0.16.1", "0.17.0", "0.17.1", None])
 def test_supported_or_unknown_versions_pass(version):
     check_megatron_core(version)
 

@@ -212,7 +212,8 @@ def test_fresh_venv_with_preinstalled_torch_keeps_it_and_tessera_works(tmp_path)
 
 def _download(what: str, dest: Path, *extra: str) -> Path:
     _check(_pip(sys.executable, "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest), *extra, what))
-    return next(dest.glob(f"{canonicalize_name(what.split('=')[0]).replace('-', '_')}-*.whl"))
+    prefix = canonicalize_name(what.split("=")[0]).replace("-", "_") + "-"
+    return next(w for w in dest.glob("*.whl") if w.name.lower().startswith(prefix))
 
 
 @pytest.mark.slow
@@ -224,9 +225,10 @@ def test_python_3_12_installs_tessera_and_megatron_core_wheel_without_torch(tmp_
     if base is None:
         pytest.skip("no python3.12 on PATH")
     python = _fresh_venv(tmp_path / "venv", base)
-    mcore = _download("megatron-core==0.16.1", tmp_path / "wheels", "--python-version", "3.12",
-                      "--platform", "manylinux_2_28_x86_64")
-    _check(_pip(python, "install", "-q", "--no-deps", str(ROOT), str(mcore)))
+    wheels = tmp_path / "wheels"
+    mcore = _download("megatron-core==0.16.1", wheels, "--python-version", "3.12", *_MANYLINUX)
+    pyyaml = _download("pyyaml==6.0.1", wheels, "--python-version", "3.12", *_MANYLINUX)  # so torch is what's missing
+    _check(_pip(python, "install", "-q", "--no-deps", str(ROOT), str(mcore), str(pyyaml)))
     tessera = tmp_path / "venv" / "bin" / "tessera"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     version = _check(subprocess.run([str(tessera), "--version"], capture_output=True, text=True, env=env))
@@ -240,6 +242,12 @@ def test_python_3_12_installs_tessera_and_megatron_core_wheel_without_torch(tmp_
     assert megatron_core_version(Path(platlib) / "megatron" / "core") == "0.16.1"
 
 
+# pip takes --platform literally: a glibc 2.28 x86_64 machine accepts every older manylinux tag too
+# (torch 2.6's wheels are manylinux1, safetensors' manylinux2014, ...)
+_MANYLINUX = [arg for tag in [*(f"manylinux_2_{m}" for m in range(28, 4, -1)), "manylinux2014", "manylinux2010",
+                              "manylinux1"] for arg in ("--platform", f"{tag}_x86_64")]
+
+
 def _resolve(tmp_path: Path, python_version: str, torch_version: str) -> dict[str, dict]:
     """pip's resolver for another Python on manylinux x86_64, with torch fixed at ``torch_version`` (as a
     cluster's preinstalled CUDA build): wheels only, nothing installed (metadata is all it fetches)."""
@@ -250,8 +258,7 @@ def _resolve(tmp_path: Path, python_version: str, torch_version: str) -> dict[st
     fixed.write_text(f"torch=={torch_version}\n")
     report = tmp_path / "report.json"
     _check(_pip(sys.executable, "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
-                "--python-version", python_version, "--platform", "manylinux_2_28_x86_64", "--only-binary=:all:",
-                "-c", str(fixed), str(wheel)))
+                "--python-version", python_version, *_MANYLINUX, "--only-binary=:all:", "-c", str(fixed), str(wheel)))
     return {canonicalize_name(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]}
 
 
