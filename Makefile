@@ -1,17 +1,20 @@
 # The two set-up commands of the README: `make demo` and `make test`. Both create .venv on first use.
+# Every install goes through constraints.txt: the exact versions CI tests (pyproject.toml has the ranges).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: demo test test-slow lint install clean
+.PHONY: demo test test-slow test-install lint install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first: 2.13.0 is the CPU build that lies on disk here; never let a resolver pick a CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# torch first and pinned: on these machines the CPU build lies on disk; a resolver left to pick torch
+	# together with the rest could fetch a multi-GB CUDA build instead.
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +27,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The install proofs alone (a fresh venv with a preinstalled torch, Python 3.10/3.12 checks): docs/training.md
+test-install: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/test_install.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check tessera tests

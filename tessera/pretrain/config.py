@@ -62,6 +62,10 @@ class TrainSection:
     # GPU's datasheet dense bf16 peak (989e12 on H100/H200; tessera.pretrain.metrics.default_peak_flops)
     peak_flops: float | None = None
     debug_nan_steps: list[int] = field(default_factory=list)
+    # seconds one optimizer step plus one checkpoint save take on the target machine: a SIGTERM'd job
+    # needs that long to stop cleanly, so the launchers give torchrun's shutdown twice this
+    # (tessera/pretrain/launch.py). The default fits configs/chameleon-7b.yaml on one 8-GPU node.
+    expected_step_seconds: float = 90.0
 
 
 @dataclass
