@@ -1,4 +1,4 @@
-"""Training observability: TensorBoard + metrics.jsonl + progress line, MFU, the logit-drift guards
+"""Training observability: TensorBoard + metrics.jsonl + progress line, MFU, the logit-drift monitors
 (output-logit norm, max attention logit) against references, held-out evaluation against a manual
 forward, evaluation leaving training untouched, and TP=2 reporting the TP=1 figures."""
 
@@ -26,7 +26,7 @@ def _train(run, *extra, nproc=1):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], r.stdout
 
 
-# ---- guards, in process -------------------------------------------------------------------------
+# ---- monitors, in process -------------------------------------------------------------------------
 @pytest.fixture
 def tiny_model(megatron_1proc):
     from tessera.model.chameleon import build_model
@@ -39,13 +39,13 @@ def tiny_model(megatron_1proc):
 
 @pytest.mark.parametrize("chunk", [300, 1 << 24])
 def test_logit_norm_sums_match_torch(megatron_1proc, monkeypatch, chunk):
-    from tessera.pretrain import guards
+    from tessera.pretrain import monitors
 
-    monkeypatch.setattr(guards, "_CHUNK_ELEMENTS", chunk)  # 300: one token per chunk
+    monkeypatch.setattr(monitors, "_CHUNK_ELEMENTS", chunk)  # 300: one token per chunk
     logits = torch.randn(2, 5, 256) * 3
     mask = torch.ones(2, 5)
     mask[1, 3:] = 0
-    total, count = guards.logit_norm_sums(logits, mask)
+    total, count = monitors.logit_norm_sums(logits, mask)
     ref = torch.linalg.vector_norm(logits, dim=-1)[mask.bool()]
     assert float(count) == 8
     assert float(total) / float(count) == pytest.approx(float(ref.mean()), rel=1e-6)
@@ -92,12 +92,12 @@ def _manual_max_logit(q, k, scale):
 
 @pytest.mark.parametrize("chunk", [1, 1 << 24])
 def test_max_attention_logit_masks_gqa_and_chunks(monkeypatch, chunk):
-    from tessera.pretrain import guards
+    from tessera.pretrain import monitors
 
-    monkeypatch.setattr(guards, "_CHUNK_ELEMENTS", chunk)  # 1: one head per baddbmm
+    monkeypatch.setattr(monitors, "_CHUNK_ELEMENTS", chunk)  # 1: one head per baddbmm
     g = torch.Generator().manual_seed(7)
     q, k = torch.randn(12, 3, 4, 8, generator=g), torch.randn(12, 3, 2, 8, generator=g)
-    assert guards.max_attention_logit(q, k, 0.3) == pytest.approx(_manual_max_logit(q, k, 0.3), rel=1e-6)
+    assert monitors.max_attention_logit(q, k, 0.3) == pytest.approx(_manual_max_logit(q, k, 0.3), rel=1e-6)
     # an explicit megatron mask (True = masked out), per batch element: the max must skip masked pairs
     kk = k.repeat_interleave(2, dim=2)
     scores = torch.einsum("ibhd,jbhd->bhij", q.double(), kk.double()) * 0.3
@@ -105,12 +105,12 @@ def test_max_attention_logit_masks_gqa_and_chunks(monkeypatch, chunk):
     bi, _, i, j = (int(x) for x in torch.unravel_index(scores.argmax(), scores.shape))
     mask[bi, 0, i, j] = True  # hide the largest score
     want = float(scores.masked_fill(mask, -math.inf).max())
-    assert guards.max_attention_logit(q, k, 0.3, attention_mask=mask) == pytest.approx(want, rel=1e-6)
+    assert monitors.max_attention_logit(q, k, 0.3, attention_mask=mask) == pytest.approx(want, rel=1e-6)
     assert want < float(scores.max())  # the mask did hide the largest score
 
 
 def test_max_attention_logit_equals_manual_and_leaves_numerics_alone(tiny_model):
-    from tessera.pretrain.guards import AttentionLogitProbe
+    from tessera.pretrain.monitors import AttentionLogitProbe
 
     model, cfg = tiny_model
     seen = []
@@ -203,16 +203,16 @@ def test_eval_equals_manual_forward_and_restores_rng(tiny_model):
         assert got[f"eval_ppl_{name}"] == pytest.approx(math.exp(float(ce[sel].mean())), rel=1e-5)
 
 
-def test_standin_heldout_is_deterministic_and_not_the_training_stream(tiny_model):
+def test_mock_heldout_is_deterministic_and_not_the_training_stream(tiny_model):
     from tessera.pretrain.evaluate import Evaluator
-    from tessera.pretrain.standin import heldout_standin_batch, train_standin_batch
+    from tessera.pretrain.mock import heldout_mock_batch, train_mock_batch
 
     model, mcfg = tiny_model
     cfg = _eval_cfg(mcfg.vocab_size)
     ev = Evaluator(cfg, [model], n_micro=2, dp_rank=0, dp_size=1)
     first, second = ev.run(), ev.run()
     assert first == second and "eval_ce_text" not in first  # no vocabulary: no modalities
-    assert not torch.equal(heldout_standin_batch(cfg, 1, 0)["tokens"], train_standin_batch(cfg, 1, 0)["tokens"])
+    assert not torch.equal(heldout_mock_batch(cfg, 1, 0)["tokens"], train_mock_batch(cfg, 1, 0)["tokens"])
 
 
 def test_mfu_uses_bench_flops_per_token():
@@ -255,14 +255,14 @@ def test_run_writes_tensorboard_scalars(obs_run):
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     want = {"train/loss", "train/ce_text", "train/ce_image", "train/z_loss", "train/lr", "train/grad_norm",
-            "train/bad_steps", "train/bad_steps_total", "guards/logit_norm", "guards/max_attn_logit", "perf/tokens_per_s", "perf/mfu",
+            "train/bad_steps", "train/bad_steps_total", "monitors/logit_norm", "monitors/max_attn_logit", "perf/tokens_per_s", "perf/mfu",
             "eval/loss", "eval/ppl", "eval/ce_text", "eval/ppl_text", "eval/ce_image", "eval/ppl_image"}
     assert want <= tags, want - tags
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3]
     assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([r["loss"] for r in recs], rel=1e-6)
-    # eval every 2 steps and once at the end; guards on logged steps (1, every 2, last)
+    # eval every 2 steps and once at the end; monitors on logged steps (1, every 2, last)
     assert [e.step for e in ea.Scalars("eval/ce_image")] == [2, 3]
-    assert [e.step for e in ea.Scalars("guards/max_attn_logit")] == [1, 2, 3]
+    assert [e.step for e in ea.Scalars("monitors/max_attn_logit")] == [1, 2, 3]
 
 
 def test_run_jsonl_keys_mfu_and_progress_line(obs_run):
@@ -318,7 +318,7 @@ def one_process_run(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [("--parallel.tp", "2"), ("--parallel.pp", "2"), ()], ids=["tp2", "pp2", "dp2"])
-def test_two_processes_report_the_one_process_guards_and_eval(one_process_run, tmp_path, layout):
+def test_two_processes_report_the_one_process_monitors_and_eval(one_process_run, tmp_path, layout):
     """Same figures for any layout: the reductions count every token once, and the attention probe
     reads the step's first global micro-batch (DP rank 0)."""
     ref = one_process_run

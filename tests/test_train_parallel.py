@@ -111,7 +111,7 @@ def test_layout_invariant_init_is_seeded_per_parameter(megatron_1proc):
 @pytest.mark.slow  # two 4-layer runs, ~40 s
 def test_virtual_pipeline_matches_one_process(tmp_path):
     """PP=2 x 2 virtual stages (4 layers: rank 0 holds layers 0 and 2) through the interleaved schedule, on
-    the random-token stand-in stream (its batches are keyed by global micro-batch, like the woven iterator's)."""
+    the mock dataset (its batches are keyed by global micro-batch, like the woven iterator's)."""
     ref4 = _records(tmp_path, "ref4", 1, "--model.num_layers", "4")
     got = _records(tmp_path, "vp", 2, "--model.num_layers", "4", "--parallel.pp", "2", "--parallel.vp", "2")
     _assert_same_run(got, ref4, "PP=2 x VP=2")

@@ -17,13 +17,13 @@ import yaml
 
 from tessera.model.checkpoint import CheckpointError, step_dir_name
 from tessera.pretrain.checkpointing import (
-    StopSignal,
     check_model_config,
     debug_kill_step,
     rotate_checkpoints,
     trim_metrics,
 )
 from tessera.pretrain.config import load_train_config
+from tessera.pretrain.preemption import StopSignal
 
 BASE = ["configs/demo.yaml", "--model.preset", "tiny", "--data.seq_length", "32", "--optim.warmup", "1",
         "--train.eval_interval", "0"]
@@ -126,7 +126,7 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
 def test_sigterm_on_one_rank_saves_tp2_and_tp1_resume_matches(tmp_path):
     """SIGTERM to rank 1 only of a TP=2 run: both ranks agree (all-reduce), save at the same step and exit 0.
     That TP=2 checkpoint resumes in one TP=1 process; its next step's loss equals the uninterrupted TP=1 run's
-    within 1e-5 (TP changes the reduction order). The stand-in stream, no dropout (RNG is reseeded when the
+    within 1e-5 (TP changes the reduction order). The mock dataset, no dropout (RNG is reseeded when the
     layout changes)."""
     import psutil
 

@@ -6,8 +6,8 @@ whose dist_checkpointing save holds, beside ``model``:
     optimizer    megatron ``optimizer.sharded_state_dict(model_sd)``: Adam moments (and fp32 main params
                  under bf16) as ShardedTensors keyed like the model's, so they reshard across TP/PP/DP
     scheduler    ``OptimizerParamScheduler.state_dict()`` (common: written once by rank 0)
-    train_state  {step, bad_steps, data (``WovenBatchIterator.state_dict()`` or None for the stand-in
-                 stream, which is keyed by step), layout (tp, pp, dp), optimizer metadata} (common)
+    train_state  {step, bad_steps, data (``WovenBatchIterator.state_dict()`` or None for the mock
+                 dataset, which is keyed by step), layout (tp, pp, dp), optimizer metadata} (common)
     rng_state    one ShardedObject per rank, at offset (pp_rank, tp_rank, dp_rank) of shape (pp, tp, dp):
                  python, numpy, torch CPU, CUDA (when present) and megatron's RNG-tracker states
 
@@ -50,7 +50,6 @@ from tessera.model.checkpoint import (
     step_dir_name,
     write_latest,
 )
-from tessera.pretrain.metrics import reduce_device
 
 TRAIN_STATE_VERSION = 1
 # megatron's reshardable layout for the distributed optimizer; the plain optimizer ignores it
@@ -68,19 +67,6 @@ class ResumeState:
     bad_steps: int = 0
     source: Path | None = None  # the checkpoint loaded (resume or init_from), if any
     rng_restored: bool = False
-
-
-class Preempted(SystemExit):
-    """Raised after the SIGTERM checkpoint is written: exit status 0, so schedulers treat it as clean.
-    The message is printed by rank 0 when it is raised."""
-
-    def __init__(self, run: str | Path, step: int) -> None:
-        super().__init__(0)
-        self.step = step
-        self.message = (f"SIGTERM: saved {Path(run) / 'checkpoints' / step_dir_name(step)} after step {step}; "
-                        f"exiting 0 (a restart with train.resume: auto continues at step {step + 1})")
-        if _rank() == 0:
-            print(self.message, flush=True)
 
 
 # ---- layout / rank helpers ----------------------------------------------------------------------
@@ -255,7 +241,7 @@ def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: 
         raise CheckpointError(f"{ckpt}: holds no training state (a model-only checkpoint?); "
                               "use train.init_from to start from its weights")
     if (ts["data"] is None) != (data_iterator is None):
-        has = "a data position" if ts["data"] is not None else "no data position (stand-in stream)"
+        has = "a data position" if ts["data"] is not None else "no data position (mock dataset)"
         raise CheckpointError(f"{ckpt}: saved with {has}, but this run {'has' if data_iterator else 'has no'} "
                               "data.path; resume with the same data setting or use train.init_from")
     same_layout = ts["layout"] == _layout()
@@ -351,45 +337,6 @@ def trim_metrics(path: str | Path, last_step: int) -> int:
     return dropped
 
 
-# ---- SIGTERM -----------------------------------------------------------------------------------
-class StopSignal:
-    """SIGTERM (Slurm preemption, torchrun forwarding) sets a flag; ``requested()`` all-reduces it at a step
-    boundary so every rank agrees to save and stop together. ``install()`` / ``restore()`` put the handler in
-    and the previous one back; a second SIGTERM before the save restores the previous handler and re-sends
-    itself (so a stuck run can still be terminated)."""
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
-        self.signals = signals
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        if self.received is not None:
-            self.restore()
-            os.kill(os.getpid(), signum)
-            return
-        self.received = signum
-
-    def install(self) -> StopSignal:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # signal() only works there
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handler)
-        return self
-
-    def restore(self) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous.clear()
-
-    def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=reduce_device())
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-
 # ---- crash-consistency hooks (tests) ---------------------------------------------------------------
 def debug_kill_step(cfg: Any, phase: str) -> int | None:
     """``train.debug_kill_at: "PHASE:STEP"`` -> STEP when PHASE matches (phases: ``step``, after step STEP's
@@ -414,6 +361,6 @@ def maybe_kill_after_step(cfg: Any, step: int) -> None:
 
 
 __all__ = [
-    "Preempted", "ResumeState", "StopSignal", "check_model_config", "latest_checkpoint", "load_checkpoint",
+    "ResumeState", "check_model_config", "latest_checkpoint", "load_checkpoint",
     "load_weights", "maybe_kill_after_step", "resume", "rotate_checkpoints", "save_checkpoint", "trim_metrics",
 ]

@@ -5,7 +5,7 @@ curve compares like with like. Sources, in order:
 
 * ``data.eval_path``: another ``tessera data pretokenize`` directory with the training vocabulary
   (``tessera demo`` pretokenizes its held-out split there), read through the woven iterator;
-* no ``data.path``: a deterministic random-token stand-in stream, disjoint from the training stand-in;
+* no ``data.path``: the mock dataset (deterministic random tokens), disjoint from the training batches;
 * ``data.path`` without ``data.eval_path``: no evaluation (said once on rank 0).
 
 Evaluation leaves training exactly as it was: the model goes back to train mode, every RNG state (torch,
@@ -26,7 +26,7 @@ from tessera.model.loss import language_model_loss
 from tessera.pretrain.checkpointing import capture_rng_state, restore_rng_state
 from tessera.pretrain.config import TrainConfig
 from tessera.pretrain.metrics import CE_KEYS, MODALITIES, reduce_device, step_stats, sum_stats
-from tessera.pretrain.standin import heldout_standin_batch
+from tessera.pretrain.mock import heldout_mock_batch
 
 Batch = dict[str, torch.Tensor]
 
@@ -35,7 +35,7 @@ class Evaluator:
     """``Evaluator(cfg, model_chunks, n_micro, dp_rank, dp_size, modality).run() -> {"eval_loss": ...}``.
 
     Every rank calls ``run`` (it runs the pipeline schedule and all-reduces). ``modality`` is the
-    vocabulary's id -> Modality table (per-modality losses), None for the stand-in. ``batches``
+    vocabulary's id -> Modality table (per-modality losses), None for the mock dataset. ``batches``
     overrides the held-out source: ``batches(eval_step) -> this rank's micro-batches`` (tests)."""
 
     def __init__(self, cfg: TrainConfig, model: list[torch.nn.Module], n_micro: int, dp_rank: int, dp_size: int,
@@ -57,7 +57,7 @@ class Evaluator:
             self._batches = None
             self.note = "no data.eval_path: held-out evaluation is off for this run"
         else:
-            self._batches = self._standin_batches
+            self._batches = self._mock_batches
 
     @property
     def enabled(self) -> bool:
@@ -87,8 +87,8 @@ class Evaluator:
                                           dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.cfg.data.seed)
         return self._it.next_step()
 
-    def _standin_batches(self, step: int) -> list[Batch]:
-        return [heldout_standin_batch(self.cfg, step, self.dp_rank * self.n_micro + i) for i in range(self.n_micro)]
+    def _mock_batches(self, step: int) -> list[Batch]:
+        return [heldout_mock_batch(self.cfg, step, self.dp_rank * self.n_micro + i) for i in range(self.n_micro)]
 
     def run(self) -> dict[str, float]:
         """Mean CE over every held-out token (no z-loss, no image weighting) and per modality, with

@@ -2,13 +2,13 @@
 
 Rank 0 writes; every rank takes part in the reductions (``reduce_step_stats`` is a collective).
 
-* ``step_stats`` turns one micro-batch's ``LossOutput`` (plus, on guard steps, its logits) into SUMS and
+* ``step_stats`` turns one micro-batch's ``LossOutput`` (plus, on monitor steps, its logits) into SUMS and
   token counts, so the step's figures are exact token-weighted means over every micro-batch of every
   DP replica (and the last pipeline stage's numbers reach rank 0 whatever the pipeline layout).
 * ``TrainLogger`` times the steps and derives tokens/s and MFU, writes one JSON line per step (keys
   ``step, loss, ce, ce_text, ce_image, ce_special, z, lr, grad_norm, bad_steps`` (consecutive skips),
   ``bad_steps_total`` (skips so far), ``tokens_per_s, mfu, step_seconds`` every step; ``logit_norm,
-  max_attn_logit`` on guard steps; ``eval_*`` on evaluation steps), the same scalars to TensorBoard,
+  max_attn_logit`` on monitor steps; ``eval_*`` on evaluation steps), the same scalars to TensorBoard,
   and a progress line every ``train.log_interval`` steps.
 
 MFU = tokens/s x FLOPs/token / (devices x peak FLOP/s per device), with FLOPs/token the training model
@@ -29,7 +29,7 @@ import torch
 
 from tessera.model.loss import MODALITY_NAMES, LossOutput
 from tessera.pretrain.config import TrainConfig
-from tessera.pretrain.guards import logit_norm_sums
+from tessera.pretrain.monitors import logit_norm_sums
 from tessera.progress import format_seconds
 
 MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
@@ -63,7 +63,7 @@ def model_flops_per_token(cfg: TrainConfig) -> float:
 
 def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> dict:
     """One micro-batch's sums for ``reduce_step_stats`` (and ``CE_KEYS`` for evaluation); pass ``logits`` /
-    ``loss_mask`` on guard steps to add the output-logit norm (a TP collective: every TP rank of the last
+    ``loss_mask`` on monitor steps to add the output-logit norm (a TP collective: every TP rank of the last
     stage calls this). The trainer adds the micro-batch's ``loss``."""
     n = lo.num_tokens if lo.num_tokens is not None else torch.tensor(float(lo.ce.numel()))
     stats = {"z": lo.z.detach().clone(), "n_micro": torch.ones(()), "ce": (lo.ce * n).detach(), "n": n}
@@ -126,7 +126,7 @@ def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> 
 _TAGS = {"loss": "train/loss", "ce": "train/ce", "ce_text": "train/ce_text", "ce_image": "train/ce_image",
          "ce_special": "train/ce_special", "z": "train/z_loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
          "bad_steps": "train/bad_steps", "bad_steps_total": "train/bad_steps_total",
-         "logit_norm": "guards/logit_norm", "max_attn_logit": "guards/max_attn_logit",
+         "logit_norm": "monitors/logit_norm", "max_attn_logit": "monitors/max_attn_logit",
          "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "step_seconds": "perf/step_seconds"}
 
 
@@ -184,7 +184,7 @@ class TrainLogger:
         return n
 
     def is_log_step(self, step: int) -> bool:
-        """Steps that print a progress line and measure the guards (first, every log_interval, last)."""
+        """Steps that print a progress line and measure the monitors (first, every log_interval, last)."""
         return step == 1 or step == self.total or step % self.log_interval == 0
 
     def mfu(self, tokens_per_s: float) -> float:

@@ -8,9 +8,9 @@ auto``) exactly where it stopped, under any TP/PP/DP layout; ``train.init_from``
 
 Data: ``data.path`` (a directory written by ``tessera data pretokenize``) is packed and read through
 ``tessera.data``'s woven iterator, so every batch is a pure function of (seed, step). Without a path a
-deterministic random-token stand-in is used (tests, throughput runs).
-Reporting (metrics.jsonl, TensorBoard, progress line with tokens/s and MFU), logit-drift guards and
-held-out evaluation: ``tessera.pretrain.metrics`` / ``guards`` / ``evaluate``.
+deterministic random-token mock dataset is used (tests, throughput runs; tessera.pretrain.mock).
+Reporting (metrics.jsonl, TensorBoard, progress line with tokens/s and MFU), logit-drift monitors and
+held-out evaluation: ``tessera.pretrain.metrics`` / ``monitors`` / ``evaluate``.
 """
 
 from __future__ import annotations
@@ -22,18 +22,13 @@ from pathlib import Path
 import torch
 
 from tessera.config import save_config
-from tessera.pretrain.checkpointing import (
-    Preempted,
-    StopSignal,
-    maybe_kill_after_step,
-    resume,
-    save_checkpoint,
-)
+from tessera.pretrain.checkpointing import maybe_kill_after_step, resume, save_checkpoint
 from tessera.pretrain.config import TrainConfig, validate_layout
 from tessera.pretrain.evaluate import Evaluator
-from tessera.pretrain.guards import AttentionLogitProbe
 from tessera.pretrain.metrics import TrainLogger, reduce_device, reduce_step_stats, step_stats
-from tessera.pretrain.standin import train_standin_batch
+from tessera.pretrain.mock import train_mock_batch
+from tessera.pretrain.monitors import AttentionLogitProbe
+from tessera.pretrain.preemption import Preempted, StopSignal
 
 
 def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
@@ -134,7 +129,7 @@ def train(cfg: TrainConfig) -> list[float]:
     # full-state checkpoints, auto-resume, SIGTERM: tessera/pretrain/checkpointing.py
     start = resume(cfg, run, model=model, optimizer=opt, scheduler=sched, data_iterator=data_it)
     stop = StopSignal().install()
-    # reporting (metrics.jsonl, TensorBoard, progress line), logit guards, held-out eval: metrics/guards/evaluate.py
+    # reporting (metrics.jsonl, TensorBoard, progress line), logit monitors, held-out eval: metrics/monitors/evaluate.py
     logger = TrainLogger(cfg, run, world, enabled=is_logger, first_step=start.step)
     probe = AttentionLogitProbe(ddps)
     evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality if cfg.data.path else None)
@@ -143,19 +138,19 @@ def train(cfg: TrainConfig) -> list[float]:
     losses, bad = [], start.bad_steps
     for step in range(start.step + 1, cfg.train.steps + 1):
         logger.start_step()
-        guard = logger.is_log_step(step)  # output-logit norm and max attention logit on logged steps only
-        probe.arm(guard)
+        monitor = logger.is_log_step(step)  # output-logit norm and max attention logit on logged steps only
+        probe.arm(monitor)
         if data_it is not None:
             micro = [next(data_it) for _ in range(n_micro)]
         else:
-            micro = [train_standin_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i)
+            micro = [train_mock_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i)
                      for i in range(n_micro)]
         # virtual pipeline: each chunk reads the same micro-batches through its own iterator
         batches = [iter(micro) for _ in ddps] if len(ddps) > 1 else iter(micro)
 
         nan = float("nan") if step in cfg.train.debug_nan_steps else 1.0
 
-        def forward_step(it, m, nan=nan, guard=guard):
+        def forward_step(it, m, nan=nan, monitor=monitor):
             b = next(it)
             out = m(b["tokens"], b["position_ids"], None)
 
@@ -167,7 +162,7 @@ def train(cfg: TrainConfig) -> list[float]:
                 total = lo.total * nan
                 # clone: the schedule divides the returned loss by num_microbatches in place
                 stats = {"loss": total.detach().clone(),
-                         **step_stats(lo, logits if guard else None, b["loss_mask"])}
+                         **step_stats(lo, logits if monitor else None, b["loss_mask"])}
                 return total, stats
             return out, loss_fn
 
@@ -178,7 +173,7 @@ def train(cfg: TrainConfig) -> list[float]:
                  seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size, forward_only=False)
         # loss, z, ce, ce_text/image/special, logit_norm, max_attn_logit over every micro-batch and DP replica
         # (a collective; the last pipeline stage's TP rank 0 contributes)
-        stats = reduce_step_stats(out, probe.value() if guard else None)
+        stats = reduce_step_stats(out, probe.value() if monitor else None)
         loss = stats["loss"]
         dev = reduce_device()  # NCCL reduces only CUDA tensors
         # one device-side reduction over every gradient, one host sync: no per-parameter .item()
@@ -202,7 +197,7 @@ def train(cfg: TrainConfig) -> list[float]:
             rec.update(evaluator.run())  # every rank; forward only; training RNG and data position untouched
         logger.log(rec)
         maybe_kill_after_step(cfg, step)
-        stopping = stop.requested()  # every rank agrees (all-reduce) to save and stop at this boundary
+        stopping = stop.requested(reduce_device())  # every rank agrees (all-reduce) to save and stop at this boundary
         if step % cfg.train.save_interval == 0 or step == cfg.train.steps or stopping:
             save_checkpoint(run, step, model=model, optimizer=opt, scheduler=sched, cfg=cfg, vocab=vocab,
                             data_iterator=data_it, bad_steps=bad)

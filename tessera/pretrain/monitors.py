@@ -1,4 +1,4 @@
-"""Logit-drift guards: the mean L2 norm of the output logits and the largest attention logit of a step.
+"""Logit-drift monitors: the mean L2 norm of the output logits and the largest attention logit of a step.
 
 Both are measurements only: nothing here changes what the model computes.
 
@@ -22,7 +22,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 
-_CHUNK_ELEMENTS = 1 << 24  # fp32 values materialised at once by a guard: 64 MiB, whatever b, heads, s, V are
+_CHUNK_ELEMENTS = 1 << 24  # fp32 values materialised at once by a monitor: 64 MiB, whatever b, heads, s, V are
 
 
 @torch.no_grad()
