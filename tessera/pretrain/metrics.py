@@ -29,6 +29,7 @@ import torch
 
 from tessera.model.loss import MODALITY_NAMES, LossOutput
 from tessera.pretrain.config import TrainConfig
+from tessera.pretrain.device import training_device
 from tessera.pretrain.monitors import logit_norm_sums
 from tessera.progress import format_seconds
 
@@ -62,11 +63,12 @@ def model_flops_per_token(cfg: TrainConfig) -> float:
 
 
 def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> dict:
-    """One micro-batch's sums for ``reduce_step_stats`` (and ``CE_KEYS`` for evaluation); pass ``logits`` /
-    ``loss_mask`` on monitor steps to add the output-logit norm (a TP collective: every TP rank of the last
-    stage calls this). The trainer adds the micro-batch's ``loss``."""
-    n = lo.num_tokens if lo.num_tokens is not None else torch.tensor(float(lo.ce.numel()))
-    stats = {"z": lo.z.detach().clone(), "n_micro": torch.ones(()), "ce": (lo.ce * n).detach(), "n": n}
+    """One micro-batch's sums for ``reduce_step_stats`` (and ``CE_KEYS`` for evaluation), on the loss's device;
+    pass ``logits`` / ``loss_mask`` on monitor steps to add the output-logit norm (a TP collective: every TP
+    rank of the last stage calls this). The trainer adds the micro-batch's ``loss``."""
+    dev = lo.ce.device
+    n = lo.num_tokens if lo.num_tokens is not None else torch.full((), float(lo.ce.numel()), device=dev)
+    stats = {"z": lo.z.detach().clone(), "n_micro": torch.ones((), device=dev), "ce": (lo.ce * n).detach(), "n": n}
     for k, v in lo.per_modality.items():
         stats[f"ce_{k}"] = (v * lo.per_modality_tokens[k]).detach()
         stats[f"n_{k}"] = lo.per_modality_tokens[k]
@@ -75,20 +77,14 @@ def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: to
     return stats
 
 
-def reduce_device() -> torch.device:
-    """Where reductions live: NCCL only reduces CUDA tensors, gloo CPU ones."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def sum_stats(out: list[dict], keys: list[str]) -> torch.Tensor:
-    """float64 [len(keys)] sums of ``keys`` over the stats dicts, on ``reduce_device()``, with no host
-    sync per value (one per step, after the all-reduce)."""
-    dev = reduce_device()
+def sum_stats(out: list[dict], keys: list[str], device: torch.device | None = None) -> torch.Tensor:
+    """float64 [len(keys)] sums of ``keys`` over the stats dicts, on ``device`` (default the training
+    device), with no host sync (the step reads them once, after the all-reduce)."""
+    dev = device if device is not None else training_device()
     sums = torch.zeros(len(keys), dtype=torch.float64, device=dev)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     for o in out:
-        sums += torch.stack([torch.as_tensor(o[k]).to(dev, torch.float64).reshape(()) if k in o else zero
-                             for k in keys])
+        sums += torch.stack([o[k].to(dev, torch.float64).reshape(()) if k in o else zero for k in keys])
     return sums
 
 
@@ -115,7 +111,7 @@ def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> 
     if tot["n_logit"] > 0:
         res["logit_norm"] = tot["logit_norm"] / tot["n_logit"]
     if attn_max is not None:
-        mx = torch.tensor([attn_max], dtype=torch.float64, device=reduce_device())
+        mx = torch.tensor([attn_max], dtype=torch.float64, device=training_device())
         torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
         if float(mx) != -math.inf:  # -inf: no rank recorded anything
             res["max_attn_logit"] = float(mx)

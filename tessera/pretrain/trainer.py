@@ -24,11 +24,13 @@ import torch
 from tessera.config import save_config
 from tessera.pretrain.checkpointing import maybe_kill_after_step, resume, save_checkpoint
 from tessera.pretrain.config import TrainConfig, validate_layout
+from tessera.pretrain.device import training_device
 from tessera.pretrain.evaluate import Evaluator
-from tessera.pretrain.metrics import TrainLogger, reduce_device, reduce_step_stats, step_stats
+from tessera.pretrain.metrics import TrainLogger, reduce_step_stats
 from tessera.pretrain.mock import train_mock_batch
 from tessera.pretrain.monitors import AttentionLogitProbe
 from tessera.pretrain.preemption import Preempted, StopSignal
+from tessera.pretrain.step import BatchMover, ForwardStep, stage_roles
 
 
 def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
@@ -82,7 +84,6 @@ def train(cfg: TrainConfig) -> list[float]:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from tessera.model.loss import language_model_loss
     from tessera.model.parallel import init_distributed, initialize_parallel
 
     init_distributed()
@@ -98,7 +99,6 @@ def train(cfg: TrainConfig) -> list[float]:
     initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vp, cfg.train.seed)
     if cfg.data.path:
         data_it, vocab = _open_data(cfg, ps.get_data_parallel_rank(), dp)
-        modality = vocab.modality_table()
     torch.use_deterministic_algorithms(True)
     bf16 = resolve_precision(cfg.precision) == "bf16"
     cfg.model.params_dtype = "bfloat16" if bf16 else "float32"  # precision decides; the saved config says which
@@ -132,39 +132,29 @@ def train(cfg: TrainConfig) -> list[float]:
     # reporting (metrics.jsonl, TensorBoard, progress line), logit monitors, held-out eval: metrics/monitors/evaluate.py
     logger = TrainLogger(cfg, run, world, enabled=is_logger, first_step=start.step)
     probe = AttentionLogitProbe(ddps)
-    evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality if cfg.data.path else None)
+    device = training_device()
+    modality = vocab.modality_table() if vocab is not None else None
+    evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality, device=device)
     if is_logger and evaluator.note:
         print(evaluator.note, flush=True)
+    # each micro-batch is copied to the device once; this rank's stages decide what is copied
+    mover = BatchMover(device, *stage_roles(chunks), modality=modality)
+    model_kwargs = {"fp32_output": True} if bf16 else {}
     losses, bad = [], start.bad_steps
     for step in range(start.step + 1, cfg.train.steps + 1):
         logger.start_step()
         monitor = logger.is_log_step(step)  # output-logit norm and max attention logit on logged steps only
         probe.arm(monitor)
         if data_it is not None:
-            micro = [next(data_it) for _ in range(n_micro)]
+            host = [next(data_it) for _ in range(n_micro)]
         else:
-            micro = [train_mock_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i)
-                     for i in range(n_micro)]
+            host = [train_mock_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i) for i in range(n_micro)]
+        micro = mover.all(host)
         # virtual pipeline: each chunk reads the same micro-batches through its own iterator
         batches = [iter(micro) for _ in ddps] if len(ddps) > 1 else iter(micro)
-
-        nan = float("nan") if step in cfg.train.debug_nan_steps else 1.0
-
-        def forward_step(it, m, nan=nan, monitor=monitor):
-            b = next(it)
-            out = m(b["tokens"], b["position_ids"], None)
-
-            def loss_fn(logits):
-                label_modality = modality[b["labels"]] if data_it is not None else None
-                lo = language_model_loss(logits, b["labels"], b["loss_mask"], cfg.model.z_loss_weight,
-                                         label_modality=label_modality,
-                                         image_loss_weight=cfg.train.image_loss_weight)
-                total = lo.total * nan
-                # clone: the schedule divides the returned loss by num_microbatches in place
-                stats = {"loss": total.detach().clone(),
-                         **step_stats(lo, logits if monitor else None, b["loss_mask"])}
-                return total, stats
-            return out, loss_fn
+        forward_step = ForwardStep(z_loss_weight=cfg.model.z_loss_weight, image_loss_weight=cfg.train.image_loss_weight,
+                                   monitor=monitor, loss_scale=float("nan") if step in cfg.train.debug_nan_steps else 1.0,
+                                   model_kwargs=model_kwargs)
 
         for d in ddps:
             d.zero_grad_buffer()
@@ -175,10 +165,9 @@ def train(cfg: TrainConfig) -> list[float]:
         # (a collective; the last pipeline stage's TP rank 0 contributes)
         stats = reduce_step_stats(out, probe.value() if monitor else None)
         loss = stats["loss"]
-        dev = reduce_device()  # NCCL reduces only CUDA tensors
         # one device-side reduction over every gradient, one host sync: no per-parameter .item()
         grads = [p.main_grad for d in ddps for p in d.parameters()]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(dev, torch.float64).reshape(1)
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(device, torch.float64).reshape(1)
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if not math.isfinite(loss) or finite.item() < 1:
             bad += 1
@@ -197,7 +186,7 @@ def train(cfg: TrainConfig) -> list[float]:
             rec.update(evaluator.run())  # every rank; forward only; training RNG and data position untouched
         logger.log(rec)
         maybe_kill_after_step(cfg, step)
-        stopping = stop.requested(reduce_device())  # every rank agrees (all-reduce) to save and stop at this boundary
+        stopping = stop.requested(device)  # every rank agrees (all-reduce) to save and stop at this boundary
         if step % cfg.train.save_interval == 0 or step == cfg.train.steps or stopping:
             save_checkpoint(run, step, model=model, optimizer=opt, scheduler=sched, cfg=cfg, vocab=vocab,
                             data_iterator=data_it, bad_steps=bad)

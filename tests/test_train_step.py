@@ -1,0 +1,166 @@
+"""A training step's device side, in process: every tensor it builds lives on the model's device.
+
+The CPU has one real device, so the step is given another: ``meta``. The host batches (the mock dataset,
+a woven-iterator-like batch, the vocabulary's modality table) start on the CPU; a small LM on ``meta``
+stands in for the GPT chunk; a ``TorchDispatchMode`` records the device of every tensor each op
+produces. Any tensor left on (or created on) the host shows up as ``cpu`` in the record, or makes a
+meta op fail: removing one ``.to(device)`` from the batch mover, the modality lookup, the loss, the
+statistics or the monitors fails these tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+META = torch.device("meta")
+
+
+class DeviceRecorder(TorchDispatchMode):
+    """The devices of every tensor any aten op produced while active and not ``paused`` (op name -> devices).
+    Host byte tensors are not recorded: they are RNG states (``torch.cuda.get_rng_state`` is a CPU
+    ByteTensor on every machine), which evaluation saves and restores around its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, set[str]] = {}
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not self.paused and not (t.device.type == "cpu" and t.dtype == torch.uint8):
+                self.seen.setdefault(str(func), set()).add(t.device.type)
+        return out
+
+    def host_side(self, fn):
+        """``fn`` with recording paused: data loading builds host batches by design."""
+        def wrapped(*args, **kwargs):
+            self.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.paused = False
+        return wrapped
+
+    def off_device(self, device: str = "meta") -> dict[str, set[str]]:
+        return {op: devs for op, devs in self.seen.items() if devs != {device}}
+
+
+class TinyLM(torch.nn.Module):
+    """Stands in for a GPT chunk (first and last stage): embedding + positions -> logits [b, s, V]."""
+
+    pre_process = post_process = True
+
+    def __init__(self, vocab: int, device: torch.device = META) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 8, device=device)
+        self.out = torch.nn.Linear(8, vocab, bias=False, device=device)
+
+    def forward(self, tokens, position_ids, attention_mask):
+        assert attention_mask is None
+        return self.out(self.emb(tokens) + position_ids[..., None].to(self.emb.weight.dtype))
+
+
+def _cfg():
+    from tessera.model.config import get_preset
+    from tessera.pretrain.config import TrainConfig
+
+    cfg = TrainConfig(model=get_preset("tiny"))
+    cfg.parallel.micro_batch_size, cfg.parallel.global_batch_size = 2, 4
+    cfg.data.seq_length, cfg.train.eval_steps = 16, 1
+    return cfg
+
+
+def _modality(vocab: int) -> torch.Tensor:
+    table = torch.full((vocab,), 2)
+    table[:100], table[100:200] = 0, 1
+    return table
+
+
+def _woven_like(cfg, seed: int) -> dict[str, torch.Tensor]:
+    """A host batch with the woven iterator's keys (``source`` is not for the model and must not move)."""
+    from tessera.pretrain.mock import train_mock_batch
+
+    b = train_mock_batch(cfg, seed, 0)
+    b["loss_mask"][0, :3] = 0
+    b["source"] = torch.zeros(cfg.parallel.micro_batch_size, dtype=torch.long)
+    return b
+
+
+def test_training_step_tensors_stay_on_the_models_device(megatron_1proc):
+    from tessera.pretrain.metrics import _SUM_KEYS, sum_stats
+    from tessera.pretrain.step import BatchMover, ForwardStep
+
+    cfg = _cfg()
+    vocab = cfg.model.vocab_size
+    model = TinyLM(vocab)
+    mover = BatchMover(META, inputs=True, labels=True, modality=_modality(vocab))
+    host = [_woven_like(cfg, 1), _woven_like(cfg, 2)]
+    assert all(t.device.type == "cpu" for b in host for t in b.values())
+    rec = DeviceRecorder()
+    with rec:
+        micro = mover.all(host)
+        step = ForwardStep(z_loss_weight=1e-4, image_loss_weight=0.5, monitor=True)
+        it, outs = iter(micro), []
+        for _ in micro:
+            out, loss_fn = step(it, model)
+            loss, stats = loss_fn(out)
+            loss.backward()
+            outs.append(stats)
+        sums = sum_stats(outs, _SUM_KEYS, META)
+    assert set(micro[0]) == {"tokens", "position_ids", "labels", "loss_mask", "label_modality"}  # not "source"
+    assert all(t.device == META for b in micro for t in b.values())
+    assert all(v.device == META for o in outs for v in o.values())
+    assert sums.device == META and model.emb.weight.grad.device == META
+    assert rec.seen and not rec.off_device(), rec.off_device()
+
+
+def test_stage_roles_decide_what_moves():
+    from tessera.pretrain.step import BatchMover
+
+    b = {"tokens": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.zeros(1, 4, dtype=torch.long),
+         "labels": torch.zeros(1, 4, dtype=torch.long), "loss_mask": torch.ones(1, 4)}
+    first = BatchMover(META, inputs=True, labels=False, modality=torch.zeros(8, dtype=torch.long))
+    last = BatchMover(META, inputs=False, labels=True, modality=torch.zeros(8, dtype=torch.long))
+    middle = BatchMover(META, inputs=False, labels=False)
+    assert set(first(b)) == {"tokens", "position_ids"} and first.modality is None
+    assert set(last(b)) == {"labels", "loss_mask", "label_modality"}
+    assert middle(b) == {}
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_heldout_evaluation_runs_on_the_models_device(megatron_1proc):
+    """Evaluator.run moves the held-out batches (mock dataset here) and builds its sums on the device: a
+    one-stage schedule stand-in runs the evaluator's forward step on meta and stops before the all-reduce."""
+    from tessera.pretrain.evaluate import Evaluator
+    from tessera.pretrain.metrics import CE_KEYS
+
+    cfg = _cfg()
+    model = TinyLM(cfg.model.vocab_size)
+    seen = []
+
+    def schedule(*, forward_step_func, data_iterator, model, num_microbatches, forward_only, **_):
+        assert forward_only
+        outs = []
+        for _ in range(num_microbatches):
+            out, loss_fn = forward_step_func(data_iterator, model[0])
+            outs.append(loss_fn(out)[1])
+        seen.extend(outs)
+        raise _Stop
+
+    ev = Evaluator(cfg, [model], n_micro=2, dp_rank=0, dp_size=1, modality=_modality(cfg.model.vocab_size),
+                   device=META, forward_backward_func=schedule)
+    rec = DeviceRecorder()
+    ev._batches = rec.host_side(ev._batches)  # the held-out source builds host batches (data loading)
+    with rec, pytest.raises(_Stop):
+        ev.run()
+    assert len(seen) == 2 and set(CE_KEYS) <= set(seen[0])
+    assert all(v.device == META for o in seen for v in o.values())
+    assert rec.seen and not rec.off_device(), rec.off_device()
+    assert model.training  # run() restored the mode even though the schedule raised
