@@ -41,3 +41,35 @@ def test_bad_layouts_name_the_field(overrides, world, match):
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match="nope"):
         load_train_config(None, ["--train.nope", "1"])
+
+
+def test_deterministic_setting_resolves_per_device_and_sets_megatron_lms_environment():
+    import torch
+
+    from tessera.pretrain.determinism import apply_determinism, resolve_deterministic
+
+    assert load_train_config("configs/demo.yaml").train.deterministic == "auto"
+    assert load_train_config(None, ["--train.deterministic", "false"]).train.deterministic is False
+    assert resolve_deterministic("auto", cuda=False) is True and resolve_deterministic("auto", cuda=True) is False
+    assert resolve_deterministic(True, cuda=True) is True and resolve_deterministic(False, cuda=False) is False
+    with pytest.raises(ConfigError, match="train: deterministic: cannot read 'sometimes'"):
+        load_train_config(None, ["--train.deterministic", "sometimes"])
+
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        env = {"NCCL_ALGO": "Tree"}
+        assert apply_determinism(True, cuda=True, environ=env) == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+                                                                 "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
+        assert env["NCCL_ALGO"] == "Tree" and torch.are_deterministic_algorithms_enabled()  # the user's choice kept
+        env = {}
+        apply_determinism(True, cuda=True, environ=env)
+        assert env["NCCL_ALGO"] == "Ring"
+        with pytest.raises(ConfigError, match="NCCL_ALGO=NVLS is not deterministic"):
+            apply_determinism(True, cuda=True, environ={"NCCL_ALGO": "NVLS"})
+        env = {}
+        assert apply_determinism(False, cuda=True, environ=env) == {} and env == {}
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert apply_determinism(True, cuda=False, environ=env) == {} and env == {}  # the CPU needs no variables
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was)

@@ -55,6 +55,8 @@ class TrainSection:
     init_from: str = ""  # checkpoint / run dir whose model weights start a run that has nothing to resume
     debug_kill_at: str = ""  # tests: "step:N" / "save:N" SIGKILLs the process there (pretrain/checkpointing.py)
     max_bad_steps: int = 5
+    # auto: on for the CPU, off on CUDA; what "on" sets and costs: tessera/pretrain/determinism.py, docs/training.md
+    deterministic: Literal["auto"] | bool = "auto"
     image_loss_weight: float = 1.0
     seed: int = 1234
     run_dir: str = "runs/demo"

@@ -24,6 +24,7 @@ import torch
 from tessera.config import save_config
 from tessera.pretrain.checkpointing import maybe_kill_after_step, resume, save_checkpoint
 from tessera.pretrain.config import TrainConfig, validate_layout
+from tessera.pretrain.determinism import apply_determinism, resolve_deterministic
 from tessera.pretrain.device import training_device
 from tessera.pretrain.evaluate import Evaluator
 from tessera.pretrain.metrics import TrainLogger, reduce_step_stats
@@ -55,7 +56,7 @@ def resolve_precision(precision: str, cuda: bool | None = None) -> str:
     return precision
 
 
-def _build_model_chunks(cfg: TrainConfig, bf16: bool) -> tuple[list, list]:
+def _build_model_chunks(cfg: TrainConfig, bf16: bool, **config_overrides) -> tuple[list, list]:
     """This rank's GPTModel chunks (one, or ``parallel.vp`` virtual stages) and their DDP wrappers.
 
     Weights come from ``init_layout_invariant`` (seeded by ``train.seed``), so any TP x PP x VP layout
@@ -69,7 +70,8 @@ def _build_model_chunks(cfg: TrainConfig, bf16: bool) -> tuple[list, list]:
     from tessera.model.chameleon import build_model
 
     vp = ps.get_virtual_pipeline_model_parallel_world_size()
-    chunks = [build_model(cfg.model, vp_stage=v, init_seed=cfg.train.seed) for v in (range(vp) if vp else [None])]
+    chunks = [build_model(cfg.model, vp_stage=v, init_seed=cfg.train.seed, **config_overrides)
+              for v in (range(vp) if vp else [None])]
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
     ddps = [DistributedDataParallel(c.config, ddp_cfg, Float16Module(c.config, c) if bf16 else c,
                                     disable_bucketing=i > 0)  # as megatron-LM: only chunk 0 buckets
@@ -86,6 +88,9 @@ def train(cfg: TrainConfig) -> list[float]:
 
     from tessera.model.parallel import init_distributed, initialize_parallel
 
+    cuda = torch.cuda.is_available()
+    deterministic = resolve_deterministic(cfg.train.deterministic, cuda)
+    apply_determinism(deterministic, cuda)  # before NCCL and cuBLAS start: they read its environment variables
     init_distributed()
     world = torch.distributed.get_world_size()
     data_it, vocab = None, None
@@ -99,10 +104,9 @@ def train(cfg: TrainConfig) -> list[float]:
     initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vp, cfg.train.seed)
     if cfg.data.path:
         data_it, vocab = _open_data(cfg, ps.get_data_parallel_rank(), dp)
-    torch.use_deterministic_algorithms(True)
     bf16 = resolve_precision(cfg.precision) == "bf16"
     cfg.model.params_dtype = "bfloat16" if bf16 else "float32"  # precision decides; the saved config says which
-    chunks, ddps = _build_model_chunks(cfg, bf16)
+    chunks, ddps = _build_model_chunks(cfg, bf16, deterministic_mode=deterministic and cuda)
     model = chunks if len(chunks) > 1 else chunks[0]  # _save takes a GPTModel or the list of virtual chunks
     # bf16=True: fp32 main params + Adam state live in the optimizer, the model holds bf16 copies
     opt = get_megatron_optimizer(
