@@ -164,3 +164,64 @@ def test_heldout_evaluation_runs_on_the_models_device(megatron_1proc):
     assert all(v.device == META for o in seen for v in o.values())
     assert rec.seen and not rec.off_device(), rec.off_device()
     assert model.training  # run() restored the mode even though the schedule raised
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """(dtype, shape) of every tensor any aten op produced while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[torch.dtype, tuple[int, ...]]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen |= {(t.dtype, tuple(t.shape)) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+        return out
+
+
+def test_bf16_logits_go_to_the_loss_without_an_fp32_copy(megatron_1proc):
+    """Float16Module(fp32_output=False) + the loss's in-place backward (the training path) against the path it
+    replaces (fp32 logits out of Float16Module, out-of-place backward), same bf16 weights and batches: the
+    same loss and statistics, gradients within bf16 rounding; and no fp32 [b, s, V] tensor is ever made."""
+    import dataclasses
+
+    from megatron.core.transformer.module import Float16Module
+
+    from tessera.model.chameleon import build_model
+    from tessera.model.config import get_preset
+    from tessera.pretrain.step import ForwardStep, model_kwargs
+
+    mcfg = dataclasses.replace(get_preset("tiny"), params_dtype="bfloat16")
+    chunk = build_model(mcfg, init_seed=3)
+    wrapped = Float16Module(chunk.config, chunk)
+    cfg = _cfg()
+    batch = {k: v for k, v in _woven_like(cfg, 5).items() if k != "source"}
+    batch["label_modality"] = _modality(mcfg.vocab_size)[batch["labels"]]
+    logits_shape = (*batch["labels"].shape, mcfg.vocab_size)
+
+    def run(kwargs, inplace):
+        chunk.zero_grad(set_to_none=True)
+        step = ForwardStep(z_loss_weight=1e-4, image_loss_weight=0.5, monitor=True, model_kwargs=kwargs,
+                           inplace_backward=inplace)
+        rec = ShapeRecorder()
+        with rec:
+            out, loss_fn = step(iter([batch]), wrapped)
+            loss, stats = loss_fn(out)
+            before = out.detach().clone()
+            loss.backward()
+        overwritten = not torch.equal(out.detach(), before)  # the backward wrote the gradient over the logits
+        return out.dtype, overwritten, loss, stats, {n: p.grad.float() for n, p in chunk.named_parameters()}, rec.seen
+
+    old_dtype, old_inplace, old_loss, old_stats, old_grads, old_seen = run({}, False)  # fp32 logits (the default)
+    new_dtype, new_inplace, new_loss, new_stats, new_grads, new_seen = run(model_kwargs(True), True)
+    assert old_dtype == torch.float32 and new_dtype == torch.bfloat16
+    assert new_inplace and not old_inplace
+    assert (torch.float32, logits_shape) in old_seen  # the copy the recorder would see
+    assert (torch.float32, logits_shape) not in new_seen
+    # the fused cross-entropy upcasts bf16 tiles to fp32 itself (exact), so the forward is the same computation
+    assert float(new_loss) == pytest.approx(float(old_loss), rel=1e-6)
+    for k in ("ce", "z", "ce_text", "ce_image", "logit_norm"):
+        assert float(new_stats[k]) == pytest.approx(float(old_stats[k]), rel=1e-6), k
+    for n, g in old_grads.items():
+        assert torch.allclose(new_grads[n], g, rtol=2e-2, atol=1e-4), n  # bf16 rounding of the logits' gradient
+    assert any(g.abs().max() > 0 for g in new_grads.values())

@@ -39,11 +39,12 @@ class Evaluator:
     vocabulary's id -> Modality table (per-modality losses), None for the mock dataset. ``batches``
     overrides the held-out source: ``batches(eval_step) -> this rank's micro-batches`` (tests). Host
     batches are copied to ``device`` (default: the training device) once per micro-batch.
-    ``forward_backward_func``: megatron's schedule by default."""
+    ``forward_backward_func``: megatron's schedule by default; ``model_kwargs``: extra model-call keywords."""
 
     def __init__(self, cfg: TrainConfig, model: list[torch.nn.Module], n_micro: int, dp_rank: int, dp_size: int,
                  modality: torch.Tensor | None = None, batches: Callable[[int], list[Batch]] | None = None,
-                 device: torch.device | str | None = None, forward_backward_func: Callable | None = None) -> None:
+                 device: torch.device | str | None = None, forward_backward_func: Callable | None = None,
+                 model_kwargs: dict | None = None) -> None:
         from tessera.pretrain.step import BatchMover, stage_roles
 
         self.cfg, self.model, self.n_micro = cfg, model, n_micro
@@ -51,6 +52,7 @@ class Evaluator:
         self.device = torch.device(device) if device is not None else training_device()
         self.mover = BatchMover(self.device, *stage_roles([_unwrap(m) for m in model]), modality=modality)
         self._fb = forward_backward_func  # None: megatron's schedule for the current layout
+        self.model_kwargs = model_kwargs or {}  # bf16: logits stay bf16 (tessera.pretrain.step.model_kwargs)
         self.source = None
         self._it = None
         self.note = ""
@@ -110,7 +112,7 @@ class Evaluator:
 
         def forward_step(it, m):
             b = next(it)
-            out = m(b.get("tokens"), b.get("position_ids"), None)
+            out = m(b.get("tokens"), b.get("position_ids"), None, **self.model_kwargs)
 
             def loss_fn(logits):
                 lo = language_model_loss(logits, b["labels"], b["loss_mask"], 0.0, label_modality=b.get("label_modality"))

@@ -9,7 +9,11 @@ up on the device from a device copy of the vocabulary's modality table), as mega
 
 ``ForwardStep`` is the ``forward_step_func`` megatron's schedules call: model forward, then the
 language-model loss on this micro-batch (fused cross-entropy + z-loss, per-modality sums, and on
-monitor steps the output-logit norm), every value on the device.
+monitor steps the output-logit norm), every value on the device. Under bf16 the logits stay bf16 into
+the loss (megatron's ``Float16Module(..., fp32_output=False)``: no fp32 copy of [b, s, V/TP]; the fused
+cross-entropy computes in fp32 internally) and the loss's backward writes the logits' gradient over the
+logits (``inplace_backward``): nothing reads them after the loss function, which is where the
+logit-norm monitor reads them.
 """
 
 from __future__ import annotations
@@ -60,20 +64,28 @@ def stage_roles(chunks: list[Any]) -> tuple[bool, bool]:
     return any(c.pre_process for c in chunks), any(c.post_process for c in chunks)
 
 
+def model_kwargs(bf16: bool) -> dict:
+    """Keywords for the model call: under bf16, megatron's ``Float16Module`` returns the last stage's logits in
+    bf16 instead of an fp32 copy (``fp32_output``)."""
+    return {"fp32_output": False} if bf16 else {}
+
+
 class ForwardStep:
     """megatron's ``forward_step_func(data_iterator, model) -> (output, loss_func)`` for training.
 
-    ``model_kwargs``: extra keywords for the model call (``fp32_output=False`` under bf16: the logits stay
-    bf16 into the loss). ``monitor``: add the output-logit norm to the stats (a TP collective on the
-    last stage). ``loss_scale``: multiplies the loss (tests inject a NaN through it; 1.0 otherwise)."""
+    ``model_kwargs``: extra keywords for the model call (``model_kwargs(bf16)``).
+    ``monitor``: add the output-logit norm to the stats (a TP collective on the last stage).
+    ``loss_scale``: multiplies the loss (tests inject a NaN through it; 1.0 otherwise).
+    ``inplace_backward``: the loss's backward overwrites the logits with their gradient."""
 
     def __init__(self, *, z_loss_weight: float, image_loss_weight: float = 1.0, monitor: bool = False,
-                 loss_scale: float = 1.0, model_kwargs: dict | None = None) -> None:
+                 loss_scale: float = 1.0, model_kwargs: dict | None = None, inplace_backward: bool = True) -> None:
         self.z_loss_weight = z_loss_weight
         self.image_loss_weight = image_loss_weight
         self.monitor = monitor
         self.loss_scale = loss_scale
         self.model_kwargs = model_kwargs or {}
+        self.inplace_backward = inplace_backward
 
     def __call__(self, data_iterator: Iterator[Batch], model: torch.nn.Module):
         b = next(data_iterator)
@@ -82,7 +94,8 @@ class ForwardStep:
 
     def loss(self, b: Batch, logits: torch.Tensor):
         lo = language_model_loss(logits, b["labels"], b["loss_mask"], self.z_loss_weight,
-                                 label_modality=b.get("label_modality"), image_loss_weight=self.image_loss_weight)
+                                 label_modality=b.get("label_modality"), image_loss_weight=self.image_loss_weight,
+                                 inplace_backward=self.inplace_backward)
         total = lo.total if self.loss_scale == 1.0 else lo.total * self.loss_scale
         # clone: the schedule divides the returned loss by num_microbatches in place
         stats = {"loss": total.detach().clone(),

@@ -31,7 +31,7 @@ from tessera.pretrain.metrics import TrainLogger, reduce_step_stats
 from tessera.pretrain.mock import train_mock_batch
 from tessera.pretrain.monitors import AttentionLogitProbe
 from tessera.pretrain.preemption import Preempted, StopSignal
-from tessera.pretrain.step import BatchMover, ForwardStep, stage_roles
+from tessera.pretrain.step import BatchMover, ForwardStep, model_kwargs, stage_roles
 
 
 def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
@@ -60,8 +60,8 @@ def _build_model_chunks(cfg: TrainConfig, bf16: bool, **config_overrides) -> tup
     """This rank's GPTModel chunks (one, or ``parallel.vp`` virtual stages) and their DDP wrappers.
 
     Weights come from ``init_layout_invariant`` (seeded by ``train.seed``), so any TP x PP x VP layout
-    starts from the 1-process model. bf16: megatron's Float16Module (bf16 compute, fp32 logits out of
-    the last stage) inside DDP, which reduces gradients in fp32.
+    starts from the 1-process model. bf16: megatron's Float16Module (bf16 compute; the step asks it for
+    bf16 logits, tessera.pretrain.step) inside DDP, which reduces gradients in fp32.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -138,12 +138,12 @@ def train(cfg: TrainConfig) -> list[float]:
     probe = AttentionLogitProbe(ddps)
     device = training_device()
     modality = vocab.modality_table() if vocab is not None else None
-    evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality, device=device)
+    evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality, device=device,
+                          model_kwargs=model_kwargs(bf16))
     if is_logger and evaluator.note:
         print(evaluator.note, flush=True)
     # each micro-batch is copied to the device once; this rank's stages decide what is copied
     mover = BatchMover(device, *stage_roles(chunks), modality=modality)
-    model_kwargs = {"fp32_output": True} if bf16 else {}
     losses, bad = [], start.bad_steps
     for step in range(start.step + 1, cfg.train.steps + 1):
         logger.start_step()
@@ -158,7 +158,7 @@ def train(cfg: TrainConfig) -> list[float]:
         batches = [iter(micro) for _ in ddps] if len(ddps) > 1 else iter(micro)
         forward_step = ForwardStep(z_loss_weight=cfg.model.z_loss_weight, image_loss_weight=cfg.train.image_loss_weight,
                                    monitor=monitor, loss_scale=float("nan") if step in cfg.train.debug_nan_steps else 1.0,
-                                   model_kwargs=model_kwargs)
+                                   model_kwargs=model_kwargs(bf16))
 
         for d in ddps:
             d.zero_grad_buffer()
