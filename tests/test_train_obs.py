@@ -18,10 +18,10 @@ TINY = ["configs/demo.yaml", "--model.preset", "tiny", "--optim.warmup", "1", "-
         "--parallel.micro_batch_size", "2", "--parallel.global_batch_size", "4"]
 
 
-def _train(run, *extra, nproc=1):
+def _train(run, *extra, nproc=1, env=None):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     cmd = [sys.executable, *launcher, "-m", "tessera.pretrain.trainer", *TINY, "--train.run_dir", str(run), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], r.stdout
 
@@ -57,7 +57,9 @@ def test_logit_norm_through_the_schedule_equals_the_models_logits(tiny_model):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from tessera.model.loss import language_model_loss
-    from tessera.pretrain.metrics import reduce_step_stats, step_stats
+    from tessera.pretrain.device import training_device
+    from tessera.pretrain.metrics import step_stats
+    from tessera.pretrain.step import reduce_step
 
     model, cfg = tiny_model
     g = torch.Generator().manual_seed(3)
@@ -75,7 +77,7 @@ def test_logit_norm_through_the_schedule_equals_the_models_logits(tiny_model):
 
     out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
                                       num_microbatches=2, seq_length=16, micro_batch_size=2, forward_only=True)
-    got = reduce_step_stats(out)
+    got = reduce_step(out, torch.zeros(()), stop=False, device=training_device()).stats
     with torch.no_grad():
         norms = [torch.linalg.vector_norm(model(t[:, :-1], torch.arange(16).expand(2, 16), None).float(), dim=-1)
                  for t in batches]
@@ -97,7 +99,7 @@ def test_max_attention_logit_masks_gqa_and_chunks(monkeypatch, chunk):
     monkeypatch.setattr(monitors, "_CHUNK_ELEMENTS", chunk)  # 1: one head per baddbmm
     g = torch.Generator().manual_seed(7)
     q, k = torch.randn(12, 3, 4, 8, generator=g), torch.randn(12, 3, 2, 8, generator=g)
-    assert monitors.max_attention_logit(q, k, 0.3) == pytest.approx(_manual_max_logit(q, k, 0.3), rel=1e-6)
+    assert float(monitors.max_attention_logit(q, k, 0.3)) == pytest.approx(_manual_max_logit(q, k, 0.3), rel=1e-6)
     # an explicit megatron mask (True = masked out), per batch element: the max must skip masked pairs
     kk = k.repeat_interleave(2, dim=2)
     scores = torch.einsum("ibhd,jbhd->bhij", q.double(), kk.double()) * 0.3
@@ -105,7 +107,7 @@ def test_max_attention_logit_masks_gqa_and_chunks(monkeypatch, chunk):
     bi, _, i, j = (int(x) for x in torch.unravel_index(scores.argmax(), scores.shape))
     mask[bi, 0, i, j] = True  # hide the largest score
     want = float(scores.masked_fill(mask, -math.inf).max())
-    assert monitors.max_attention_logit(q, k, 0.3, attention_mask=mask) == pytest.approx(want, rel=1e-6)
+    assert float(monitors.max_attention_logit(q, k, 0.3, attention_mask=mask)) == pytest.approx(want, rel=1e-6)
     assert want < float(scores.max())  # the mask did hide the largest score
 
 
@@ -126,13 +128,13 @@ def test_max_attention_logit_equals_manual_and_leaves_numerics_alone(tiny_model)
         assert len(probe.modules) == cfg.num_layers
         probe.arm(True)
         probed = model(tokens, pos, None)
-        got = probe.value()
+        got = float(probe.value())
         # once per layer per arming: a second (different) forward does not move the recorded value
         model(tokens.flip(1), pos, None)
-        assert probe.value() == got
+        assert float(probe.value()) == got
         probe.arm(False)
         model(tokens, pos, None)
-        assert probe.value() == -math.inf
+        assert probe.value() is None
         probe.close()
     for h in hooks:
         h.remove()
@@ -243,8 +245,18 @@ def obs_run(pretok, tmp_path_factory):
     run = tmp_path_factory.mktemp("obs") / "run"
     recs, stdout = _train(run, "--train.steps", "3", "--train.log_interval", "2", "--train.eval_interval", "2",
                           "--train.eval_steps", "1", "--train.peak_flops", "1e12", "--data.path", str(pretok["train"]),
-                          "--data.eval_path", str(pretok["heldout"]))
+                          "--data.eval_path", str(pretok["heldout"]), "--train.monitor_interval", "2",
+                          env={"TESSERA_COUNT_SYNCS": "1"})
     return run, recs, stdout
+
+
+def test_one_host_sync_per_step(obs_run):
+    """TESSERA_COUNT_SYNCS=1 counts the reads a step's device region makes (tessera.pretrain.syncs): one per
+    step, monitor steps included (the attention max rides in the same read; evaluation and checkpoints
+    are outside the region)."""
+    _, recs, _ = obs_run
+    assert [r["host_syncs"] for r in recs] == [1, 1, 1]
+    assert all("max_attn_logit" in r for r in recs)  # monitor steps 1, 2 (interval), 3 (last)
 
 
 def test_run_writes_tensorboard_scalars(obs_run):
@@ -260,7 +272,7 @@ def test_run_writes_tensorboard_scalars(obs_run):
     assert want <= tags, want - tags
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3]
     assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([r["loss"] for r in recs], rel=1e-6)
-    # eval every 2 steps and once at the end; monitors on logged steps (1, every 2, last)
+    # eval every 2 steps and once at the end; monitors at steps 1, every monitor_interval (2), last
     assert [e.step for e in ea.Scalars("eval/ce_image")] == [2, 3]
     assert [e.step for e in ea.Scalars("monitors/max_attn_logit")] == [1, 2, 3]
 

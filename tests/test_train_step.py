@@ -90,9 +90,11 @@ def _woven_like(cfg, seed: int) -> dict[str, torch.Tensor]:
     return b
 
 
-def test_training_step_tensors_stay_on_the_models_device(megatron_1proc):
-    from tessera.pretrain.metrics import _SUM_KEYS, sum_stats
-    from tessera.pretrain.step import BatchMover, ForwardStep
+def test_training_step_tensors_stay_on_the_models_device(megatron_1proc, monkeypatch):
+    """Batches, loss, statistics, both monitors and the packed step reduction are all built on the device;
+    the all-reduces get device tensors (the read to the host is where a meta tensor stops)."""
+    from tessera.pretrain.monitors import max_attention_logit
+    from tessera.pretrain.step import BatchMover, ForwardStep, reduce_step
 
     cfg = _cfg()
     vocab = cfg.model.vocab_size
@@ -100,6 +102,8 @@ def test_training_step_tensors_stay_on_the_models_device(megatron_1proc):
     mover = BatchMover(META, inputs=True, labels=True, modality=_modality(vocab))
     host = [_woven_like(cfg, 1), _woven_like(cfg, 2)]
     assert all(t.device.type == "cpu" for b in host for t in b.values())
+    reduced = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None, **_: reduced.append((t.device, op)))
     rec = DeviceRecorder()
     with rec:
         micro = mover.all(host)
@@ -110,11 +114,16 @@ def test_training_step_tensors_stay_on_the_models_device(megatron_1proc):
             loss, stats = loss_fn(out)
             loss.backward()
             outs.append(stats)
-        sums = sum_stats(outs, _SUM_KEYS, META)
+        q, k = torch.randn(16, 2, 4, 8, device=META), torch.randn(16, 2, 2, 8, device=META)
+        attn = max_attention_logit(q, k, 0.3)
+        sumsq = sum(p.grad.float().square().sum() for p in model.parameters())
+        with pytest.raises((NotImplementedError, RuntimeError)):  # the one host read: meta has no data
+            reduce_step(outs, sumsq, stop=False, device=META, attn_max=attn, monitor=True)
     assert set(micro[0]) == {"tokens", "position_ids", "labels", "loss_mask", "label_modality"}  # not "source"
     assert all(t.device == META for b in micro for t in b.values())
     assert all(v.device == META for o in outs for v in o.values())
-    assert sums.device == META and model.emb.weight.grad.device == META
+    assert attn.device == META and model.emb.weight.grad.device == META
+    assert [d for d, _ in reduced] == [META, META]  # the SUM of stats + norm + stop flag, the MAX of the monitor
     assert rec.seen and not rec.off_device(), rec.off_device()
 
 
@@ -225,3 +234,75 @@ def test_bf16_logits_go_to_the_loss_without_an_fp32_copy(megatron_1proc):
     for n, g in old_grads.items():
         assert torch.allclose(new_grads[n], g, rtol=2e-2, atol=1e-4), n  # bf16 rounding of the logits' gradient
     assert any(g.abs().max() > 0 for g in new_grads.values())
+
+
+# ---- the optimizer step: one host read, megatron's numerics ----------------------------------------
+def _model_with_grads(bf16: bool, seed: int = 7):
+    """Tiny model chunks in megatron DDP + megatron's optimizer (what the trainer builds), with the gradients
+    of one 2-micro-batch step on the mock dataset computed through megatron's schedule."""
+    import dataclasses
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from tessera.pretrain.optimizer import get_optimizer
+    from tessera.pretrain.step import BatchMover, ForwardStep, model_kwargs
+    from tessera.pretrain.trainer import _build_model_chunks, wire_schedule
+
+    cfg = _cfg()
+    cfg.optim.clip_grad = 0.05  # small: the clipping path runs
+    cfg.model = dataclasses.replace(cfg.model, params_dtype="bfloat16" if bf16 else "float32")
+    cfg.train.seed = seed
+    chunks, ddps = _build_model_chunks(cfg, bf16)
+    opt = get_optimizer(cfg.optim, ddps, bf16)
+    wire_schedule(chunks, opt)
+    for p in opt.param_groups:
+        p["lr"] = 1e-2
+    micro = BatchMover("cpu").all([_woven_like(cfg, 11), _woven_like(cfg, 12)])
+    for d in ddps:
+        d.zero_grad_buffer()
+    opt.zero_grad()
+    get_forward_backward_func()(forward_step_func=ForwardStep(z_loss_weight=1e-4, model_kwargs=model_kwargs(bf16)),
+                                data_iterator=iter(micro), model=ddps, num_microbatches=2, seq_length=16,
+                                micro_batch_size=2, forward_only=False)
+    return chunks, opt
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_update_with_the_packed_norm_equals_megatrons_step(megatron_1proc, bf16):
+    """prepare_grads + grad_sumsq (read with the step's statistics) + apply_update == opt.step(): the same
+    grad norm and bitwise the same parameters and Adam state (1 process: the sum has one term)."""
+    from tessera.pretrain.optimizer import apply_update, grad_sumsq
+
+    ref_chunks, ref_opt = _model_with_grads(bf16)
+    ok, ref_norm, _ = ref_opt.step()
+    chunks, opt = _model_with_grads(bf16)
+    assert not opt.prepare_grads()
+    norm = float(grad_sumsq(opt, torch.device("cpu"))) ** 0.5
+    assert apply_update(opt, norm) and ok
+    assert norm == ref_norm and norm > 0.05  # clipped
+    for (n, a), (_, b) in zip(ref_chunks[0].named_parameters(), chunks[0].named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    ref_state, state = ref_opt.state_dict(), opt.state_dict()
+    for key in ("state",) if not bf16 else ("optimizer",):
+        a = ref_state[key] if not bf16 else ref_state[key]["state"]
+        b = state[key] if not bf16 else state[key]["state"]
+        assert a.keys() == b.keys() and all(torch.equal(a[i][m], b[i][m]) for i in a for m in ("exp_avg", "exp_avg_sq"))
+
+
+def test_host_sync_counter_counts_reads_and_restores_torch():
+    from tessera.pretrain.syncs import HOST_READS, HostSyncCounter
+
+    before = {n: getattr(torch.Tensor, n) for n in HOST_READS}
+    t, v = torch.tensor(2.5), torch.ones(3)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))], lr=0.1, foreach=False)
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    with HostSyncCounter("cpu") as syncs:
+        t.item(), v.tolist(), float(t), int(t), bool(t), v.numpy(), [0, 1][torch.tensor(1)]  # noqa: B018
+        if t > 2:
+            pass
+        opt.step()  # reads its host-side step counter: not a device sync anywhere
+        f"{t:.1f}"  # noqa: B018 - format reads the value (through .item)
+    assert syncs.count == 9, syncs.calls
+    assert {n: getattr(torch.Tensor, n) for n in HOST_READS} == before
+    t.item()
+    assert syncs.count == 9  # outside the region nothing is counted

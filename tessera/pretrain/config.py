@@ -47,6 +47,8 @@ class OptimConfig:
 class TrainSection:
     steps: int = 100
     log_interval: int = 1
+    # the logit monitors (output-logit norm, max attention logit): step 1, every monitor_interval, the last
+    monitor_interval: int = 10
     eval_interval: int = 50
     eval_steps: int = 2
     save_interval: int = 50

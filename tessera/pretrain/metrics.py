@@ -1,6 +1,6 @@
 """What a training run reports, and where: ``RUN/metrics.jsonl``, TensorBoard (``RUN/tensorboard``), console.
 
-Rank 0 writes; every rank takes part in the reductions (``reduce_step_stats`` is a collective).
+Rank 0 writes; every rank takes part in the step's one all-reduce (``tessera.pretrain.step.reduce_step``).
 
 * ``step_stats`` turns one micro-batch's ``LossOutput`` (plus, on monitor steps, its logits) into SUMS and
   token counts, so the step's figures are exact token-weighted means over every micro-batch of every
@@ -19,7 +19,6 @@ head_dim; docs/training.md), the same function ``tessera bench train`` and ``tes
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
 # token-weighted CE sums and their token counts, overall and per label modality (training and evaluation)
 CE_KEYS = ["ce", "n"] + [f"{p}_{m}" for m in MODALITIES for p in ("ce", "n")]
 # the order every rank packs the step sums in (one all-reduce); loss and z are per-micro-batch means
-_SUM_KEYS = ["loss", "z", "n_micro", *CE_KEYS, "logit_norm", "n_logit"]
+STEP_SUM_KEYS = ["loss", "z", "n_micro", *CE_KEYS, "logit_norm", "n_logit"]
 
 # DESIGN.md's measured 2-core CPU matmul peaks; datasheet dense bf16 peaks for GPUs (tessera.bench.machine)
 CPU_PEAK_FLOPS = {"float32": 140e9, "bfloat16": 770e9}
@@ -63,7 +62,7 @@ def model_flops_per_token(cfg: TrainConfig) -> float:
 
 
 def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> dict:
-    """One micro-batch's sums for ``reduce_step_stats`` (and ``CE_KEYS`` for evaluation), on the loss's device;
+    """One micro-batch's sums for ``step_sums`` (and ``CE_KEYS`` for evaluation), on the loss's device;
     pass ``logits`` / ``loss_mask`` on monitor steps to add the output-logit norm (a TP collective: every TP
     rank of the last stage calls this). The trainer adds the micro-batch's ``loss``."""
     dev = lo.ce.device
@@ -88,17 +87,19 @@ def sum_stats(out: list[dict], keys: list[str], device: torch.device | None = No
     return sums
 
 
-def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> dict[str, float]:
-    """Token-weighted means over the whole step (every micro-batch, every DP replica; ``loss`` and ``z``:
-    the mean over micro-batches, each already a token mean). A collective:
-    every rank calls it. ``out`` is what the schedule returned on this rank (the last pipeline stage's
-    ``step_stats`` dicts; empty elsewhere); only TP rank 0 contributes, the sums are replicated over TP.
-    ``attn_max``: this rank's max attention logit (layers / heads it holds), reduced with MAX."""
+def step_sums(out: list[dict] | None, device: torch.device | None = None) -> torch.Tensor:
+    """This rank's contribution to the step's statistics (``STEP_SUM_KEYS`` order, float64, on the device):
+    ``out`` is what the schedule returned here (the last pipeline stage's ``step_stats`` dicts, empty
+    elsewhere); only TP rank 0 contributes, since the values are replicated over TP. Summed over the
+    world (one all-reduce), every micro-batch of every DP replica counts once."""
     from megatron.core import parallel_state as ps
 
-    sums = sum_stats(out if out and ps.get_tensor_model_parallel_rank() == 0 else [], _SUM_KEYS)
-    torch.distributed.all_reduce(sums)
-    tot = dict(zip(_SUM_KEYS, sums.tolist(), strict=True))
+    return sum_stats(out if out and ps.get_tensor_model_parallel_rank() == 0 else [], STEP_SUM_KEYS, device)
+
+
+def step_means(tot: dict[str, float]) -> dict[str, float]:
+    """The world-summed ``STEP_SUM_KEYS`` -> token-weighted means over the step (``loss`` and ``z``: the mean
+    over micro-batches, each already a token mean); keys without tokens are left out."""
     res: dict[str, float] = {}
     if tot["n_micro"] > 0:
         res["loss"] = tot["loss"] / tot["n_micro"]
@@ -110,11 +111,6 @@ def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> 
             res[f"ce_{m}"] = tot[f"ce_{m}"] / tot[f"n_{m}"]
     if tot["n_logit"] > 0:
         res["logit_norm"] = tot["logit_norm"] / tot["n_logit"]
-    if attn_max is not None:
-        mx = torch.tensor([attn_max], dtype=torch.float64, device=training_device())
-        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
-        if float(mx) != -math.inf:  # -inf: no rank recorded anything
-            res["max_attn_logit"] = float(mx)
     return res
 
 
@@ -144,6 +140,7 @@ class TrainLogger:
         self.total = cfg.train.steps
         self.first_step = first_step  # steps already done before this process (resume): not in the ETA rate
         self.log_interval = max(1, cfg.train.log_interval)
+        self.monitor_interval = cfg.train.monitor_interval
         self.tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_length
         self.flops_per_token = model_flops_per_token(cfg)
         self.peak_flops = cfg.train.peak_flops or default_peak_flops(cfg.model.params_dtype)
@@ -180,8 +177,12 @@ class TrainLogger:
         return n
 
     def is_log_step(self, step: int) -> bool:
-        """Steps that print a progress line and measure the monitors (first, every log_interval, last)."""
+        """Steps that print a progress line (first, every log_interval, last)."""
         return step == 1 or step == self.total or step % self.log_interval == 0
+
+    def is_monitor_step(self, step: int) -> bool:
+        """Steps that measure the logit monitors (first, every monitor_interval, last; <= 0: first and last)."""
+        return step == 1 or step == self.total or (self.monitor_interval > 0 and step % self.monitor_interval == 0)
 
     def mfu(self, tokens_per_s: float) -> float:
         return tokens_per_s * self.flops_per_token / (self.devices * self.peak_flops)

@@ -14,11 +14,16 @@ the loss (megatron's ``Float16Module(..., fp32_output=False)``: no fp32 copy of 
 cross-entropy computes in fp32 internally) and the loss's backward writes the logits' gradient over the
 logits (``inplace_backward``): nothing reads them after the loss function, which is where the
 logit-norm monitor reads them.
+
+``reduce_step`` ends the step's device work: statistics, gradient norm and the stop flag go through one
+all-reduce and ONE read to the host (tessera.pretrain.optimizer then clips and steps with that norm).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -26,7 +31,7 @@ import torch
 
 from tessera.model.loss import language_model_loss
 from tessera.pretrain.device import to_device
-from tessera.pretrain.metrics import step_stats
+from tessera.pretrain.metrics import STEP_SUM_KEYS, step_means, step_stats, step_sums
 
 Batch = dict[str, torch.Tensor]
 
@@ -101,3 +106,39 @@ class ForwardStep:
         stats = {"loss": total.detach().clone(),
                  **step_stats(lo, logits if self.monitor else None, b["loss_mask"])}
         return total, stats
+
+
+@dataclass
+class StepOutcome:
+    """What the step's one host read returns (every rank gets the same values)."""
+
+    stats: dict[str, float]  # step_means: loss, z, ce, ce_<modality>, logit_norm (monitor steps)
+    grad_norm: float  # global L2 norm of the main gradients (before clipping)
+    stop: bool  # some rank received SIGTERM: save and stop at this boundary
+    max_attn_logit: float | None = None  # monitor steps, when some rank recorded one
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.stats.get("loss", 0.0)) and math.isfinite(self.grad_norm)
+
+
+def reduce_step(out: list[dict] | None, grad_sumsq: torch.Tensor, *, stop: bool, device: torch.device,
+                attn_max: torch.Tensor | None = None, monitor: bool = False) -> StepOutcome:
+    """Collective (every rank): the step's statistics, squared gradient norm and stop flag in ONE all-reduce
+    (SUM over the world), the attention-logit maximum in a second one (MAX) on monitor steps, then ONE
+    read of both to the host: the only blocking device-to-host transfer of a training step."""
+    sums = step_sums(out, device)
+    flags = torch.stack([grad_sumsq.to(device, torch.float64).reshape(()),
+                         torch.full((), 1.0 if stop else 0.0, dtype=torch.float64, device=device)])
+    packed = torch.cat([sums, flags])
+    torch.distributed.all_reduce(packed)
+    if monitor:
+        mx = (attn_max.to(device, torch.float64).reshape(1) if attn_max is not None
+              else torch.full((1,), -math.inf, dtype=torch.float64, device=device))
+        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
+        packed = torch.cat([packed, mx])
+    host = packed.tolist()  # the one host sync
+    n = len(STEP_SUM_KEYS)
+    attn = host[n + 2] if monitor and host[n + 2] != -math.inf else None  # -inf: no rank recorded one
+    return StepOutcome(stats=step_means(dict(zip(STEP_SUM_KEYS, host[:n], strict=True))),
+                       grad_norm=host[n] ** 0.5, stop=host[n + 1] > 0, max_attn_logit=attn)

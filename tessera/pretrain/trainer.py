@@ -15,7 +15,6 @@ held-out evaluation: ``tessera.pretrain.metrics`` / ``monitors`` / ``evaluate``.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -27,11 +26,13 @@ from tessera.pretrain.config import TrainConfig, validate_layout
 from tessera.pretrain.determinism import apply_determinism, resolve_deterministic
 from tessera.pretrain.device import training_device
 from tessera.pretrain.evaluate import Evaluator
-from tessera.pretrain.metrics import TrainLogger, reduce_step_stats
+from tessera.pretrain.metrics import TrainLogger
 from tessera.pretrain.mock import train_mock_batch
 from tessera.pretrain.monitors import AttentionLogitProbe
+from tessera.pretrain.optimizer import apply_update, get_optimizer, grad_sumsq
 from tessera.pretrain.preemption import Preempted, StopSignal
-from tessera.pretrain.step import BatchMover, ForwardStep, model_kwargs, stage_roles
+from tessera.pretrain.step import BatchMover, ForwardStep, model_kwargs, reduce_step, stage_roles
+from tessera.pretrain.syncs import HostSyncCounter, NullCounter, counting_enabled
 
 
 def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
@@ -79,10 +80,19 @@ def _build_model_chunks(cfg: TrainConfig, bf16: bool, **config_overrides) -> tup
     return chunks, ddps
 
 
+def wire_schedule(chunks: list, opt) -> None:
+    """What megatron-LM's training loop sets on the model config before the schedule runs."""
+    from megatron.core.distributed import finalize_model_grads
+
+    for c in chunks:
+        # without finalize_model_grads the DDP buffers are never all-reduced across data-parallel replicas
+        # (each replica would step on its own gradients)
+        c.config.finalize_model_grads_func = finalize_model_grads
+        c.config.grad_scale_func = opt.scale_loss
+
+
 def train(cfg: TrainConfig) -> list[float]:
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -109,15 +119,8 @@ def train(cfg: TrainConfig) -> list[float]:
     chunks, ddps = _build_model_chunks(cfg, bf16, deterministic_mode=deterministic and cuda)
     model = chunks if len(chunks) > 1 else chunks[0]  # _save takes a GPTModel or the list of virtual chunks
     # bf16=True: fp32 main params + Adam state live in the optimizer, the model holds bf16 copies
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
-                        adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2, adam_eps=cfg.optim.eps,
-                        clip_grad=cfg.optim.clip_grad, bf16=bf16, fp16=False), ddps)
-    for c in chunks:
-        # what megatron-LM's training loop wires: without finalize_model_grads the DDP buffers are never
-        # all-reduced across data-parallel replicas (each replica stepped on its own gradients)
-        c.config.finalize_model_grads_func = finalize_model_grads
-        c.config.grad_scale_func = opt.scale_loss
+    opt = get_optimizer(cfg.optim, ddps, bf16)
+    wire_schedule(chunks, opt)
     gbs = cfg.parallel.global_batch_size
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=cfg.optim.warmup * gbs,
@@ -145,56 +148,61 @@ def train(cfg: TrainConfig) -> list[float]:
     # each micro-batch is copied to the device once; this rank's stages decide what is copied
     mover = BatchMover(device, *stage_roles(chunks), modality=modality)
     losses, bad = [], start.bad_steps
+    count_syncs = counting_enabled()
     for step in range(start.step + 1, cfg.train.steps + 1):
         logger.start_step()
-        monitor = logger.is_log_step(step)  # output-logit norm and max attention logit on logged steps only
-        probe.arm(monitor)
+        monitor = logger.is_monitor_step(step)  # output-logit norm and max attention logit at their interval
+        # host side: this step's micro-batches (data loading stays outside the device region)
         if data_it is not None:
             host = [next(data_it) for _ in range(n_micro)]
         else:
             host = [train_mock_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i) for i in range(n_micro)]
-        micro = mover.all(host)
-        # virtual pipeline: each chunk reads the same micro-batches through its own iterator
-        batches = [iter(micro) for _ in ddps] if len(ddps) > 1 else iter(micro)
-        forward_step = ForwardStep(z_loss_weight=cfg.model.z_loss_weight, image_loss_weight=cfg.train.image_loss_weight,
-                                   monitor=monitor, loss_scale=float("nan") if step in cfg.train.debug_nan_steps else 1.0,
-                                   model_kwargs=model_kwargs(bf16))
-
-        for d in ddps:
-            d.zero_grad_buffer()
-        opt.zero_grad()
-        out = fb(forward_step_func=forward_step, data_iterator=batches, model=ddps, num_microbatches=n_micro,
-                 seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size, forward_only=False)
-        # loss, z, ce, ce_text/image/special, logit_norm, max_attn_logit over every micro-batch and DP replica
-        # (a collective; the last pipeline stage's TP rank 0 contributes)
-        stats = reduce_step_stats(out, probe.value() if monitor else None)
-        loss = stats["loss"]
-        # one device-side reduction over every gradient, one host sync: no per-parameter .item()
-        grads = [p.main_grad for d in ddps for p in d.parameters()]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(device, torch.float64).reshape(1)
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if not math.isfinite(loss) or finite.item() < 1:
-            bad += 1
-            if bad >= cfg.train.max_bad_steps:
-                raise RuntimeError(f"{bad} consecutive non-finite steps at step {step}; stopping")
-            grad_norm = float("nan")
-        else:
-            bad = 0
-            _, grad_norm, _ = opt.step()
-            sched.step(increment=gbs)
+        with HostSyncCounter(device) if count_syncs else NullCounter() as syncs:
+            micro = mover.all(host)
+            # virtual pipeline: each chunk reads the same micro-batches through its own iterator
+            batches = [iter(micro) for _ in ddps] if len(ddps) > 1 else iter(micro)
+            forward_step = ForwardStep(z_loss_weight=cfg.model.z_loss_weight,
+                                       image_loss_weight=cfg.train.image_loss_weight, monitor=monitor,
+                                       loss_scale=float("nan") if step in cfg.train.debug_nan_steps else 1.0,
+                                       model_kwargs=model_kwargs(bf16))
+            probe.arm(monitor)
+            for d in ddps:
+                d.zero_grad_buffer()
+            opt.zero_grad()
+            out = fb(forward_step_func=forward_step, data_iterator=batches, model=ddps, num_microbatches=n_micro,
+                     seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size,
+                     forward_only=False)
+            opt.prepare_grads()  # main grads ready (bf16: copied to fp32); no inf check without a loss scaler
+            # loss statistics, gradient norm, stop flag (and the attention-logit max): one all-reduce, one read
+            res = reduce_step(out, grad_sumsq(opt, device), stop=stop.pending, device=device,
+                              attn_max=probe.value() if monitor else None, monitor=monitor)
+            if res.finite:
+                bad = 0
+                apply_update(opt, res.grad_norm)  # clip + step exactly as opt.step() (tessera.pretrain.optimizer)
+                sched.step(increment=gbs)
+            else:
+                bad += 1
+        if bad >= cfg.train.max_bad_steps:
+            raise RuntimeError(f"{bad} consecutive non-finite steps at step {step}; stopping")
+        loss = res.stats["loss"]
         losses.append(loss)
         timing = logger.end_step()
-        rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "bad_steps": bad,
-               **stats, **timing}
+        rec = {"step": step, "loss": loss, "grad_norm": res.grad_norm if res.finite else float("nan"),
+               "lr": opt.param_groups[0]["lr"], "bad_steps": bad, **res.stats, **timing}
+        if res.max_attn_logit is not None:
+            rec["max_attn_logit"] = res.max_attn_logit
+        if syncs.count is not None:
+            rec["host_syncs"] = syncs.count
+        if device.type == "cuda" and logger.is_log_step(step):
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if step == cfg.train.steps or (cfg.train.eval_interval > 0 and step % cfg.train.eval_interval == 0):
             rec.update(evaluator.run())  # every rank; forward only; training RNG and data position untouched
         logger.log(rec)
         maybe_kill_after_step(cfg, step)
-        stopping = stop.requested(device)  # every rank agrees (all-reduce) to save and stop at this boundary
-        if step % cfg.train.save_interval == 0 or step == cfg.train.steps or stopping:
+        if step % cfg.train.save_interval == 0 or step == cfg.train.steps or res.stop:
             save_checkpoint(run, step, model=model, optimizer=opt, scheduler=sched, cfg=cfg, vocab=vocab,
                             data_iterator=data_it, bad_steps=bad)
-        if stopping:
+        if res.stop:  # every rank read the same flag: all saved this step, all stop
             stop.restore()
             raise Preempted(run, step)
     stop.restore()
