@@ -306,3 +306,46 @@ def test_host_sync_counter_counts_reads_and_restores_torch():
     assert {n: getattr(torch.Tensor, n) for n in HOST_READS} == before
     t.item()
     assert syncs.count == 9  # outside the region nothing is counted
+
+
+# ---- weight decay -------------------------------------------------------------------------------
+def test_norms_and_biases_are_not_weight_decayed(megatron_1proc):
+    """Every norm weight and bias (the per-head QK-norm ones are 2-D) sits in a weight-decay-0 group once
+    megatron's scheduler has set the groups' decay; with zero gradients an AdamW step leaves them exactly
+    as they were and shrinks every other weight by a factor 1 - lr x wd."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from tessera.pretrain.optimizer import get_optimizer, no_weight_decay
+    from tessera.pretrain.trainer import _build_model_chunks
+
+    cfg = _cfg()
+    cfg.optim.weight_decay = 0.1
+    chunks, ddps = _build_model_chunks(cfg, bf16=False)
+    opt = get_optimizer(cfg.optim, ddps, bf16=False)
+    OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-2, min_lr=1e-2, lr_warmup_steps=0, lr_decay_steps=10,
+                            lr_decay_style="constant", start_wd=0.1, end_wd=0.1, wd_incr_steps=10,
+                            wd_incr_style="constant")
+    names = {id(p): n for n, p in chunks[0].named_parameters()}
+    decay = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    lr = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    exempt = {n for n in decay if "norm" in n or n.endswith(".bias")}
+    assert {"decoder.layers.0.self_attention.q_layernorm.weight", "decoder.layers.1.self_attention.k_layernorm.bias",
+            "decoder.final_layernorm.weight", "decoder.layers.0.input_layernorm.weight"} <= exempt
+    assert chunks[0].decoder.layers[0].self_attention.q_layernorm.weight.dim() == 2  # what megatron's rule misses
+    assert {n: w for n, w in decay.items() if n in exempt} == dict.fromkeys(exempt, 0.0)
+    assert {n: w for n, w in decay.items() if n not in exempt} == {n: 0.1 for n in decay if n not in exempt}
+    assert len(decay) > len(exempt) > 0
+
+    before = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+    for d in ddps:
+        d.zero_grad_buffer()  # zero gradients: Adam's own update is 0, only decay moves a weight
+    opt.zero_grad()
+    opt.step()
+    for n, p in chunks[0].named_parameters():
+        if n in exempt:
+            assert torch.equal(p, before[n]), n
+        else:
+            assert torch.allclose(p, before[n] * (1 - lr[n] * 0.1), rtol=1e-6, atol=0), n  # AdamW's decoupled decay
+
+    te_names = ["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.0.mlp.linear_fc1.weight"]
+    assert [no_weight_decay(torch.ones(4, 4), n) for n in te_names] == [True, False]

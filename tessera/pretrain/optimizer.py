@@ -23,15 +23,37 @@ import torch
 from tessera.pretrain.config import OptimConfig
 
 
+def no_weight_decay(param: torch.Tensor, name: str) -> bool:
+    """Parameters exempt from weight decay: megatron's default rule (every 1-D parameter and every bias) plus
+    every norm weight whatever its shape. Our per-head QK-norm weights and biases are 2-D [heads, head_dim]
+    (megatron's one-dimension test would decay them toward 0); Transformer Engine's fused norms are
+    ``linear_qkv.layer_norm_weight``-style names."""
+    parts = name.split(".")
+    module, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
+    return param.dim() == 1 or leaf == "bias" or "norm" in leaf or "norm" in module
+
+
+def weight_decay_overrides() -> dict:
+    """megatron's ``config_overrides`` (0.16's form of ``no_weight_decay_cond``): ``wd_mult=0`` for
+    ``no_weight_decay`` parameters. Passing overrides replaces megatron's default ones, which this rule
+    includes."""
+    from megatron.core.optimizer import ParamKey, ParamWithNamePredicate
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+    key = ParamKey(with_name_predicate=ParamWithNamePredicate(name="tessera_no_wd", fn=no_weight_decay))
+    return {key: ParamGroupOverride(wd_mult=0.0)}
+
+
 def get_optimizer(optim: OptimConfig, model_chunks: list, bf16: bool):
     """megatron's optimizer (``get_megatron_optimizer``) over the DDP-wrapped chunks: Adam with the run's
-    hyper-parameters; under bf16 the fp32 main params and Adam state live in the optimizer."""
+    hyper-parameters, no weight decay on norms and biases; under bf16 the fp32 main params and Adam state
+    live in the optimizer."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                              adam_beta1=optim.beta1, adam_beta2=optim.beta2, adam_eps=optim.eps,
                              clip_grad=optim.clip_grad, bf16=bf16, fp16=False)
-    return get_megatron_optimizer(config, model_chunks)
+    return get_megatron_optimizer(config, model_chunks, config_overrides=weight_decay_overrides())
 
 
 def sub_optimizers(opt) -> list:
