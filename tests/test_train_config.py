@@ -73,3 +73,38 @@ def test_deterministic_setting_resolves_per_device_and_sets_megatron_lms_environ
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+def test_a_job_that_asked_for_gpus_stops_when_torch_sees_none():
+    from tessera.pretrain.device import NoGPUError, gpu_request, require_requested_gpus
+
+    assert gpu_request({}) is None
+    assert gpu_request({"CUDA_VISIBLE_DEVICES": "", "SLURM_GPUS_ON_NODE": "0", "SLURM_JOB_GPUS": ""}) is None
+    assert gpu_request({"CUDA_VISIBLE_DEVICES": "-1", "SLURM_GPUS_PER_NODE": "a100:0"}) is None
+    assert gpu_request({"CUDA_VISIBLE_DEVICES": "0"}) == "CUDA_VISIBLE_DEVICES=0"  # device 0, not a count
+    assert gpu_request({"SLURM_GPUS_PER_NODE": "h100:8"}) == "SLURM_GPUS_PER_NODE=h100:8"
+    assert gpu_request({"CUDA_VISIBLE_DEVICES": "0,1"}) == "CUDA_VISIBLE_DEVICES=0,1"
+    assert gpu_request({"SLURM_GPUS_ON_NODE": "8"}) == "SLURM_GPUS_ON_NODE=8"
+    assert gpu_request({"SLURM_JOB_GPUS": "0,1,2,3"}) == "SLURM_JOB_GPUS=0,1,2,3"
+    assert gpu_request({"SLURM_STEP_GPUS": "2"}) == "SLURM_STEP_GPUS=2"
+    assert gpu_request({}, backend="nccl") == "parallel.backend nccl"
+    require_requested_gpus({"CUDA_VISIBLE_DEVICES": "0"}, cuda_available=True)  # sees one: fine
+    require_requested_gpus({"WORLD_SIZE": "2", "RANK": "1"}, cuda_available=False)  # a gloo CPU job: fine
+    with pytest.raises(NoGPUError, match=r"asked for GPUs \(SLURM_STEP_GPUS=2\) but torch sees none"):
+        require_requested_gpus({"SLURM_STEP_GPUS": "2"}, cuda_available=False)
+    assert load_train_config(None, ["--parallel.backend", "nccl"]).parallel.backend == "nccl"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_trainer_refuses_a_gpu_job_without_gpus_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tessera.pretrain.trainer", "configs/demo.yaml", "--model.preset", "tiny",
+           "--train.run_dir", str(tmp_path / "run")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "tessera train: error: this job asked for GPUs (CUDA_VISIBLE_DEVICES=0) but torch sees none")
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()

@@ -18,6 +18,8 @@ class ParallelConfig:
     vp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B); None = off
     micro_batch_size: int = 1
     global_batch_size: int = 8
+    # auto: NCCL when torch sees CUDA, gloo otherwise; nccl: a GPU job (stops at once if torch sees no GPU)
+    backend: Literal["auto", "nccl"] = "auto"
 
 
 @dataclass

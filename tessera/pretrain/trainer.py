@@ -24,7 +24,7 @@ from tessera.config import save_config
 from tessera.pretrain.checkpointing import maybe_kill_after_step, resume, save_checkpoint
 from tessera.pretrain.config import TrainConfig, validate_layout
 from tessera.pretrain.determinism import apply_determinism, resolve_deterministic
-from tessera.pretrain.device import training_device
+from tessera.pretrain.device import require_requested_gpus, training_device
 from tessera.pretrain.evaluate import Evaluator
 from tessera.pretrain.metrics import TrainLogger
 from tessera.pretrain.mock import train_mock_batch
@@ -98,10 +98,12 @@ def train(cfg: TrainConfig) -> list[float]:
 
     from tessera.model.parallel import init_distributed, initialize_parallel
 
+    # a job that asked for GPUs (CUDA_VISIBLE_DEVICES, Slurm's GPU variables, parallel.backend nccl) and sees none
+    require_requested_gpus(backend=cfg.parallel.backend)
     cuda = torch.cuda.is_available()
     deterministic = resolve_deterministic(cfg.train.deterministic, cuda)
     apply_determinism(deterministic, cuda)  # before NCCL and cuBLAS start: they read its environment variables
-    init_distributed()
+    init_distributed("nccl" if cfg.parallel.backend == "nccl" else None)
     world = torch.distributed.get_world_size()
     data_it, vocab = None, None
     if cfg.data.path:
@@ -214,6 +216,7 @@ def train(cfg: TrainConfig) -> list[float]:
 if __name__ == "__main__":
     import sys
 
-    from tessera.pretrain.config import load_train_config
+    from tessera.pretrain.cli import run
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    train(load_train_config(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))
+    sys.exit(run(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))
