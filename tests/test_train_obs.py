@@ -217,20 +217,67 @@ def test_mock_heldout_is_deterministic_and_not_the_training_stream(tiny_model):
     assert not torch.equal(heldout_mock_batch(cfg, 1, 0)["tokens"], train_mock_batch(cfg, 1, 0)["tokens"])
 
 
-def test_mfu_uses_bench_flops_per_token():
-    from tessera.bench.plan import ModelShape, flops_per_token
+def test_mfu_uses_the_shared_flops_per_token_and_a_datasheet_peak():
+    import dataclasses
+
+    from tessera.bench.plan import ModelShape
+    from tessera.bench.plan import flops_per_token as plan_flops
     from tessera.model.config import get_preset
+    from tessera.model.flops import flops_per_token, gpu_key, gpu_peak_flops
     from tessera.pretrain.config import TrainConfig
-    from tessera.pretrain.metrics import TrainLogger, default_peak_flops
+    from tessera.pretrain.metrics import TrainLogger, peak_flops_per_device
 
     cfg = TrainConfig(model=get_preset("tiny"))
     cfg.train.peak_flops = 2e12
     log = TrainLogger(cfg, "/nonexistent", world_size=4, enabled=False)
-    fpt = flops_per_token(ModelShape.from_config(cfg.model), cfg.data.seq_length)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_length)
+    m34 = get_preset("chameleon-34b")  # GQA: kv heads != query heads
+    assert fpt == plan_flops(ModelShape.from_config(cfg.model), cfg.data.seq_length)  # bench plan's = the trainer's
+    assert flops_per_token(m34, 4096) == plan_flops(ModelShape.from_config(m34), 4096)
     assert log.flops_per_token == fpt
     assert log.mfu(1000.0) == pytest.approx(1000.0 * fpt / (4 * 2e12))
-    if not torch.cuda.is_available():
-        assert default_peak_flops("float32") == 140e9 and default_peak_flops("bfloat16") == 770e9
+    # the model the run built (vocabulary from the data) decides FLOPs/token, not the config's preset
+    big_vocab = dataclasses.replace(cfg.model, vocab_size=4096)
+    assert TrainLogger(cfg, "/x", 1, enabled=False, model=big_vocab).flops_per_token > fpt
+
+    # datasheet dense peaks by device name and precision
+    assert [gpu_key(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
+                                 "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "NVIDIA GH200 480GB",
+                                 "NVIDIA B200", "Tesla V100-SXM2-16GB")] == [
+        "h100", "h100-pcie", "h100-nvl", "h200", "a100", "a100", "gh200", "b200", None]
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == (989e12, "H100 SXM datasheet dense bf16 peak (989 TFLOP/s)")
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32", tf32=True)[0] == 495e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32", tf32=False)[0] == 67e12
+    assert gpu_peak_flops("NVIDIA B200", "fp32") is None and gpu_peak_flops("Tesla V100", "bf16") is None
+    # the CPU: no MFU unless train.peak_flops says what to divide by
+    assert peak_flops_per_device(None, "fp32", torch.device("cpu"))[0] is None
+    assert peak_flops_per_device(5e11, "bf16", torch.device("cpu"))[0] == 5e11
+    cfg.train.peak_flops = None
+    no_peak = TrainLogger(cfg, "/x", 1, enabled=False)
+    no_peak.start_step()
+    assert "mfu" not in no_peak.end_step() and no_peak.mfu(1e6) is None
+
+
+def test_tokens_per_s_is_averaged_over_a_window_of_steps(monkeypatch):
+    from tessera.model.config import get_preset
+    from tessera.pretrain import metrics
+    from tessera.pretrain.config import TrainConfig
+
+    cfg = TrainConfig(model=get_preset("tiny"))
+    cfg.train.peak_flops = 1e12
+    monkeypatch.setattr(metrics, "TOKENS_WINDOW", 3)
+    log = metrics.TrainLogger(cfg, "/x", 1, enabled=False)
+    clock = iter([0.0, 1.0, 1.0, 2.0, 2.0, 6.0, 6.0, 7.0])  # steps of 1, 1, 4, 1 s
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    recs = []
+    for _ in range(4):
+        log.start_step()
+        recs.append(log.end_step())
+    tokens = cfg.parallel.global_batch_size * cfg.data.seq_length
+    assert [r["step_seconds"] for r in recs] == [1.0, 1.0, 4.0, 1.0]
+    # total tokens / total seconds over the last 3 steps: the 4 s step weighs as a 4 s step, not as 1/4
+    assert [r["tokens_per_s"] for r in recs] == pytest.approx([tokens, tokens, 3 * tokens / 6, 3 * tokens / 6])
+    assert recs[-1]["mfu"] == pytest.approx(recs[-1]["tokens_per_s"] * log.flops_per_token / 1e12)
 
 
 # ---- a real run: pretokenized train + held-out data ---------------------------------------------
@@ -282,21 +329,23 @@ def test_run_jsonl_keys_mfu_and_progress_line(obs_run):
 
     import yaml
 
-    from tessera.bench.plan import ModelShape, flops_per_token
     from tessera.model.config import get_preset
+    from tessera.model.flops import flops_per_token
 
     run, recs, stdout = obs_run
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:  # the keys the demo report reads, every step
         assert {"loss", "ce_text", "ce_image", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(r)
         assert r["loss"] == pytest.approx(r["ce"] + r["z"], rel=1e-5)  # image_loss_weight 1
-    # MFU = tokens/s x bench.plan's FLOPs/token / (1 device x train.peak_flops); the trainer sized the
+    # MFU = tokens/s x FLOPs/token (tessera.model.flops) / (1 device x train.peak_flops); the trainer sized the
     # vocabulary to the data's, which the saved config records
     vocab = yaml.safe_load((run / "config.yaml").read_text())["model"]["vocab_size"]
-    fpt = flops_per_token(ModelShape.from_config(dataclasses.replace(get_preset("tiny"), vocab_size=vocab)), 32)
-    for r in recs:
+    fpt = flops_per_token(dataclasses.replace(get_preset("tiny"), vocab_size=vocab), 32)
+    for i, r in enumerate(recs):
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e12, rel=1e-9)
-        assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_seconds"], rel=1e-9)
+        # averaged over the steps so far (fewer than the window): tokens / seconds
+        assert r["tokens_per_s"] == pytest.approx((i + 1) * 4 * 32 / sum(x["step_seconds"] for x in recs[: i + 1]),
+                                                  rel=1e-9)
     assert "eval_ce_text" in recs[1] and "eval_ce_text" in recs[2] and "eval_loss" not in recs[0]
     assert recs[1]["eval_ppl_text"] == pytest.approx(math.exp(recs[1]["eval_ce_text"]))
     lines = [x for x in stdout.splitlines() if x.startswith("step ")]

@@ -64,8 +64,8 @@ class TrainSection:
     image_loss_weight: float = 1.0
     seed: int = 1234
     run_dir: str = "runs/demo"
-    # per device, for MFU; None = the 2-core CPU's measured matmul peak (140e9 fp32, 770e9 bf16) or the
-    # GPU's datasheet dense bf16 peak (989e12 on H100/H200; tessera.pretrain.metrics.default_peak_flops)
+    # per device, for MFU; None = the GPU's datasheet dense peak for the run's precision (bf16, TF32 or FP32:
+    # tessera.model.flops), and no MFU on the CPU or on a GPU missing from that table
     peak_flops: float | None = None
     debug_nan_steps: list[int] = field(default_factory=list)
 

@@ -7,17 +7,22 @@ Rank 0 writes; every rank takes part in the step's one all-reduce (``tessera.pre
   DP replica (and the last pipeline stage's numbers reach rank 0 whatever the pipeline layout).
 * ``TrainLogger`` times the steps and derives tokens/s and MFU, writes one JSON line per step (keys
   ``step, loss, ce, ce_text, ce_image, ce_special, z, lr, grad_norm, bad_steps`` (consecutive skips),
-  ``bad_steps_total`` (skips so far), ``tokens_per_s, mfu, step_seconds`` every step; ``logit_norm,
-  max_attn_logit`` on monitor steps; ``eval_*`` on evaluation steps), the same scalars to TensorBoard,
-  and a progress line every ``train.log_interval`` steps.
+  ``bad_steps_total`` (skips so far), ``step_seconds, tokens_per_s`` and ``mfu`` (when a peak is known)
+  every step; ``logit_norm, max_attn_logit`` on monitor steps; ``eval_*`` on evaluation steps;
+  ``host_syncs`` with TESSERA_COUNT_SYNCS=1, ``peak_mem_gib`` on CUDA logged steps), the same scalars to
+  TensorBoard, and a progress line every ``train.log_interval`` steps.
 
-MFU = tokens/s x FLOPs/token / (devices x peak FLOP/s per device), with FLOPs/token the training model
-FLOPs of ``tessera.bench.plan.flops_per_token`` (6 x matmul parameters + 12 x layers x seq x heads x
-head_dim; docs/training.md), the same function ``tessera bench train`` and ``tessera bench plan`` use.
+tokens/s is the average over the last ``TOKENS_WINDOW`` steps (total tokens / total wall time), not one
+step's. MFU = tokens/s x FLOPs/token / (devices x peak FLOP/s per device), with FLOPs/token from
+``tessera.model.flops.flops_per_token`` (6 x matmul parameters + 12 x layers x seq x heads x head_dim;
+the function ``tessera bench train`` and ``tessera bench plan`` use) and the peak from
+``peak_flops_per_device`` (``train.peak_flops``, else a GPU's datasheet dense peak for the run's
+precision; none on the CPU).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 import time
@@ -26,6 +31,7 @@ from typing import TextIO
 
 import torch
 
+from tessera.model.config import ModelConfig
 from tessera.model.loss import MODALITY_NAMES, LossOutput
 from tessera.pretrain.config import TrainConfig
 from tessera.pretrain.device import training_device
@@ -38,27 +44,32 @@ CE_KEYS = ["ce", "n"] + [f"{p}_{m}" for m in MODALITIES for p in ("ce", "n")]
 # the order every rank packs the step sums in (one all-reduce); loss and z are per-micro-batch means
 STEP_SUM_KEYS = ["loss", "z", "n_micro", *CE_KEYS, "logit_norm", "n_logit"]
 
-# DESIGN.md's measured 2-core CPU matmul peaks; datasheet dense bf16 peaks for GPUs (tessera.bench.machine)
-CPU_PEAK_FLOPS = {"float32": 140e9, "bfloat16": 770e9}
+TOKENS_WINDOW = 20  # steps in the tokens/s (and MFU) average: one step's time is too noisy to report
 
 
-def default_peak_flops(params_dtype: str) -> float:
-    """Peak FLOP/s of ONE device for MFU when ``train.peak_flops`` is unset."""
-    if torch.cuda.is_available():
-        from tessera.bench.machine import GPU_PEAK_BF16_TFLOPS
+def peak_flops_per_device(configured: float | None, precision: str, device: torch.device) -> tuple[float | None, str]:
+    """(peak FLOP/s of ONE device for MFU, where it comes from): ``train.peak_flops`` when set; on a GPU its
+    datasheet dense peak for the run's precision (``tessera.model.flops``: bf16; TF32 for fp32 when
+    PyTorch lets fp32 matmuls use TF32, plain FP32 otherwise); on the CPU, or a GPU not in the table,
+    None: no MFU is reported (a CPU's measured matmul peak is no bound for a training step)."""
+    if configured:
+        return configured, f"train.peak_flops ({configured:g} FLOP/s)"
+    if device.type == "cuda":
+        from tessera.model.flops import gpu_peak_flops
 
-        name = torch.cuda.get_device_name().lower()
-        for gpu, tflops in GPU_PEAK_BF16_TFLOPS.items():
-            if gpu in name:
-                return tflops * 1e12
-        return GPU_PEAK_BF16_TFLOPS["h100"] * 1e12
-    return CPU_PEAK_FLOPS.get(params_dtype, CPU_PEAK_FLOPS["float32"])
+        name = torch.cuda.get_device_name(device)
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+        got = gpu_peak_flops(name, precision, tf32)
+        if got is not None:
+            return got
+        return None, f"{name} has no {precision} entry in tessera.model.flops.GPU_PEAKS; set train.peak_flops"
+    return None, "none on the CPU (set train.peak_flops to divide by a peak of your choice)"
 
 
-def model_flops_per_token(cfg: TrainConfig) -> float:
-    from tessera.bench.plan import ModelShape, flops_per_token
+def model_flops_per_token(model: ModelConfig, seq_length: int) -> float:
+    from tessera.model.flops import flops_per_token
 
-    return flops_per_token(ModelShape.from_config(cfg.model), cfg.data.seq_length)
+    return flops_per_token(model, seq_length)
 
 
 def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> dict:
@@ -134,7 +145,8 @@ class TrainLogger:
     (after evaluation), ``logger.close()`` at the end. Writes only where ``enabled`` (rank 0)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, world_size: int, enabled: bool,
-                 stream: TextIO | None = None, first_step: int = 0) -> None:
+                 stream: TextIO | None = None, first_step: int = 0, model: ModelConfig | None = None,
+                 peak_flops: float | None = None) -> None:
         self.enabled = enabled
         self.run = Path(run_dir)
         self.total = cfg.train.steps
@@ -142,8 +154,9 @@ class TrainLogger:
         self.log_interval = max(1, cfg.train.log_interval)
         self.monitor_interval = cfg.train.monitor_interval
         self.tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_length
-        self.flops_per_token = model_flops_per_token(cfg)
-        self.peak_flops = cfg.train.peak_flops or default_peak_flops(cfg.model.params_dtype)
+        # model: the model the run built (vocabulary sized from the data); peak: None = no MFU
+        self.flops_per_token = model_flops_per_token(model or cfg.model, cfg.data.seq_length)
+        self.peak_flops = peak_flops or cfg.train.peak_flops
         self.devices = world_size
         self.stream = stream or sys.stdout
         self.writer = None
@@ -159,9 +172,7 @@ class TrainLogger:
         self.bad_total = self._bad_rows_so_far() if enabled and first_step else 0
         self.start = time.perf_counter()
         self._t0: float | None = None
-        self._steps_timed = 0
-        self._win_tokens = 0
-        self._win_s = 0.0
+        self._window: collections.deque[float] = collections.deque(maxlen=TOKENS_WINDOW)  # step seconds
 
     def _bad_rows_so_far(self) -> int:
         """Skipped steps an earlier process of this run logged (metrics.jsonl is already trimmed to the checkpoint)."""
@@ -184,19 +195,29 @@ class TrainLogger:
         """Steps that measure the logit monitors (first, every monitor_interval, last; <= 0: first and last)."""
         return step == 1 or step == self.total or (self.monitor_interval > 0 and step % self.monitor_interval == 0)
 
-    def mfu(self, tokens_per_s: float) -> float:
+    def mfu(self, tokens_per_s: float) -> float | None:
+        if not self.peak_flops:
+            return None
         return tokens_per_s * self.flops_per_token / (self.devices * self.peak_flops)
+
+    def tokens_per_s(self) -> float:
+        """Tokens per second over the last ``TOKENS_WINDOW`` steps (total tokens / total time)."""
+        seconds = sum(self._window)
+        return len(self._window) * self.tokens_per_step / seconds if seconds > 0 else 0.0
 
     def start_step(self) -> None:
         self._t0 = time.perf_counter()
 
     def end_step(self) -> dict[str, float]:
+        """``step_seconds`` of this step; ``tokens_per_s`` and ``mfu`` (when a peak is known) over the window."""
         dt = time.perf_counter() - (self._t0 if self._t0 is not None else self.start)
-        self._steps_timed += 1
-        self._win_tokens += self.tokens_per_step
-        self._win_s += dt
-        tps = self.tokens_per_step / dt if dt > 0 else 0.0
-        return {"step_seconds": dt, "tokens_per_s": tps, "mfu": self.mfu(tps)}
+        self._window.append(dt)
+        tps = self.tokens_per_s()
+        rec = {"step_seconds": dt, "tokens_per_s": tps}
+        mfu = self.mfu(tps)
+        if mfu is not None:
+            rec["mfu"] = mfu
+        return rec
 
     def log(self, rec: dict) -> None:
         if not self.enabled:
@@ -213,14 +234,14 @@ class TrainLogger:
         self.writer.flush()  # a run that dies (max_bad_steps) keeps every scalar it logged
         if self.is_log_step(step):
             self.stream.write(self.progress_line(rec) + "\n")
-            self._win_tokens, self._win_s = 0, 0.0
         if any(k.startswith("eval_") for k in rec):
             self.stream.write(self.eval_line(rec) + "\n")
         self.stream.flush()
 
     def progress_line(self, rec: dict) -> str:
-        """``step 10/200 (5%) loss 5.5 ce text 4.1 image 6.2 lr 3e-04 grad 0.89 | 1.2e+03 tok/s MFU 0.4% |
-        elapsed 00:12 eta 03:48``; tokens/s and MFU over the steps since the previous line."""
+        """``step 10/200 (5%) loss 5.5 ce text 4.1 image 6.2 lr 3e-04 grad 0.89 | 1.2e+03 tok/s MFU 41.0% |
+        elapsed 00:12 eta 03:48``; tokens/s and MFU as in the record (the last ``TOKENS_WINDOW`` steps;
+        no MFU without a peak)."""
         step = int(rec["step"])
         parts = [f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%)", f"loss {rec['loss']:.4f}"]
         ce = [f"{m} {rec[f'ce_{m}']:.4f}" for m in ("text", "image") if f"ce_{m}" in rec]
@@ -233,12 +254,13 @@ class TrainLogger:
             parts.append(f"logit_norm {rec['logit_norm']:.3g}")
         if "max_attn_logit" in rec:
             parts.append(f"attn_max {rec['max_attn_logit']:.3g}")
-        tps = self._win_tokens / self._win_s if self._win_s > 0 else 0.0
+        tps = rec.get("tokens_per_s", 0.0)
+        mfu = f" MFU {100 * rec['mfu']:.2f}%" if "mfu" in rec else ""
         elapsed = time.perf_counter() - self.start
         done = step - self.first_step
         eta = (self.total - step) * elapsed / done if done > 0 else 0.0  # evaluation and saving included
         line = " ".join(parts)
-        return (f"{line} | {tps:.4g} tok/s MFU {100 * self.mfu(tps):.2f}% | "
+        return (f"{line} | {tps:.4g} tok/s{mfu} | "
                 f"elapsed {format_seconds(elapsed)} eta {format_seconds(eta)}")
 
     @staticmethod

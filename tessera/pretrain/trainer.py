@@ -26,7 +26,7 @@ from tessera.pretrain.config import TrainConfig, validate_layout
 from tessera.pretrain.determinism import apply_determinism, resolve_deterministic
 from tessera.pretrain.device import require_requested_gpus, training_device
 from tessera.pretrain.evaluate import Evaluator
-from tessera.pretrain.metrics import TrainLogger
+from tessera.pretrain.metrics import TrainLogger, peak_flops_per_device
 from tessera.pretrain.mock import train_mock_batch
 from tessera.pretrain.monitors import AttentionLogitProbe
 from tessera.pretrain.optimizer import apply_update, get_optimizer, grad_sumsq
@@ -139,9 +139,12 @@ def train(cfg: TrainConfig) -> list[float]:
     start = resume(cfg, run, model=model, optimizer=opt, scheduler=sched, data_iterator=data_it)
     stop = StopSignal().install()
     # reporting (metrics.jsonl, TensorBoard, progress line), logit monitors, held-out eval: metrics/monitors/evaluate.py
-    logger = TrainLogger(cfg, run, world, enabled=is_logger, first_step=start.step)
-    probe = AttentionLogitProbe(ddps)
     device = training_device()
+    peak, peak_basis = peak_flops_per_device(cfg.train.peak_flops, "bf16" if bf16 else "fp32", device)
+    logger = TrainLogger(cfg, run, world, enabled=is_logger, first_step=start.step, model=cfg.model, peak_flops=peak)
+    if is_logger:
+        print(f"MFU peak per device: {peak_basis}", flush=True)
+    probe = AttentionLogitProbe(ddps)
     modality = vocab.modality_table() if vocab is not None else None
     evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality, device=device,
                           model_kwargs=model_kwargs(bf16))
