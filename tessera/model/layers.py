@@ -1,4 +1,5 @@
-"""The two Chameleon pieces megatron-core lacks: per-head QK-norm and the Swin-style norm placement."""
+"""The Chameleon pieces megatron-core lacks: per-head QK-norm and the Swin-style norm placement (and the local
+layers' fast paths: an RMSNorm that works with sequence parallelism, SwiGLU, single-rank linears, SDPA)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,22 @@ class PerHeadLayerNorm(MegatronModule):
 
     def extra_repr(self) -> str:
         return f"{self.role}: heads={self.heads_per_partition}, head_dim={self.head_dim}, eps={self.eps}"
+
+
+class RMSNorm:
+    """The local (non-Transformer-Engine) RMSNorm: a ``torch.nn.RMSNorm``, built as megatron's
+    ``WrappedTorchNorm`` builds it (``__new__`` returns the torch module itself), whose weight also carries
+    megatron's ``sequence_parallel`` attribute, so that under sequence parallelism ``finalize_model_grads``
+    sums its gradient over the TP ranks (each normed a slice of the sequence). megatron's local choices
+    cannot do RMSNorm with sequence parallelism (``WrappedTorchNorm`` refuses it) or RMSNorm at all where
+    apex is installed (``FusedLayerNorm`` is LayerNorm only)."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.RMSNorm:
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"tessera's local norm is RMSNorm, the config asks for {config.normalization}")
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        norm.weight.sequence_parallel = config.sequence_parallel
+        return norm
 
 
 def single_rank_plain(linear) -> bool:

@@ -18,6 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from tessera.model.config import ModelConfig
 from tessera.model.layers import (
     PerHeadLayerNorm,
+    RMSNorm,
     SDPAttention,
     SingleRankColumnParallelLinear,
     SingleRankRowParallelLinear,
@@ -55,7 +56,10 @@ def _base_spec(use_te: bool) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    # our RMSNorm for the pre-norms (megatron's local choice refuses sequence parallelism, or RMSNorm with apex)
+    sub = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
+    return ModuleSpec(module=spec.module, submodules=sub)
 
 
 def _norm_spec(use_te: bool):
@@ -63,9 +67,21 @@ def _norm_spec(use_te: bool):
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    return RMSNorm
 
-    return WrappedTorchNorm
+
+def chameleon_block_spec(cfg: ModelConfig, config, vp_stage: int | None = None, use_te: bool | None = None):
+    """The decoder block of this (virtual) pipeline stage: its layers' spec and the final norm (TE's, or our
+    RMSNorm on the local path, where megatron would pick a norm without sequence parallelism)."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    use_te = te_available() if use_te is None else use_te
+    layer = chameleon_layer_spec(cfg, use_te)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=_norm_spec(use_te))
 
 
 def chameleon_layer_spec(cfg: ModelConfig, use_te: bool | None = None) -> ModuleSpec:
