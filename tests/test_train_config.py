@@ -14,6 +14,13 @@ def test_shipped_configs_load_and_validate():
     assert validate_layout(c7, 16) == 8  # two 8-GPU nodes, TP=2
     c34 = load_train_config("configs/chameleon-34b.yaml")
     assert c34.model.swin_norm and validate_layout(c34, 32) == 2
+    from tessera.pretrain.scale import validate_scale
+
+    for cfg, world in ((c7, 16), (c34, 32)):  # what their TP > 1 layouts need: megatron's scale features
+        validate_scale(cfg, world)
+        p = cfg.parallel
+        assert p.tp > 1 and p.sequence_parallel and p.distributed_optimizer
+        assert p.overlap_grad_reduce and p.overlap_param_gather and cfg.model.recompute == "selective"
 
 
 def test_overrides_apply_on_top_of_preset():

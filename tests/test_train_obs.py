@@ -338,8 +338,11 @@ def test_run_jsonl_keys_mfu_and_progress_line(obs_run):
         assert {"loss", "ce_text", "ce_image", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(r)
         assert r["loss"] == pytest.approx(r["ce"] + r["z"], rel=1e-5)  # image_loss_weight 1
     # MFU = tokens/s x FLOPs/token (tessera.model.flops) / (1 device x train.peak_flops); the trainer sized the
-    # vocabulary to the data's, which the saved config records
-    vocab = yaml.safe_load((run / "config.yaml").read_text())["model"]["vocab_size"]
+    # vocabulary to the data's, which the saved config records beside the request (left as asked)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    vocab = saved["resolved"]["model"]["vocab_size"]
+    assert saved["model"]["vocab_size"] == get_preset("tiny").vocab_size != vocab
+    assert saved["resolved"]["precision"] == "fp32" and saved["resolved"]["data_parallel_size"] == 1
     fpt = flops_per_token(dataclasses.replace(get_preset("tiny"), vocab_size=vocab), 32)
     for i, r in enumerate(recs):
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e12, rel=1e-9)

@@ -245,8 +245,9 @@ def _model_with_grads(bf16: bool, seed: int = 7):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from tessera.pretrain.optimizer import get_optimizer
+    from tessera.pretrain.scale import wire_schedule
     from tessera.pretrain.step import BatchMover, ForwardStep, model_kwargs
-    from tessera.pretrain.trainer import _build_model_chunks, wire_schedule
+    from tessera.pretrain.trainer import _build_model_chunks
 
     cfg = _cfg()
     cfg.optim.clip_grad = 0.05  # small: the clipping path runs
@@ -254,7 +255,7 @@ def _model_with_grads(bf16: bool, seed: int = 7):
     cfg.train.seed = seed
     chunks, ddps = _build_model_chunks(cfg, bf16)
     opt = get_optimizer(cfg.optim, ddps, bf16)
-    wire_schedule(chunks, opt)
+    wire_schedule(chunks, ddps, opt)
     for p in opt.param_groups:
         p["lr"] = 1e-2
     micro = BatchMover("cpu").all([_woven_like(cfg, 11), _woven_like(cfg, 12)])

@@ -44,15 +44,18 @@ def weight_decay_overrides() -> dict:
     return {key: ParamGroupOverride(wd_mult=0.0)}
 
 
-def get_optimizer(optim: OptimConfig, model_chunks: list, bf16: bool):
+def get_optimizer(optim: OptimConfig, model_chunks: list, bf16: bool, distributed: bool = False,
+                  overlap_param_gather: bool = False):
     """megatron's optimizer (``get_megatron_optimizer``) over the DDP-wrapped chunks: Adam with the run's
     hyper-parameters, no weight decay on norms and biases; under bf16 the fp32 main params and Adam state
-    live in the optimizer."""
+    live in the optimizer. ``distributed``: megatron's DistributedOptimizer (main params and Adam state
+    sharded over the data-parallel ranks; the chunks' DDP config must say so too)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                              adam_beta1=optim.beta1, adam_beta2=optim.beta2, adam_eps=optim.eps,
-                             clip_grad=optim.clip_grad, bf16=bf16, fp16=False)
+                             clip_grad=optim.clip_grad, bf16=bf16, fp16=False,
+                             use_distributed_optimizer=distributed, overlap_param_gather=overlap_param_gather)
     return get_megatron_optimizer(config, model_chunks, config_overrides=weight_decay_overrides())
 
 

@@ -8,9 +8,12 @@ catches up, and stops it from queueing the next kernels.
   call; the warnings raised inside the region are counted.
 * On the CPU there is no device to wait for, so the calls that WOULD synchronise are counted instead:
   ``Tensor.item``, ``tolist``, ``numpy``, ``__bool__``, ``__float__``, ``__int__``, ``__index__`` and
-  ``__complex__`` (whatever the tensor), except torch.optim's reads of its step counters
-  (``torch.optim.optimizer._get_value``): those tensors live on the host on every device unless the
-  optimizer is capturable or fused. Keep host-side work (data loading) outside the region.
+  ``__complex__`` (whatever the tensor), except reads of state that lives on the host on every device:
+  torch.optim's step counters (``torch.optim.optimizer._get_value``; host tensors unless the optimizer
+  is capturable or fused), megatron's RNG tracker comparing the CPU generator state around a fork
+  (``CudaRNGStatesTracker.fork``: dropout under sequence parallelism, recomputation) and megatron's
+  selective recomputation reading back the attention-mask type it packed into a host tensor
+  (``Attention._checkpointed_attention_forward``). Keep host-side work (data loading) outside the region.
 
 ``with HostSyncCounter(device) as syncs: ...`` then ``syncs.count``. The trainer counts each step's
 device region when the environment variable ``TESSERA_COUNT_SYNCS=1`` is set and writes ``host_syncs``
@@ -32,8 +35,21 @@ ENV_VAR = "TESSERA_COUNT_SYNCS"
 # the Tensor methods through which a value leaves the device for Python
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__")
 _CUDA_WARNING = "synchroniz"  # "called a synchronizing CUDA operation"
-# torch.optim's reads of its host-side step counters
+# code that reads host-side state on every device (module docstring)
 _HOST_STATE_READERS = {importlib.import_module("torch.optim.optimizer")._get_value.__code__}
+
+
+def _add_megatron_readers() -> None:
+    try:
+        from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+        from megatron.core.transformer.attention import Attention
+    except ImportError:
+        return
+    fork = CudaRNGStatesTracker.fork
+    _HOST_STATE_READERS.add(getattr(fork, "__wrapped__", fork).__code__)
+    # the nested custom_forward of the selective recompute: AttnMaskType(attn_mask_type.item())
+    _HOST_STATE_READERS.update(c for c in Attention._checkpointed_attention_forward.__code__.co_consts
+                               if getattr(c, "co_name", "") == "custom_forward")
 
 
 def counting_enabled() -> bool:
@@ -79,6 +95,7 @@ class HostSyncCounter:
             self._mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("warn")
             return self
+        _add_megatron_readers()
         with HostSyncCounter._lock:
             if HostSyncCounter._active_cpu is not None:
                 raise RuntimeError("HostSyncCounter regions do not nest")

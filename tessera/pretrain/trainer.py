@@ -1,4 +1,6 @@
-"""megatron-core training loop: model, DDP, megatron optimizer + scheduler, forward_backward
+"""megatron-core training loop, as Megatron-LM's ``pretrain`` / ``train`` wire it: model, DDP (optionally the
+distributed optimizer, overlapped gradient reduce and parameter gather, sequence parallelism, activation
+recomputation: tessera.pretrain.scale), megatron's optimizer and scheduler, the forward_backward
 schedules, non-finite step skipping, JSONL metrics, full-state checkpoints.
 
 Checkpoints (``tessera.pretrain.checkpointing``): model + optimizer + scheduler + data position + RNG +
@@ -11,18 +13,24 @@ Data: ``data.path`` (a directory written by ``tessera data pretokenize``) is pac
 deterministic random-token mock dataset is used (tests, throughput runs; tessera.pretrain.mock).
 Reporting (metrics.jsonl, TensorBoard, progress line with tokens/s and MFU), logit-drift monitors and
 held-out evaluation: ``tessera.pretrain.metrics`` / ``monitors`` / ``evaluate``.
+
+The run config is never changed: what the run decides from it, the data and the machine (the model's
+vocabulary and dtype, precision, data-parallel size, ...) is a ``ResolvedRun``, saved beside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
-from tessera.config import save_config
-from tessera.pretrain.checkpointing import maybe_kill_after_step, resume, save_checkpoint
-from tessera.pretrain.config import TrainConfig, validate_layout
+from tessera.config import to_dict
+from tessera.model.config import ModelConfig
+from tessera.pretrain import faults
+from tessera.pretrain.checkpointing import resume, save_checkpoint
+from tessera.pretrain.config import ResolvedRun, TrainConfig, validate_layout
 from tessera.pretrain.determinism import apply_determinism, resolve_deterministic
 from tessera.pretrain.device import require_requested_gpus, training_device
 from tessera.pretrain.evaluate import Evaluator
@@ -31,6 +39,13 @@ from tessera.pretrain.mock import train_mock_batch
 from tessera.pretrain.monitors import AttentionLogitProbe
 from tessera.pretrain.optimizer import apply_update, get_optimizer, grad_sumsq
 from tessera.pretrain.preemption import Preempted, StopSignal
+from tessera.pretrain.scale import (
+    ParamGather,
+    ddp_config,
+    transformer_overrides,
+    validate_scale,
+    wire_schedule,
+)
 from tessera.pretrain.step import BatchMover, ForwardStep, model_kwargs, reduce_step, stage_roles
 from tessera.pretrain.syncs import HostSyncCounter, NullCounter, counting_enabled
 
@@ -57,9 +72,12 @@ def resolve_precision(precision: str, cuda: bool | None = None) -> str:
     return precision
 
 
-def _build_model_chunks(cfg: TrainConfig, bf16: bool, **config_overrides) -> tuple[list, list]:
+def _build_model_chunks(cfg: TrainConfig, bf16: bool, model_cfg: ModelConfig | None = None, ddp_cfg=None,
+                        **config_overrides) -> tuple[list, list]:
     """This rank's GPTModel chunks (one, or ``parallel.vp`` virtual stages) and their DDP wrappers.
 
+    ``model_cfg``: the model to build (default ``cfg.model``); ``ddp_cfg``: megatron's DDP config (default:
+    fp32 gradient reduction, nothing else); ``config_overrides``: TransformerConfig fields the run decides.
     Weights come from ``init_layout_invariant`` (seeded by ``train.seed``), so any TP x PP x VP layout
     starts from the 1-process model. bf16: megatron's Float16Module (bf16 compute; the step asks it for
     bf16 logits, tessera.pretrain.step) inside DDP, which reduces gradients in fp32.
@@ -71,29 +89,29 @@ def _build_model_chunks(cfg: TrainConfig, bf16: bool, **config_overrides) -> tup
     from tessera.model.chameleon import build_model
 
     vp = ps.get_virtual_pipeline_model_parallel_world_size()
-    chunks = [build_model(cfg.model, vp_stage=v, init_seed=cfg.train.seed, **config_overrides)
+    chunks = [build_model(model_cfg or cfg.model, vp_stage=v, init_seed=cfg.train.seed, **config_overrides)
               for v in (range(vp) if vp else [None])]
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    ddp_cfg = ddp_cfg or DistributedDataParallelConfig(grad_reduce_in_fp32=True)
     ddps = [DistributedDataParallel(c.config, ddp_cfg, Float16Module(c.config, c) if bf16 else c,
                                     disable_bucketing=i > 0)  # as megatron-LM: only chunk 0 buckets
             for i, c in enumerate(chunks)]
     return chunks, ddps
 
 
-def wire_schedule(chunks: list, opt) -> None:
-    """What megatron-LM's training loop sets on the model config before the schedule runs."""
-    from megatron.core.distributed import finalize_model_grads
+def get_scheduler(cfg: TrainConfig, opt):
+    """megatron's OptimizerParamScheduler, counted in samples as megatron-LM counts it."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    for c in chunks:
-        # without finalize_model_grads the DDP buffers are never all-reduced across data-parallel replicas
-        # (each replica would step on its own gradients)
-        c.config.finalize_model_grads_func = finalize_model_grads
-        c.config.grad_scale_func = opt.scale_loss
+    gbs = cfg.parallel.global_batch_size
+    return OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=cfg.optim.warmup * gbs,
+        lr_decay_steps=cfg.train.steps * gbs, lr_decay_style=cfg.optim.decay_style,
+        start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=cfg.train.steps * gbs,
+        wd_incr_style="constant")
 
 
 def train(cfg: TrainConfig) -> list[float]:
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from tessera.model.parallel import init_distributed, initialize_parallel
@@ -105,43 +123,49 @@ def train(cfg: TrainConfig) -> list[float]:
     apply_determinism(deterministic, cuda)  # before NCCL and cuBLAS start: they read its environment variables
     init_distributed("nccl" if cfg.parallel.backend == "nccl" else None)
     world = torch.distributed.get_world_size()
-    data_it, vocab = None, None
+    vocab = None
     if cfg.data.path:
-        # the embedding must cover the data's vocabulary: take its padded size (divisible by 128 x TP)
         from tessera.tokenizers.vocab import Vocabulary
 
         vocab = Vocabulary.load(cfg.data.path)
-        cfg.model.vocab_size = vocab.padded_size
-    dp = validate_layout(cfg, world)
+    bf16 = resolve_precision(cfg.precision) == "bf16"
+    # the model the run builds: the embedding covers the data's vocabulary (padded, divisible by 128 x TP),
+    # precision decides the parameter dtype
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab.padded_size if vocab else cfg.model.vocab_size,
+                                    params_dtype="bfloat16" if bf16 else "float32")
+    dp = validate_layout(cfg, world, model_cfg)
+    validate_scale(cfg, world)
     initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vp, cfg.train.seed)
+    data_it = None
     if cfg.data.path:
         data_it, vocab = _open_data(cfg, ps.get_data_parallel_rank(), dp)
-    bf16 = resolve_precision(cfg.precision) == "bf16"
-    cfg.model.params_dtype = "bfloat16" if bf16 else "float32"  # precision decides; the saved config says which
-    chunks, ddps = _build_model_chunks(cfg, bf16, deterministic_mode=deterministic and cuda)
-    model = chunks if len(chunks) > 1 else chunks[0]  # _save takes a GPTModel or the list of virtual chunks
-    # bf16=True: fp32 main params + Adam state live in the optimizer, the model holds bf16 copies
-    opt = get_optimizer(cfg.optim, ddps, bf16)
-    wire_schedule(chunks, opt)
+    overrides = transformer_overrides(cfg, deterministic, cuda)
+    chunks, ddps = _build_model_chunks(cfg, bf16, model_cfg, ddp_config(cfg, dp), **overrides)
+    model = chunks if len(chunks) > 1 else chunks[0]  # checkpoints take a GPTModel or the list of virtual chunks
+    # bf16: fp32 main params + Adam state live in the optimizer, the model holds bf16 copies
+    opt = get_optimizer(cfg.optim, ddps, bf16, distributed=cfg.parallel.distributed_optimizer,
+                        overlap_param_gather=cfg.parallel.overlap_param_gather)
+    wire_schedule(chunks, ddps, opt, cfg)
+    param_gather = ParamGather(cfg, chunks, ddps)
+    sched = get_scheduler(cfg, opt)
     gbs = cfg.parallel.global_batch_size
-    sched = OptimizerParamScheduler(
-        opt, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=cfg.optim.warmup * gbs,
-        lr_decay_steps=cfg.train.steps * gbs, lr_decay_style=cfg.optim.decay_style,
-        start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=cfg.train.steps * gbs,
-        wd_incr_style="constant")
     n_micro = gbs // (cfg.parallel.micro_batch_size * dp)
+    device = training_device()
+    peak, peak_basis = peak_flops_per_device(cfg.train.peak_flops, "bf16" if bf16 else "fp32", device)
+    resolved = ResolvedRun(model=model_cfg, precision="bf16" if bf16 else "fp32", deterministic=deterministic,
+                           world_size=world, data_parallel_size=dp, device=str(device),
+                           gradient_accumulation_fusion=overrides["gradient_accumulation_fusion"],
+                           mfu_peak_flops=peak, mfu_peak=peak_basis)
     run = Path(cfg.train.run_dir)
     is_logger = torch.distributed.get_rank() == 0
     if is_logger:
-        save_config(cfg, run / "config.yaml")
+        _save_run_config(run / "config.yaml", cfg, resolved)
     fb = get_forward_backward_func()
-    # full-state checkpoints, auto-resume, SIGTERM: tessera/pretrain/checkpointing.py
-    start = resume(cfg, run, model=model, optimizer=opt, scheduler=sched, data_iterator=data_it)
+    # full-state checkpoints, auto-resume: tessera/pretrain/checkpointing.py; SIGTERM: preemption.py
+    start = resume(cfg, run, model=model, optimizer=opt, scheduler=sched, model_cfg=model_cfg, data_iterator=data_it)
     stop = StopSignal().install()
     # reporting (metrics.jsonl, TensorBoard, progress line), logit monitors, held-out eval: metrics/monitors/evaluate.py
-    device = training_device()
-    peak, peak_basis = peak_flops_per_device(cfg.train.peak_flops, "bf16" if bf16 else "fp32", device)
-    logger = TrainLogger(cfg, run, world, enabled=is_logger, first_step=start.step, model=cfg.model, peak_flops=peak)
+    logger = TrainLogger(cfg, run, world, enabled=is_logger, first_step=start.step, model=model_cfg, peak_flops=peak)
     if is_logger:
         print(f"MFU peak per device: {peak_basis}", flush=True)
     probe = AttentionLogitProbe(ddps)
@@ -152,8 +176,10 @@ def train(cfg: TrainConfig) -> list[float]:
         print(evaluator.note, flush=True)
     # each micro-batch is copied to the device once; this rank's stages decide what is copied
     mover = BatchMover(device, *stage_roles(chunks), modality=modality)
+    nan_steps = faults.nan_steps()  # tests only (TESSERA_DEBUG_NAN_STEPS)
     losses, bad = [], start.bad_steps
     count_syncs = counting_enabled()
+    param_gather.start()
     for step in range(start.step + 1, cfg.train.steps + 1):
         logger.start_step()
         monitor = logger.is_monitor_step(step)  # output-logit norm and max attention logit at their interval
@@ -166,9 +192,9 @@ def train(cfg: TrainConfig) -> list[float]:
             micro = mover.all(host)
             # virtual pipeline: each chunk reads the same micro-batches through its own iterator
             batches = [iter(micro) for _ in ddps] if len(ddps) > 1 else iter(micro)
-            forward_step = ForwardStep(z_loss_weight=cfg.model.z_loss_weight,
+            forward_step = ForwardStep(z_loss_weight=model_cfg.z_loss_weight,
                                        image_loss_weight=cfg.train.image_loss_weight, monitor=monitor,
-                                       loss_scale=float("nan") if step in cfg.train.debug_nan_steps else 1.0,
+                                       loss_scale=float("nan") if step in nan_steps else 1.0,
                                        model_kwargs=model_kwargs(bf16))
             probe.arm(monitor)
             for d in ddps:
@@ -187,6 +213,7 @@ def train(cfg: TrainConfig) -> list[float]:
                 sched.step(increment=gbs)
             else:
                 bad += 1
+        param_gather.after_step(res.finite)
         if bad >= cfg.train.max_bad_steps:
             raise RuntimeError(f"{bad} consecutive non-finite steps at step {step}; stopping")
         loss = res.stats["loss"]
@@ -201,19 +228,32 @@ def train(cfg: TrainConfig) -> list[float]:
         if device.type == "cuda" and logger.is_log_step(step):
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if step == cfg.train.steps or (cfg.train.eval_interval > 0 and step % cfg.train.eval_interval == 0):
-            rec.update(evaluator.run())  # every rank; forward only; training RNG and data position untouched
+            with param_gather.synced():  # the forward must see the updated parameters
+                rec.update(evaluator.run())  # every rank; forward only; training RNG and data position untouched
         logger.log(rec)
-        maybe_kill_after_step(cfg, step)
+        faults.maybe_kill_after_step(step)
         if step % cfg.train.save_interval == 0 or step == cfg.train.steps or res.stop:
-            save_checkpoint(run, step, model=model, optimizer=opt, scheduler=sched, cfg=cfg, vocab=vocab,
-                            data_iterator=data_it, bad_steps=bad)
+            with param_gather.synced():  # the saved weights are the updated ones
+                save_checkpoint(run, step, model=model, optimizer=opt, scheduler=sched, cfg=cfg, resolved=resolved,
+                                vocab=vocab, data_iterator=data_it, bad_steps=bad)
         if res.stop:  # every rank read the same flag: all saved this step, all stop
             stop.restore()
             raise Preempted(run, step)
+    param_gather.close()
     stop.restore()
     probe.close()
     logger.close()
     return losses
+
+
+def _save_run_config(path: Path, cfg: TrainConfig, resolved: ResolvedRun) -> None:
+    """RUN/config.yaml: the run config as asked, and beside it (``resolved:``) what the run resolved."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump({**to_dict(cfg), "resolved": to_dict(resolved)}, sort_keys=False))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
