@@ -1,4 +1,4 @@
-"""Training observability: TensorBoard + metrics.jsonl + progress line, MFU, the logit-drift guards
+"""Training observability: TensorBoard + metrics.jsonl + progress line, MFU, the logit-drift monitors
 (output-logit norm, max attention logit) against references, held-out evaluation against a manual
 forward, evaluation leaving training untouched, and TP=2 reporting the TP=1 figures."""
 
@@ -18,15 +18,15 @@ TINY = ["configs/demo.yaml", "--model.preset", "tiny", "--optim.warmup", "1", "-
         "--parallel.micro_batch_size", "2", "--parallel.global_batch_size", "4"]
 
 
-def _train(run, *extra, nproc=1):
+def _train(run, *extra, nproc=1, env=None):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     cmd = [sys.executable, *launcher, "-m", "tessera.pretrain.trainer", *TINY, "--train.run_dir", str(run), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], r.stdout
 
 
-# ---- guards, in process -------------------------------------------------------------------------
+# ---- monitors, in process -------------------------------------------------------------------------
 @pytest.fixture
 def tiny_model(megatron_1proc):
     from tessera.model.chameleon import build_model
@@ -39,13 +39,13 @@ def tiny_model(megatron_1proc):
 
 @pytest.mark.parametrize("chunk", [300, 1 << 24])
 def test_logit_norm_sums_match_torch(megatron_1proc, monkeypatch, chunk):
-    from tessera.pretrain import guards
+    from tessera.pretrain import monitors
 
-    monkeypatch.setattr(guards, "_CHUNK_ELEMENTS", chunk)  # 300: one token per chunk
+    monkeypatch.setattr(monitors, "_CHUNK_ELEMENTS", chunk)  # 300: one token per chunk
     logits = torch.randn(2, 5, 256) * 3
     mask = torch.ones(2, 5)
     mask[1, 3:] = 0
-    total, count = guards.logit_norm_sums(logits, mask)
+    total, count = monitors.logit_norm_sums(logits, mask)
     ref = torch.linalg.vector_norm(logits, dim=-1)[mask.bool()]
     assert float(count) == 8
     assert float(total) / float(count) == pytest.approx(float(ref.mean()), rel=1e-6)
@@ -57,7 +57,9 @@ def test_logit_norm_through_the_schedule_equals_the_models_logits(tiny_model):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from tessera.model.loss import language_model_loss
-    from tessera.pretrain.metrics import reduce_step_stats, step_stats
+    from tessera.pretrain.device import training_device
+    from tessera.pretrain.metrics import step_stats
+    from tessera.pretrain.step import reduce_step
 
     model, cfg = tiny_model
     g = torch.Generator().manual_seed(3)
@@ -75,7 +77,7 @@ def test_logit_norm_through_the_schedule_equals_the_models_logits(tiny_model):
 
     out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
                                       num_microbatches=2, seq_length=16, micro_batch_size=2, forward_only=True)
-    got = reduce_step_stats(out)
+    got = reduce_step(out, torch.zeros(()), stop=False, device=training_device()).stats
     with torch.no_grad():
         norms = [torch.linalg.vector_norm(model(t[:, :-1], torch.arange(16).expand(2, 16), None).float(), dim=-1)
                  for t in batches]
@@ -92,12 +94,12 @@ def _manual_max_logit(q, k, scale):
 
 @pytest.mark.parametrize("chunk", [1, 1 << 24])
 def test_max_attention_logit_masks_gqa_and_chunks(monkeypatch, chunk):
-    from tessera.pretrain import guards
+    from tessera.pretrain import monitors
 
-    monkeypatch.setattr(guards, "_CHUNK_ELEMENTS", chunk)  # 1: one head per baddbmm
+    monkeypatch.setattr(monitors, "_CHUNK_ELEMENTS", chunk)  # 1: one head per baddbmm
     g = torch.Generator().manual_seed(7)
     q, k = torch.randn(12, 3, 4, 8, generator=g), torch.randn(12, 3, 2, 8, generator=g)
-    assert guards.max_attention_logit(q, k, 0.3) == pytest.approx(_manual_max_logit(q, k, 0.3), rel=1e-6)
+    assert float(monitors.max_attention_logit(q, k, 0.3)) == pytest.approx(_manual_max_logit(q, k, 0.3), rel=1e-6)
     # an explicit megatron mask (True = masked out), per batch element: the max must skip masked pairs
     kk = k.repeat_interleave(2, dim=2)
     scores = torch.einsum("ibhd,jbhd->bhij", q.double(), kk.double()) * 0.3
@@ -105,12 +107,12 @@ def test_max_attention_logit_masks_gqa_and_chunks(monkeypatch, chunk):
     bi, _, i, j = (int(x) for x in torch.unravel_index(scores.argmax(), scores.shape))
     mask[bi, 0, i, j] = True  # hide the largest score
     want = float(scores.masked_fill(mask, -math.inf).max())
-    assert guards.max_attention_logit(q, k, 0.3, attention_mask=mask) == pytest.approx(want, rel=1e-6)
+    assert float(monitors.max_attention_logit(q, k, 0.3, attention_mask=mask)) == pytest.approx(want, rel=1e-6)
     assert want < float(scores.max())  # the mask did hide the largest score
 
 
 def test_max_attention_logit_equals_manual_and_leaves_numerics_alone(tiny_model):
-    from tessera.pretrain.guards import AttentionLogitProbe
+    from tessera.pretrain.monitors import AttentionLogitProbe
 
     model, cfg = tiny_model
     seen = []
@@ -126,13 +128,13 @@ def test_max_attention_logit_equals_manual_and_leaves_numerics_alone(tiny_model)
         assert len(probe.modules) == cfg.num_layers
         probe.arm(True)
         probed = model(tokens, pos, None)
-        got = probe.value()
+        got = float(probe.value())
         # once per layer per arming: a second (different) forward does not move the recorded value
         model(tokens.flip(1), pos, None)
-        assert probe.value() == got
+        assert float(probe.value()) == got
         probe.arm(False)
         model(tokens, pos, None)
-        assert probe.value() == -math.inf
+        assert probe.value() is None
         probe.close()
     for h in hooks:
         h.remove()
@@ -203,32 +205,79 @@ def test_eval_equals_manual_forward_and_restores_rng(tiny_model):
         assert got[f"eval_ppl_{name}"] == pytest.approx(math.exp(float(ce[sel].mean())), rel=1e-5)
 
 
-def test_standin_heldout_is_deterministic_and_not_the_training_stream(tiny_model):
+def test_mock_heldout_is_deterministic_and_not_the_training_stream(tiny_model):
     from tessera.pretrain.evaluate import Evaluator
-    from tessera.pretrain.standin import heldout_standin_batch, train_standin_batch
+    from tessera.pretrain.mock import heldout_mock_batch, train_mock_batch
 
     model, mcfg = tiny_model
     cfg = _eval_cfg(mcfg.vocab_size)
     ev = Evaluator(cfg, [model], n_micro=2, dp_rank=0, dp_size=1)
     first, second = ev.run(), ev.run()
     assert first == second and "eval_ce_text" not in first  # no vocabulary: no modalities
-    assert not torch.equal(heldout_standin_batch(cfg, 1, 0)["tokens"], train_standin_batch(cfg, 1, 0)["tokens"])
+    assert not torch.equal(heldout_mock_batch(cfg, 1, 0)["tokens"], train_mock_batch(cfg, 1, 0)["tokens"])
 
 
-def test_mfu_uses_bench_flops_per_token():
-    from tessera.bench.plan import ModelShape, flops_per_token
+def test_mfu_uses_the_shared_flops_per_token_and_a_datasheet_peak():
+    import dataclasses
+
+    from tessera.bench.plan import ModelShape
+    from tessera.bench.plan import flops_per_token as plan_flops
     from tessera.model.config import get_preset
+    from tessera.model.flops import flops_per_token, gpu_key, gpu_peak_flops
     from tessera.pretrain.config import TrainConfig
-    from tessera.pretrain.metrics import TrainLogger, default_peak_flops
+    from tessera.pretrain.metrics import TrainLogger, peak_flops_per_device
 
     cfg = TrainConfig(model=get_preset("tiny"))
     cfg.train.peak_flops = 2e12
     log = TrainLogger(cfg, "/nonexistent", world_size=4, enabled=False)
-    fpt = flops_per_token(ModelShape.from_config(cfg.model), cfg.data.seq_length)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_length)
+    m34 = get_preset("chameleon-34b")  # GQA: kv heads != query heads
+    assert fpt == plan_flops(ModelShape.from_config(cfg.model), cfg.data.seq_length)  # bench plan's = the trainer's
+    assert flops_per_token(m34, 4096) == plan_flops(ModelShape.from_config(m34), 4096)
     assert log.flops_per_token == fpt
     assert log.mfu(1000.0) == pytest.approx(1000.0 * fpt / (4 * 2e12))
-    if not torch.cuda.is_available():
-        assert default_peak_flops("float32") == 140e9 and default_peak_flops("bfloat16") == 770e9
+    # the model the run built (vocabulary from the data) decides FLOPs/token, not the config's preset
+    big_vocab = dataclasses.replace(cfg.model, vocab_size=4096)
+    assert TrainLogger(cfg, "/x", 1, enabled=False, model=big_vocab).flops_per_token > fpt
+
+    # datasheet dense peaks by device name and precision
+    assert [gpu_key(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
+                                 "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "NVIDIA GH200 480GB",
+                                 "NVIDIA B200", "Tesla V100-SXM2-16GB")] == [
+        "h100", "h100-pcie", "h100-nvl", "h200", "a100", "a100", "gh200", "b200", None]
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == (989e12, "H100 SXM datasheet dense bf16 peak (989 TFLOP/s)")
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32", tf32=True)[0] == 495e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32", tf32=False)[0] == 67e12
+    assert gpu_peak_flops("NVIDIA B200", "fp32") is None and gpu_peak_flops("Tesla V100", "bf16") is None
+    # the CPU: no MFU unless train.peak_flops says what to divide by
+    assert peak_flops_per_device(None, "fp32", torch.device("cpu"))[0] is None
+    assert peak_flops_per_device(5e11, "bf16", torch.device("cpu"))[0] == 5e11
+    cfg.train.peak_flops = None
+    no_peak = TrainLogger(cfg, "/x", 1, enabled=False)
+    no_peak.start_step()
+    assert "mfu" not in no_peak.end_step() and no_peak.mfu(1e6) is None
+
+
+def test_tokens_per_s_is_averaged_over_a_window_of_steps(monkeypatch):
+    from tessera.model.config import get_preset
+    from tessera.pretrain import metrics
+    from tessera.pretrain.config import TrainConfig
+
+    cfg = TrainConfig(model=get_preset("tiny"))
+    cfg.train.peak_flops = 1e12
+    monkeypatch.setattr(metrics, "TOKENS_WINDOW", 3)
+    log = metrics.TrainLogger(cfg, "/x", 1, enabled=False)
+    clock = iter([0.0, 1.0, 1.0, 2.0, 2.0, 6.0, 6.0, 7.0])  # steps of 1, 1, 4, 1 s
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    recs = []
+    for _ in range(4):
+        log.start_step()
+        recs.append(log.end_step())
+    tokens = cfg.parallel.global_batch_size * cfg.data.seq_length
+    assert [r["step_seconds"] for r in recs] == [1.0, 1.0, 4.0, 1.0]
+    # total tokens / total seconds over the last 3 steps: the 4 s step weighs as a 4 s step, not as 1/4
+    assert [r["tokens_per_s"] for r in recs] == pytest.approx([tokens, tokens, 3 * tokens / 6, 3 * tokens / 6])
+    assert recs[-1]["mfu"] == pytest.approx(recs[-1]["tokens_per_s"] * log.flops_per_token / 1e12)
 
 
 # ---- a real run: pretokenized train + held-out data ---------------------------------------------
@@ -243,8 +292,18 @@ def obs_run(pretok, tmp_path_factory):
     run = tmp_path_factory.mktemp("obs") / "run"
     recs, stdout = _train(run, "--train.steps", "3", "--train.log_interval", "2", "--train.eval_interval", "2",
                           "--train.eval_steps", "1", "--train.peak_flops", "1e12", "--data.path", str(pretok["train"]),
-                          "--data.eval_path", str(pretok["heldout"]))
+                          "--data.eval_path", str(pretok["heldout"]), "--train.monitor_interval", "2",
+                          env={"TESSERA_COUNT_SYNCS": "1"})
     return run, recs, stdout
+
+
+def test_one_host_sync_per_step(obs_run):
+    """TESSERA_COUNT_SYNCS=1 counts the reads a step's device region makes (tessera.pretrain.syncs): one per
+    step, monitor steps included (the attention max rides in the same read; evaluation and checkpoints
+    are outside the region)."""
+    _, recs, _ = obs_run
+    assert [r["host_syncs"] for r in recs] == [1, 1, 1]
+    assert all("max_attn_logit" in r for r in recs)  # monitor steps 1, 2 (interval), 3 (last)
 
 
 def test_run_writes_tensorboard_scalars(obs_run):
@@ -255,14 +314,14 @@ def test_run_writes_tensorboard_scalars(obs_run):
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     want = {"train/loss", "train/ce_text", "train/ce_image", "train/z_loss", "train/lr", "train/grad_norm",
-            "train/bad_steps", "train/bad_steps_total", "guards/logit_norm", "guards/max_attn_logit", "perf/tokens_per_s", "perf/mfu",
+            "train/bad_steps", "train/bad_steps_total", "monitors/logit_norm", "monitors/max_attn_logit", "perf/tokens_per_s", "perf/mfu",
             "eval/loss", "eval/ppl", "eval/ce_text", "eval/ppl_text", "eval/ce_image", "eval/ppl_image"}
     assert want <= tags, want - tags
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3]
     assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([r["loss"] for r in recs], rel=1e-6)
-    # eval every 2 steps and once at the end; guards on logged steps (1, every 2, last)
+    # eval every 2 steps and once at the end; monitors at steps 1, every monitor_interval (2), last
     assert [e.step for e in ea.Scalars("eval/ce_image")] == [2, 3]
-    assert [e.step for e in ea.Scalars("guards/max_attn_logit")] == [1, 2, 3]
+    assert [e.step for e in ea.Scalars("monitors/max_attn_logit")] == [1, 2, 3]
 
 
 def test_run_jsonl_keys_mfu_and_progress_line(obs_run):
@@ -270,21 +329,26 @@ def test_run_jsonl_keys_mfu_and_progress_line(obs_run):
 
     import yaml
 
-    from tessera.bench.plan import ModelShape, flops_per_token
     from tessera.model.config import get_preset
+    from tessera.model.flops import flops_per_token
 
     run, recs, stdout = obs_run
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:  # the keys the demo report reads, every step
         assert {"loss", "ce_text", "ce_image", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(r)
         assert r["loss"] == pytest.approx(r["ce"] + r["z"], rel=1e-5)  # image_loss_weight 1
-    # MFU = tokens/s x bench.plan's FLOPs/token / (1 device x train.peak_flops); the trainer sized the
-    # vocabulary to the data's, which the saved config records
-    vocab = yaml.safe_load((run / "config.yaml").read_text())["model"]["vocab_size"]
-    fpt = flops_per_token(ModelShape.from_config(dataclasses.replace(get_preset("tiny"), vocab_size=vocab)), 32)
-    for r in recs:
+    # MFU = tokens/s x FLOPs/token (tessera.model.flops) / (1 device x train.peak_flops); the trainer sized the
+    # vocabulary to the data's, which the saved config records beside the request (left as asked)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    vocab = saved["resolved"]["model"]["vocab_size"]
+    assert saved["model"]["vocab_size"] == get_preset("tiny").vocab_size != vocab
+    assert saved["resolved"]["precision"] == "fp32" and saved["resolved"]["data_parallel_size"] == 1
+    fpt = flops_per_token(dataclasses.replace(get_preset("tiny"), vocab_size=vocab), 32)
+    for i, r in enumerate(recs):
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e12, rel=1e-9)
-        assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_seconds"], rel=1e-9)
+        # averaged over the steps so far (fewer than the window): tokens / seconds
+        assert r["tokens_per_s"] == pytest.approx((i + 1) * 4 * 32 / sum(x["step_seconds"] for x in recs[: i + 1]),
+                                                  rel=1e-9)
     assert "eval_ce_text" in recs[1] and "eval_ce_text" in recs[2] and "eval_loss" not in recs[0]
     assert recs[1]["eval_ppl_text"] == pytest.approx(math.exp(recs[1]["eval_ce_text"]))
     lines = [x for x in stdout.splitlines() if x.startswith("step ")]
@@ -318,7 +382,7 @@ def one_process_run(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [("--parallel.tp", "2"), ("--parallel.pp", "2"), ()], ids=["tp2", "pp2", "dp2"])
-def test_two_processes_report_the_one_process_guards_and_eval(one_process_run, tmp_path, layout):
+def test_two_processes_report_the_one_process_monitors_and_eval(one_process_run, tmp_path, layout):
     """Same figures for any layout: the reductions count every token once, and the attention probe
     reads the step's first global micro-batch (DP rank 0)."""
     ref = one_process_run

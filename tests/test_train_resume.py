@@ -17,13 +17,12 @@ import yaml
 
 from tessera.model.checkpoint import CheckpointError, step_dir_name
 from tessera.pretrain.checkpointing import (
-    StopSignal,
     check_model_config,
-    debug_kill_step,
     rotate_checkpoints,
     trim_metrics,
 )
 from tessera.pretrain.config import load_train_config
+from tessera.pretrain.preemption import StopSignal
 
 BASE = ["configs/demo.yaml", "--model.preset", "tiny", "--data.seq_length", "32", "--optim.warmup", "1",
         "--train.eval_interval", "0"]
@@ -37,10 +36,11 @@ def _cmd(run: Path, nproc: int, *extra: str) -> list[str]:
     return [*launcher, "-m", "tessera.pretrain.trainer", *BASE, "--train.run_dir", str(run), *extra]
 
 
-def _start(cmd: list[str], out, err) -> subprocess.Popen:
+def _start(cmd: list[str], out, err, env: dict | None = None) -> subprocess.Popen:
     # own process group: a SIGKILLed trainer leaves megatron's save-results Manager process (and its
     # resource tracker) orphaned, holding inherited stdout; the group is killed after the run (_reap)
-    return subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=ENV, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=dict(ENV, **(env or {})),
+                            start_new_session=True)
 
 
 def _reap(proc: subprocess.Popen) -> None:
@@ -50,10 +50,10 @@ def _reap(proc: subprocess.Popen) -> None:
         pass
 
 
-def _run(run: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def _run(run: Path, *extra: str, nproc: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = _cmd(run, nproc, *extra)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = _start(cmd, out, err)
+        proc = _start(cmd, out, err, env)
         try:
             rc = proc.wait(timeout=300)
         finally:
@@ -92,11 +92,11 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, pretok):
     assert r.returncode == 0, r.stderr[-3000:]
 
     run = tmp_path / "run"
-    r = _run(run, *args, "--train.debug_kill_at", "step:5")
+    r = _run(run, *args, env={"TESSERA_DEBUG_KILL_AT": "step:5"})
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert [x["step"] for x in _metrics(run)] == [1, 2, 3, 4, 5] and _latest(run) == step_dir_name(4)
 
-    r = _run(run, *args, "--train.debug_kill_at", "save:6")
+    r = _run(run, *args, env={"TESSERA_DEBUG_KILL_AT": "save:6"})
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / step_dir_name(4)} (step 4)" in r.stdout
     assert [x["step"] for x in _metrics(run)] == [1, 2, 3, 4, 5, 6]  # row 5 of the first kill was dropped
@@ -126,7 +126,7 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
 def test_sigterm_on_one_rank_saves_tp2_and_tp1_resume_matches(tmp_path):
     """SIGTERM to rank 1 only of a TP=2 run: both ranks agree (all-reduce), save at the same step and exit 0.
     That TP=2 checkpoint resumes in one TP=1 process; its next step's loss equals the uninterrupted TP=1 run's
-    within 1e-5 (TP changes the reduction order). The stand-in stream, no dropout (RNG is reseeded when the
+    within 1e-5 (TP changes the reduction order). The mock dataset, no dropout (RNG is reseeded when the
     layout changes)."""
     import psutil
 
@@ -234,12 +234,22 @@ def test_model_config_mismatch_names_the_fields(tmp_path):
     assert "hidden_dropout" not in str(e.value)
 
 
-def test_debug_kill_spec_and_stop_signal(tmp_path):
-    cfg = load_train_config("configs/demo.yaml", ["--train.debug_kill_at", "save:6"])
-    assert debug_kill_step(cfg, "save") == 6 and debug_kill_step(cfg, "step") is None
-    cfg.train.debug_kill_at = "mid:3"
-    with pytest.raises(CheckpointError, match="debug_kill_at"):
-        debug_kill_step(cfg, "step")
+def test_test_hooks_come_from_the_environment_and_stop_signal(tmp_path):
+    from tessera.config import ConfigError
+    from tessera.pretrain.faults import kill_step, nan_steps
+
+    env = {"TESSERA_DEBUG_KILL_AT": "save:6", "TESSERA_DEBUG_NAN_STEPS": "2,5"}
+    assert kill_step("save", env) == 6 and kill_step("step", env) is None and kill_step("step", {}) is None
+    assert nan_steps(env) == {2, 5} and nan_steps({}) == frozenset()
+    with pytest.raises(ConfigError, match="TESSERA_DEBUG_KILL_AT"):
+        kill_step("step", {"TESSERA_DEBUG_KILL_AT": "mid:3"})
+    # they are not run-config settings: a config asking for one says where they went
+    with pytest.raises(ConfigError, match="train.debug_kill_at is not a config setting any more: tests set "
+                                          "TESSERA_DEBUG_KILL_AT"):
+        load_train_config("configs/demo.yaml", ["--train.debug_kill_at", "save:6"])
+    old = tmp_path / "old.yaml"  # a config saved by an older version, with the hooks empty, still loads
+    old.write_text("train: {steps: 3, debug_kill_at: '', debug_nan_steps: []}\n")
+    assert load_train_config(old).train.steps == 3
 
     before = signal.getsignal(signal.SIGTERM)
     stop = StopSignal().install()
@@ -250,3 +260,42 @@ def test_debug_kill_spec_and_stop_signal(tmp_path):
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_fully_parallel_checkpoint_strategies_are_used_and_can_be_turned_off(megatron_1proc, tmp_path, monkeypatch):
+    """train.ckpt_fully_parallel_save / _load (on by default) wrap megatron's save / load strategy in its
+    FullyParallel*StrategyWrapper over the data-parallel group; off, the default strategies; either way the
+    checkpoint loads back (1 process here: the multi-process runs in test_train_scale use the default)."""
+    from megatron.core.dist_checkpointing.strategies import fully_parallel
+
+    from tessera.pretrain.checkpointing import load_checkpoint, save_checkpoint
+    from tessera.pretrain.config import ResolvedRun
+    from tessera.pretrain.optimizer import get_optimizer
+    from tessera.pretrain.trainer import _build_model_chunks, get_scheduler
+
+    used = []
+    for cls in (fully_parallel.FullyParallelSaveStrategyWrapper, fully_parallel.FullyParallelLoadStrategyWrapper):
+        for name in ("save", "load"):
+            if hasattr(cls, name):
+                original = getattr(cls, name)
+                monkeypatch.setattr(cls, name, lambda self, *a, _o=original, _n=cls.__name__, **k: (
+                    used.append(_n), _o(self, *a, **k))[1])
+    cfg = load_train_config("configs/demo.yaml", ["--model.preset", "tiny"])
+    chunks, ddps = _build_model_chunks(cfg, bf16=False)
+    opt = get_optimizer(cfg.optim, ddps, bf16=False)
+    sched = get_scheduler(cfg, opt)
+    for d in ddps:
+        d.zero_grad_buffer()
+    opt.step()  # the optimizer has state to save (a run saves after its first step at the earliest)
+    resolved = ResolvedRun(model=cfg.model, precision="fp32", deterministic=True, world_size=1, data_parallel_size=1,
+                           device="cpu", gradient_accumulation_fusion=False, mfu_peak_flops=None, mfu_peak="none")
+    for on in (True, False):
+        cfg.train.ckpt_fully_parallel_save = cfg.train.ckpt_fully_parallel_load = on
+        used.clear()
+        path = save_checkpoint(tmp_path / f"run{on}", 1, model=chunks[0], optimizer=opt, scheduler=sched, cfg=cfg,
+                               resolved=resolved)
+        st = load_checkpoint(path, model=chunks[0], optimizer=opt, scheduler=sched, cfg=cfg, model_cfg=cfg.model)
+        assert st.step == 1
+        assert used == (["FullyParallelSaveStrategyWrapper", "FullyParallelLoadStrategyWrapper"] if on else []), used
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+        assert saved["resolved"]["model"] == saved["model"] and "debug_kill_at" not in saved["train"]

@@ -14,10 +14,12 @@ from collections.abc import Callable
 
 import torch
 
-# Datasheet dense bf16 tensor-core peaks (TFLOP/s), used only by `tessera bench plan` for GPUs we
-# are not running on. Sources: NVIDIA A100 / H100 SXM / H200 datasheets (dense, no sparsity).
-GPU_PEAK_BF16_TFLOPS: dict[str, float] = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "b200": 2250.0}
-GPU_MEMORY_GB: dict[str, float] = {"a100": 80.0, "h100": 80.0, "h200": 141.0, "b200": 192.0}
+from tessera.model.flops import GPU_PEAKS
+
+# Datasheet dense bf16 peaks (TFLOP/s) and memory, for `tessera bench plan --gpu`: the one table is
+# tessera.model.flops.GPU_PEAKS (the trainer's MFU reads it too).
+GPU_PEAK_BF16_TFLOPS: dict[str, float] = {k: g.bf16 for k, g in GPU_PEAKS.items()}
+GPU_MEMORY_GB: dict[str, float] = {k: g.memory_gb for k, g in GPU_PEAKS.items()}
 
 
 def cpu_model() -> str:

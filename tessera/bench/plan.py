@@ -3,11 +3,8 @@
 Everything here is closed-form and exact for the model's shape, so it runs for a 34B model on a laptop:
 
 * parameters: per component, equal to the model's exact count (tested against ``count_parameters``);
-* FLOPs per token: model FLOPs of one training step, 3 x forward (backward = 2 x forward), with the
-  forward = 2 x (every matmul weight, including the output layer, not the embedding lookup) plus the
-  attention scores and the attention-weighted values, 2 x 2 x s x (heads * head_dim) per layer,
-  counted over the full s x s matrix (the Megatron-LM / PaLM convention; causal masking is not
-  subtracted and recomputation is not added: this is MODEL FLOPs, the numerator of MFU);
+* FLOPs per token: ``tessera.model.flops.flops_per_token`` (model FLOPs of one training step, the
+  numerator of MFU; the trainer uses the same function);
 * memory per GPU: bf16 weights, fp32 gradients (megatron's main_grad), fp32 master weights + Adam
   moments, sharded over DP by the distributed optimizer (megatron's 18 vs 6 + 12/DP bytes/parameter);
 * activations: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
@@ -22,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from tessera.bench.machine import GPU_MEMORY_GB, GPU_PEAK_BF16_TFLOPS
+from tessera.model.flops import flops_per_token, matmul_parameters  # noqa: F401 - re-exported for bench users
 
 Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_MODES: tuple[Recompute, ...] = ("none", "selective", "full")
@@ -136,17 +134,7 @@ def stage_parameters(m: ModelShape, tp: int, pp: int) -> list[int]:
     return stages
 
 
-# ---- FLOPs ----------------------------------------------------------------------------------------
-def matmul_parameters(m: ModelShape) -> int:
-    lp = layer_parameters(m)
-    per_layer = lp["linear_qkv"] + lp["linear_proj"] + lp["linear_fc1"] + lp["linear_fc2"]
-    return m.num_layers * per_layer + m.vocab_size * m.hidden_size
-
-
-def flops_per_token(m: ModelShape, seq_length: int | None = None) -> float:
-    """Training model FLOPs per token: 6 * N_matmul + 12 * L * s * (heads * head_dim)."""
-    s = seq_length or m.seq_length
-    return 6.0 * matmul_parameters(m) + 12.0 * m.num_layers * s * m.q_width
+# FLOPs per token: tessera.model.flops (the trainer's MFU uses the same functions)
 
 
 # ---- activations (Korthikanti et al.) -------------------------------------------------------------

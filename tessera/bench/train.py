@@ -6,7 +6,7 @@ Both sides run the same work per step on the same random batch: forward over ``m
 transformers' Chameleon has no residual dropout. ``bf16`` means autocast to bfloat16 on both sides.
 
 MFU = (FLOPs per token x tokens/s) / the machine's MEASURED matmul peak for the step's dtype, with
-FLOPs per token from ``tessera.bench.plan.flops_per_token`` (6 x matmul parameters + 12 x L x s x h).
+FLOPs per token from ``tessera.model.flops.flops_per_token`` (6 x matmul parameters + 12 x L x s x h).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from tessera.bench.machine import describe_machine, interleaved_best_times, peak_tflops
-from tessera.bench.plan import ModelShape, count_parameters, flops_per_token
+from tessera.bench.plan import ModelShape, count_parameters
 from tessera.bench.report import format_table
+from tessera.model.flops import flops_per_token
 
 
 def _autocast(dtype: str, device: torch.device):

@@ -27,16 +27,36 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def transformer_config(cfg: ModelConfig, **overrides) -> TransformerConfig:
+def recompute_settings(cfg: ModelConfig, layers_per_chunk: int) -> dict:
+    """``model.recompute`` as megatron's TransformerConfig fields: selective recomputes core attention
+    (megatron's default ``recompute_modules``); full recomputes whole layers, ``uniform`` in groups of
+    ``recompute_num_layers`` (default 1), ``block`` the first ``recompute_num_layers`` of each stage
+    (default all of them)."""
+    if cfg.recompute == "none":
+        return {"recompute_granularity": None, "recompute_method": None, "recompute_num_layers": None}
+    if cfg.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_method": None, "recompute_num_layers": None}
+    n = cfg.recompute_num_layers or (1 if cfg.recompute_method == "uniform" else layers_per_chunk)
+    return {"recompute_granularity": "full", "recompute_method": cfg.recompute_method, "recompute_num_layers": n}
+
+
+def transformer_config(cfg: ModelConfig, *, sequence_parallel: bool = False, gradient_accumulation_fusion: bool = False,
+                       deterministic_mode: bool = False, **overrides) -> TransformerConfig:
     """megatron's TransformerConfig for ``cfg`` under the current parallel state.
 
-    On the CPU: weights initialised on the CPU, no CUDA fusions, fp32 or bf16 as ``cfg.params_dtype`` says.
+    Training features the run config decides (not the model's shape): ``sequence_parallel`` (needs TP > 1),
+    ``gradient_accumulation_fusion`` (the weight-gradient GEMM accumulates into DDP's fp32 main_grad: needs
+    CUDA and apex's ``fused_weight_gradient_mlp_cuda``), ``deterministic_mode`` (megatron's); activation
+    recomputation comes from ``cfg.recompute``. On the CPU: weights initialised on the CPU, no CUDA fusions,
+    fp32 or bf16 as ``cfg.params_dtype`` says.
     """
     cuda = torch.cuda.is_available()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     cfg.validate(tp, pp, vp)
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence_parallel needs tensor parallelism (TP > 1)")
     dtype = torch_dtype(cfg.params_dtype)
     kwargs = dict(
         num_layers=cfg.num_layers,
@@ -63,7 +83,7 @@ def transformer_config(cfg: ModelConfig, **overrides) -> TransformerConfig:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -72,8 +92,14 @@ def transformer_config(cfg: ModelConfig, **overrides) -> TransformerConfig:
         bias_dropout_fusion=cuda,
         apply_rope_fusion=False,
         masked_softmax_fusion=cuda,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=gradient_accumulation_fusion,
         persist_layer_norm=False,
+        deterministic_mode=deterministic_mode,
+        # megatron's torch.cuda.synchronize() after every batched pipeline send/recv worked around a
+        # batch_isend_irecv race that PyTorch fixed long before the torch >= 2.6 this project needs (the
+        # work objects now wait on the coalesced NCCL streams); it would stall the host per micro-batch
+        batch_p2p_sync=False,
+        **recompute_settings(cfg, cfg.num_layers // (pp * (vp or 1))),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -104,7 +130,10 @@ class ChameleonGPTModel(GPTModel):
                                         **kwargs)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         hidden_states = hidden_states.transpose(0, 1).contiguous()
-        if weight is None and linear.single_rank_plain(self.output_layer):  # one TP rank: F.linear (linear.py)
+        # one TP rank: F.linear (linear.py), unless something hooks the layer's forward (megatron DDP's
+        # overlapped parameter all-gather waits for the weight in a forward pre-hook)
+        if (weight is None and linear.single_rank_plain(self.output_layer)
+                and not self.output_layer._forward_pre_hooks):
             return F.linear(hidden_states, self.output_layer.weight)
         logits, _ = self.output_layer(hidden_states, weight=weight,
                                       runtime_gather_output=kwargs.get("runtime_gather_output"))

@@ -3,7 +3,8 @@
 Layout of one checkpoint ``CKPT/``::
 
     tessera.json   {"format": 1, "step": N, "model_config": {...}}
-    config.yaml    the resolved run config; its ``model:`` section is a ModelConfig
+    config.yaml    the run config; the model saved is its ``resolved: model:`` section (a training run: the
+                   request and what the run resolved, kept apart) or else its ``model:`` section
     vocab.json     the unified Vocabulary (optional)
     dist/          megatron dist_checkpointing save of {"model": model.sharded_state_dict(), ...}
 
@@ -120,15 +121,18 @@ def save_model_checkpoint(
     extra_state: dict | None = None,
     extra_meta: dict | None = None,
     before_commit: Callable[[Path], None] | None = None,
+    save_strategy: Any = None,
 ) -> Path:
     """Save ``model`` (collective: every rank of the layout calls it) to ``ckpt_dir``.
 
     Everything is written to ``ckpt_dir.tmp-<pid>`` and renamed at the end, so a crash never leaves a
-    directory that looks complete. ``extra_config`` is the resolved run config (dataclass or dict); its
-    ``model`` section is replaced by ``model_cfg``. ``extra_state`` (optimizer, scheduler, rng, ...)
+    directory that looks complete. ``extra_config`` is the run config (dataclass or dict); its ``model``
+    section is replaced by ``model_cfg`` unless it has a ``resolved`` section (a training run's config: the
+    request stays as asked and ``resolved.model`` names the model saved). ``extra_state`` (optimizer, scheduler, rng, ...)
     goes into the same dist_checkpointing save under its own keys. ``extra_meta`` adds keys to
     tessera.json. ``before_commit(tmp_dir)`` runs on rank 0 after everything is written, before the
-    rename (crash-consistency tests kill the process there).
+    rename (crash-consistency tests kill the process there). ``save_strategy``: a dist_checkpointing save
+    strategy (e.g. megatron's fully parallel wrapper); None = the default one.
     """
     from megatron.core import dist_checkpointing
 
@@ -147,13 +151,14 @@ def save_model_checkpoint(
             raise CheckpointError(f"extra_state keys {sorted(clash)} clash with the model's")
         state.update(extra_state)
     _use_in_process_results_queue()
-    dist_checkpointing.save(state, str(tmp / DIST_DIR))
+    dist_checkpointing.save(state, str(tmp / DIST_DIR), save_strategy)
     if _rank() == 0:
         run_cfg = extra_config
         if dataclasses.is_dataclass(run_cfg) and not isinstance(run_cfg, type):
             run_cfg = to_dict(run_cfg)
         run_cfg = dict(run_cfg or {})
-        run_cfg["model"] = to_dict(model_cfg)
+        if "resolved" not in run_cfg:
+            run_cfg["model"] = to_dict(model_cfg)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(run_cfg, sort_keys=False))
         if vocab is not None:
             vocab.save(tmp / VOCAB_FILE)
@@ -217,16 +222,22 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
 
 
 def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
-    """The ModelConfig from ``config.yaml``'s ``model:`` section."""
+    """The ModelConfig of the model saved: ``config.yaml``'s ``resolved: model:`` section (training runs),
+    else its ``model:`` section."""
     from tessera.config import ConfigError, from_dict
 
     path = Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    resolved = data.get("resolved") if isinstance(data, dict) else None
+    if isinstance(resolved, dict) and isinstance(resolved.get("model"), dict):
+        section, where = resolved["model"], "resolved: model"
+    elif isinstance(data, dict) and isinstance(data.get("model"), dict):
+        section, where = data["model"], "model"
+    else:
         raise CheckpointError(f"{path}: no 'model:' section")
     try:
-        return from_dict(ModelConfig, data["model"], f"{path}: model")
+        return from_dict(ModelConfig, section, f"{path}: {where}")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc

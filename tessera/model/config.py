@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from tessera.config import ConfigError
 
 PARAMS_DTYPES = ("float32", "bfloat16")
+RECOMPUTE = ("none", "selective", "full")  # megatron's activation recomputation granularities (+ none)
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass
@@ -30,6 +32,12 @@ class ModelConfig:
     z_loss_weight: float = 1e-5
     init_method_std: float = 0.02
     params_dtype: str = "float32"
+    # megatron's activation recomputation: selective = core attention only; full = whole layers, in groups of
+    # recompute_num_layers (uniform, default 1) or the first recompute_num_layers of each stage (block,
+    # default all). How the weights are computed with, not what they are: a resume may change it.
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
@@ -52,6 +60,14 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"model.recompute {self.recompute!r} is not one of {list(RECOMPUTE)}")
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            raise ConfigError(f"model.recompute_method {self.recompute_method!r} is not one of {list(RECOMPUTE_METHODS)}")
+        if self.recompute_num_layers is not None and self.recompute != "full":
+            raise ConfigError(f"model.recompute_num_layers is for model.recompute: full (got recompute: {self.recompute})")
+        if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
+            raise ConfigError(f"model.recompute_num_layers must be >= 1, got {self.recompute_num_layers}")
 
     @property
     def head_dim(self) -> int:
@@ -82,6 +98,14 @@ class ModelConfig:
             raise ConfigError(f"model.num_layers {self.num_layers} is not divisible by {what} = {stages}")
         if vp is not None and vp > 1 and pp == 1:
             raise ConfigError("virtual pipeline stages (vp > 1) need pipeline parallel size > 1")
+        per_stage = self.num_layers // stages
+        if self.recompute == "full" and self.recompute_num_layers is not None:
+            if self.recompute_num_layers > per_stage:
+                raise ConfigError(f"model.recompute_num_layers {self.recompute_num_layers} exceeds the {per_stage} "
+                                  "layers of a pipeline stage")
+            if self.recompute_method == "uniform" and per_stage % self.recompute_num_layers:
+                raise ConfigError(f"model.recompute_num_layers {self.recompute_num_layers} does not divide the "
+                                  f"{per_stage} layers of a pipeline stage (recompute_method: uniform)")
         if self.vocab_size % (128 * tp):
             raise ConfigError(
                 f"model.vocab_size {self.vocab_size} is not divisible by 128 * tensor parallel size = {128 * tp}; "

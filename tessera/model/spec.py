@@ -36,7 +36,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -46,6 +45,7 @@ from tessera.model.config import ModelConfig
 from tessera.model.layer_names import TE_FUSED_NORMS
 from tessera.model.linear import SingleRankColumnParallelLinear, SingleRankRowParallelLinear
 from tessera.model.qk_norm import PerHeadLayerNorm
+from tessera.model.rms_norm import RMSNorm
 from tessera.model.swiglu import SwiGLU
 from tessera.model.swin_norm import SwinNormTransformerLayer, SwinNormTransformerLayerSubmodules
 
@@ -79,7 +79,7 @@ def local_layer_spec(cfg: ModelConfig) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,  # torch.nn.RMSNorm (config.normalization)
+            input_layernorm=RMSNorm,  # torch.nn.RMSNorm, sequence-parallel aware (rms_norm.py)
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
@@ -92,7 +92,7 @@ def local_layer_spec(cfg: ModelConfig) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=RMSNorm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
@@ -158,7 +158,7 @@ def local_swin_layer_spec(cfg: ModelConfig) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            post_self_attn_layernorm=WrappedTorchNorm,  # on the attention output, inside bias-dropout-add
+            post_self_attn_layernorm=RMSNorm,  # on the attention output, inside bias-dropout-add
             pre_mlp_layernorm=IdentityOp,
             mlp=ModuleSpec(
                 module=MLP,
@@ -169,7 +169,7 @@ def local_swin_layer_spec(cfg: ModelConfig) -> ModuleSpec:
                 ),
             ),
             mlp_bda=get_bias_dropout_add,
-            post_mlp_layernorm=WrappedTorchNorm,  # on the MLP output
+            post_mlp_layernorm=RMSNorm,  # on the MLP output
         ),
     )
 
@@ -219,11 +219,11 @@ def chameleon_layer_spec(cfg: ModelConfig, use_te: bool | None = None) -> Module
 
 def chameleon_block_spec(cfg: ModelConfig, config: TransformerConfig, use_te: bool | None = None,
                          vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """This (virtual) pipeline stage's decoder: its layers and the final norm (``TENorm`` with TE, torch's
-    RMSNorm otherwise), as megatron's ``get_gpt_decoder_block_spec`` builds it."""
+    """This (virtual) pipeline stage's decoder: its layers and the final norm (``TENorm`` with TE, our RMSNorm
+    otherwise), as megatron's ``get_gpt_decoder_block_spec`` builds it."""
     use_te = te_status().available if use_te is None else use_te
     layer = chameleon_layer_spec(cfg, use_te)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-        layer_norm=TENorm if use_te else WrappedTorchNorm,
+        layer_norm=TENorm if use_te else RMSNorm,
     )

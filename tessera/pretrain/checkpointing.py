@@ -1,4 +1,4 @@
-"""Full-state training checkpoints: save, auto-resume, rotation, SIGTERM, crash-consistency hooks.
+"""Full-state training checkpoints: save, auto-resume, rotation (SIGTERM: preemption.py; test kills: faults.py).
 
 One checkpoint is a ``tessera.model.checkpoint`` directory (tessera.json, config.yaml, vocab.json, dist/)
 whose dist_checkpointing save holds, beside ``model``:
@@ -6,10 +6,16 @@ whose dist_checkpointing save holds, beside ``model``:
     optimizer    megatron ``optimizer.sharded_state_dict(model_sd)``: Adam moments (and fp32 main params
                  under bf16) as ShardedTensors keyed like the model's, so they reshard across TP/PP/DP
     scheduler    ``OptimizerParamScheduler.state_dict()`` (common: written once by rank 0)
-    train_state  {step, bad_steps, data (``WovenBatchIterator.state_dict()`` or None for the stand-in
-                 stream, which is keyed by step), layout (tp, pp, dp), optimizer metadata} (common)
+    train_state  {step, bad_steps, data (``WovenBatchIterator.state_dict()`` or None for the mock
+                 dataset, which is keyed by step), layout (tp, pp, dp), optimizer metadata} (common)
     rng_state    one ShardedObject per rank, at offset (pp_rank, tp_rank, dp_rank) of shape (pp, tp, dp):
                  python, numpy, torch CPU, CUDA (when present) and megatron's RNG-tracker states
+
+The ``config.yaml`` holds the run config as asked plus the ``resolved:`` section (its ``model`` is the model
+saved, which ``read_model_config`` returns). Saves and loads are fully parallel by default (megatron-LM's
+``--ckpt-fully-parallel-save/load``: ``FullyParallelSave/LoadStrategyWrapper`` over the data-parallel
+group; ``train.ckpt_fully_parallel_save/load: false`` turns them off). The distributed optimizer's state
+is saved ``fully_reshardable``, so it loads under another TP / PP / DP layout.
 
 RNG states only mean something for the rank that drew them, so they are restored only when the
 resuming run has the same (tp, pp, dp) layout; under another layout every rank reseeds from
@@ -28,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,13 +55,15 @@ from tessera.model.checkpoint import (
     step_dir_name,
     write_latest,
 )
-from tessera.pretrain.metrics import reduce_device
 
 TRAIN_STATE_VERSION = 1
-# megatron's reshardable layout for the distributed optimizer; the plain optimizer ignores it
+# megatron's reshardable layout for the distributed optimizer (a checkpoint loads under any TP / PP / DP);
+# the plain optimizer ignores it. The data-parallel group is added when saving / loading (megatron-LM does).
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
-# model fields that do not change the weights: init_from may change them, resume may not
-_INIT_FROM_FREE_FIELDS = frozenset({"hidden_dropout", "attention_dropout"})
+# model fields that only decide how the same weights are computed with: a resume may change them
+_RESUME_FREE_FIELDS = frozenset({"recompute", "recompute_method", "recompute_num_layers"})
+# ... and init_from may also change the dropout
+_INIT_FROM_FREE_FIELDS = _RESUME_FREE_FIELDS | {"hidden_dropout", "attention_dropout"}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -68,19 +75,6 @@ class ResumeState:
     bad_steps: int = 0
     source: Path | None = None  # the checkpoint loaded (resume or init_from), if any
     rng_restored: bool = False
-
-
-class Preempted(SystemExit):
-    """Raised after the SIGTERM checkpoint is written: exit status 0, so schedulers treat it as clean.
-    The message is printed by rank 0 when it is raised."""
-
-    def __init__(self, run: str | Path, step: int) -> None:
-        super().__init__(0)
-        self.step = step
-        self.message = (f"SIGTERM: saved {Path(run) / 'checkpoints' / step_dir_name(step)} after step {step}; "
-                        f"exiting 0 (a restart with train.resume: auto continues at step {step + 1})")
-        if _rank() == 0:
-            print(self.message, flush=True)
 
 
 # ---- layout / rank helpers ----------------------------------------------------------------------
@@ -161,14 +155,48 @@ def _reseed(seed: int, step: int) -> None:
 
 
 # ---- save --------------------------------------------------------------------------------------
+def _fully_parallel_save_strategy():
+    """megatron-LM's --ckpt-fully-parallel-save: the default torch_dist writer wrapped so that the data-parallel
+    replicas split the writing of every replicated tensor instead of DP rank 0 writing it alone."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"),
+                                            ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def _fully_parallel_load_strategy(ckpt_dir: Path):
+    """megatron-LM's --ckpt-fully-parallel-load: each data-parallel replica reads a share and they exchange it."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(ckpt_dir)),
+                                            ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def _optim_metadata(saved: dict | None = None) -> dict:
+    """The optimizer's sharded-state-dict metadata: megatron's reshardable format. Its default exchange
+    all-gathers each rank's shard with NCCL (``.cuda()`` copies: CUDA only); without CUDA the gloo variant
+    (``..._mem_efficient``) gathers on data-parallel rank 0 instead. megatron reads the two formats alike."""
+    from megatron.core import parallel_state as ps
+
+    return {**(saved or OPTIM_METADATA), "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
+            "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
+
+
 def save_checkpoint(run: str | Path, step: int, *, model: Any, optimizer: Any, scheduler: Any, cfg: Any,
-                    vocab: Any = None, data_iterator: Any = None, bad_steps: int = 0) -> Path:
-    """Collective: write ``RUN/checkpoints/step_N`` (full state), then ``latest``, then rotate."""
+                    resolved: Any, vocab: Any = None, data_iterator: Any = None, bad_steps: int = 0) -> Path:
+    """Collective: write ``RUN/checkpoints/step_N`` (full state), then ``latest``, then rotate. ``cfg`` is the
+    run config as asked, ``resolved`` what the run resolved (its ``model`` is the model saved)."""
+    from tessera.pretrain.faults import kill_step, sigkill
+
     checkpoints = Path(run) / "checkpoints"
     name = step_dir_name(step)
     model_sd = model_sharded_state_dict(model)
     extra = {
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIM_METADATA),
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=_optim_metadata()),
         "scheduler": scheduler.state_dict(),
         "train_state": {
             "version": TRAIN_STATE_VERSION, "step": int(step), "bad_steps": int(bad_steps),
@@ -177,15 +205,17 @@ def save_checkpoint(run: str | Path, step: int, *, model: Any, optimizer: Any, s
         },
         "rng_state": _rng_sharded(capture_rng_state()),
     }
-    kill = debug_kill_step(cfg, "save")
+    kill = kill_step("save")
 
     def before_commit(tmp: Path) -> None:
         if kill == step:  # crash-consistency test: die with a complete-looking tmp dir never renamed
-            _sigkill(f"train.debug_kill_at save:{step}: SIGKILL before renaming {tmp.name}")
+            sigkill(f"TESSERA_DEBUG_KILL_AT=save:{step}: SIGKILL before renaming {tmp.name}")
 
-    path = save_model_checkpoint(model, cfg.model, checkpoints / name, vocab=vocab, extra_config=to_dict(cfg),
+    strategy = _fully_parallel_save_strategy() if cfg.train.ckpt_fully_parallel_save else None
+    path = save_model_checkpoint(model, resolved.model, checkpoints / name, vocab=vocab,
+                                 extra_config={**to_dict(cfg), "resolved": to_dict(resolved)},
                                  step=step, extra_state=extra, extra_meta={"layout": _layout()},
-                                 before_commit=before_commit)
+                                 before_commit=before_commit, save_strategy=strategy)
     if _rank() == 0:
         write_latest(checkpoints, name)  # updated last: `latest` never names a partial checkpoint
         rotate_checkpoints(checkpoints, cfg.train.keep_last_n)
@@ -230,44 +260,92 @@ def check_model_config(ckpt: Path, model_cfg: Any, ignore: frozenset[str] = froz
         raise CheckpointError(f"{ckpt}: the checkpoint's model config differs from this run's ({detail})")
 
 
-def _load(ckpt: Path, sharded: dict) -> dict:
+def _load(ckpt: Path, sharded: dict, fully_parallel: bool = False) -> dict:
     from megatron.core import dist_checkpointing
 
+    strategy = _fully_parallel_load_strategy(ckpt / DIST_DIR) if fully_parallel else None
     try:
-        return dist_checkpointing.load(sharded, str(ckpt / DIST_DIR))
+        return dist_checkpointing.load(sharded, str(ckpt / DIST_DIR), strategy)
     except CheckpointError:
         raise
     except Exception as exc:  # megatron raises several types for missing / mismatched entries
         raise CheckpointError(f"{ckpt / DIST_DIR}: cannot load: {exc}") from exc
 
 
-def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: Any, cfg: Any,
+def _torch_adam_distributed(optimizer: Any):
+    """The DistributedOptimizer when it runs over torch's Adam (megatron's fallback without Transformer Engine or
+    apex, as on every CPU), else None. megatron-core 0.16.1 mishandles that case when loading its reshardable
+    state: a fresh optimizer's ``state_dict()`` asserts on the missing per-parameter ``step``, and the
+    parameter-state load looks for a ``step`` entry the checkpoint does not hold (torch keeps one per
+    parameter, megatron stores it once in the param groups)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    subs = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    if distrib_optimizer.HAVE_APEX_OR_TE or len(subs) != 1:
+        return None
+    o = subs[0]
+    return o if isinstance(o, distrib_optimizer.DistributedOptimizer) and o.optimizer is not None else None
+
+
+def _prepare_optimizer_for_load(optimizer: Any) -> None:
+    """Give a fresh torch-Adam DistributedOptimizer megatron's own dummy state (one zero-gradient step) so its
+    ``sharded_state_dict(is_loading=True)`` works; the load then overwrites it, main parameters included
+    (and the model's weights are loaded too)."""
+    o = _torch_adam_distributed(optimizer)
+    if o is not None and not o.optimizer.state:
+        o._init_optimizer_states_with_dummy_values()
+
+
+def _load_optimizer_state(optimizer: Any, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``; for a torch-Adam DistributedOptimizer the same in megatron's two
+    parts (common state, then the reshardable parameter state), with torch's per-parameter ``step`` set
+    aside while the parameter state is copied in (the step itself comes from the common state). megatron
+    puts ONE step tensor in every parameter's state, which torch's Adam then increments in place once per
+    parameter per step: each parameter gets its own copy back."""
+    o = _torch_adam_distributed(optimizer)
+    if o is None or state.get("param_state_sharding_type") != "fully_reshardable":
+        optimizer.load_state_dict(state)
+        return
+    common = {k: v for k, v in state.items() if k not in ("param_state", "param_state_sharding_type")}
+    o.load_state_dict(common)
+    steps = {p: st.pop("step") for p, st in o.optimizer.state.items() if "step" in st}
+    try:
+        o.load_parameter_state_from_fully_reshardable(state["param_state"])
+    finally:
+        for p, step in steps.items():
+            o.optimizer.state[p]["step"] = step.clone()
+
+
+def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: Any, cfg: Any, model_cfg: Any,
                     data_iterator: Any = None) -> ResumeState:
-    """Collective: restore model, optimizer, scheduler, data position and (same layout) RNG from ``ckpt``."""
+    """Collective: restore model, optimizer, scheduler, data position and (same layout) RNG from ``ckpt``.
+    ``model_cfg``: the model this run built (compared with the checkpoint's)."""
     from megatron.core import dist_checkpointing
 
     ckpt = Path(ckpt)
     read_checkpoint_meta(ckpt)
-    check_model_config(ckpt, cfg.model)
+    check_model_config(ckpt, model_cfg, ignore=_RESUME_FREE_FIELDS)
     common = dist_checkpointing.load_common_state_dict(str(ckpt / DIST_DIR))
     ts = common.get("train_state")
     if not isinstance(ts, dict) or ts.get("version") != TRAIN_STATE_VERSION:
         raise CheckpointError(f"{ckpt}: holds no training state (a model-only checkpoint?); "
                               "use train.init_from to start from its weights")
     if (ts["data"] is None) != (data_iterator is None):
-        has = "a data position" if ts["data"] is not None else "no data position (stand-in stream)"
+        has = "a data position" if ts["data"] is not None else "no data position (mock dataset)"
         raise CheckpointError(f"{ckpt}: saved with {has}, but this run {'has' if data_iterator else 'has no'} "
                               "data.path; resume with the same data setting or use train.init_from")
     same_layout = ts["layout"] == _layout()
     model_sd = model_sharded_state_dict(model)
     sharded = dict(model_sd)
+
+    _prepare_optimizer_for_load(optimizer)
     sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                        metadata=ts.get("optim_metadata") or OPTIM_METADATA)
+                                                        metadata=_optim_metadata(ts.get("optim_metadata")))
     if same_layout:
         sharded["rng_state"] = _rng_sharded(None)
-    state = _load(ckpt, sharded)
+    state = _load(ckpt, sharded, fully_parallel=cfg.train.ckpt_fully_parallel_load)
     _load_model_state(model, state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    _load_optimizer_state(optimizer, state["optimizer"])
     # the run's schedule settings win (train.steps may be extended on resume); the position comes from the file
     scheduler.override_opt_param_scheduler = True
     scheduler.load_state_dict(state["scheduler"])
@@ -284,12 +362,12 @@ def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: 
     return ResumeState(step=step, bad_steps=int(ts.get("bad_steps", 0)), source=ckpt, rng_restored=same_layout)
 
 
-def load_weights(ckpt: str | Path, model: Any, model_cfg: Any) -> Path:
+def load_weights(ckpt: str | Path, model: Any, model_cfg: Any, fully_parallel: bool = False) -> Path:
     """``train.init_from``: only the model weights of a checkpoint (any layout); returns the resolved path."""
     ckpt = resolve_checkpoint(ckpt)
     read_checkpoint_meta(ckpt)
     check_model_config(ckpt, model_cfg, ignore=_INIT_FROM_FREE_FIELDS)
-    state = _load(ckpt, model_sharded_state_dict(model))
+    state = _load(ckpt, model_sharded_state_dict(model), fully_parallel=fully_parallel)
     _load_model_state(model, state["model"])
     return ckpt
 
@@ -301,7 +379,7 @@ def latest_checkpoint(run: str | Path) -> Path | None:
     return resolve_checkpoint(Path(run) / "checkpoints")  # raises if latest names an incomplete dir
 
 
-def resume(cfg: Any, run: str | Path, *, model: Any, optimizer: Any, scheduler: Any,
+def resume(cfg: Any, run: str | Path, *, model: Any, optimizer: Any, scheduler: Any, model_cfg: Any,
            data_iterator: Any = None) -> ResumeState:
     """Start-up: resume from ``latest`` (``train.resume: auto``), else ``train.init_from`` weights, else fresh.
 
@@ -312,10 +390,11 @@ def resume(cfg: Any, run: str | Path, *, model: Any, optimizer: Any, scheduler: 
     latest = latest_checkpoint(run) if mode == "auto" else None
     if latest is not None:
         st = load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
-                             data_iterator=data_iterator)
+                             model_cfg=model_cfg, data_iterator=data_iterator)
         msg = f"resumed from {latest} (step {st.step}){'' if st.rng_restored else ', RNG reseeded'}"
     elif cfg.train.init_from:
-        st = ResumeState(source=load_weights(cfg.train.init_from, model, cfg.model))
+        st = ResumeState(source=load_weights(cfg.train.init_from, model, model_cfg,
+                                             fully_parallel=cfg.train.ckpt_fully_parallel_load))
         msg = f"initialised weights from {st.source}"
     else:
         st, msg = ResumeState(), ""
@@ -351,69 +430,7 @@ def trim_metrics(path: str | Path, last_step: int) -> int:
     return dropped
 
 
-# ---- SIGTERM -----------------------------------------------------------------------------------
-class StopSignal:
-    """SIGTERM (Slurm preemption, torchrun forwarding) sets a flag; ``requested()`` all-reduces it at a step
-    boundary so every rank agrees to save and stop together. ``install()`` / ``restore()`` put the handler in
-    and the previous one back; a second SIGTERM before the save restores the previous handler and re-sends
-    itself (so a stuck run can still be terminated)."""
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
-        self.signals = signals
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        if self.received is not None:
-            self.restore()
-            os.kill(os.getpid(), signum)
-            return
-        self.received = signum
-
-    def install(self) -> StopSignal:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # signal() only works there
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handler)
-        return self
-
-    def restore(self) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous.clear()
-
-    def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=reduce_device())
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-
-# ---- crash-consistency hooks (tests) ---------------------------------------------------------------
-def debug_kill_step(cfg: Any, phase: str) -> int | None:
-    """``train.debug_kill_at: "PHASE:STEP"`` -> STEP when PHASE matches (phases: ``step``, after step STEP's
-    metrics row and before its save; ``save``, inside step STEP's save before its tmp dir is renamed)."""
-    spec = getattr(cfg.train, "debug_kill_at", "") or ""
-    if not spec:
-        return None
-    ph, _, st = spec.partition(":")
-    if ph not in ("step", "save") or not st.isdigit():
-        raise CheckpointError(f"train.debug_kill_at: expected 'step:N' or 'save:N', got {spec!r}")
-    return int(st) if ph == phase else None
-
-
-def _sigkill(message: str) -> None:
-    print(message, flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def maybe_kill_after_step(cfg: Any, step: int) -> None:
-    if debug_kill_step(cfg, "step") == step:
-        _sigkill(f"train.debug_kill_at step:{step}: SIGKILL")
-
-
 __all__ = [
-    "Preempted", "ResumeState", "StopSignal", "check_model_config", "latest_checkpoint", "load_checkpoint",
-    "load_weights", "maybe_kill_after_step", "resume", "rotate_checkpoints", "save_checkpoint", "trim_metrics",
+    "ResumeState", "check_model_config", "latest_checkpoint", "load_checkpoint",
+    "load_weights", "resume", "rotate_checkpoints", "save_checkpoint", "trim_metrics",
 ]

@@ -13,11 +13,22 @@ from tessera.model.config import ModelConfig, get_preset
 
 @dataclass
 class ParallelConfig:
+    """The layout and megatron's scale features (docs/training.md, "Scale settings")."""
+
     tp: int = 1
     pp: int = 1
     vp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B); None = off
     micro_batch_size: int = 1
     global_batch_size: int = 8
+    # auto: NCCL when torch sees CUDA, gloo otherwise; nccl: a GPU job (stops at once if torch sees no GPU)
+    backend: Literal["auto", "nccl"] = "auto"
+    # megatron's DistributedOptimizer: fp32 main params + Adam state sharded over the data-parallel ranks
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  # DDP reduces gradient buckets while the backward runs
+    overlap_param_gather: bool = False  # distributed optimizer: all-gather params during the next forward
+    ddp_bucket_size: int | None = None  # parameters per gradient bucket; None: megatron-LM's max(40M, 1M x DP)
+    sequence_parallel: bool = False  # split norms / dropout activations along the sequence over TP (TP > 1)
+    context_parallel: int = 1  # megatron's local attention has no context parallelism: only 1
 
 
 @dataclass
@@ -47,21 +58,26 @@ class OptimConfig:
 class TrainSection:
     steps: int = 100
     log_interval: int = 1
+    # the logit monitors (output-logit norm, max attention logit): step 1, every monitor_interval, the last
+    monitor_interval: int = 10
     eval_interval: int = 50
     eval_steps: int = 2
     save_interval: int = 50
     keep_last_n: int = 3  # step checkpoints kept in RUN/checkpoints (0 = all)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from RUN/checkpoints/latest when it exists
     init_from: str = ""  # checkpoint / run dir whose model weights start a run that has nothing to resume
-    debug_kill_at: str = ""  # tests: "step:N" / "save:N" SIGKILLs the process there (pretrain/checkpointing.py)
     max_bad_steps: int = 5
+    # auto: on for the CPU, off on CUDA; what "on" sets and costs: tessera/pretrain/determinism.py, docs/training.md
+    deterministic: Literal["auto"] | bool = "auto"
     image_loss_weight: float = 1.0
     seed: int = 1234
     run_dir: str = "runs/demo"
-    # per device, for MFU; None = the 2-core CPU's measured matmul peak (140e9 fp32, 770e9 bf16) or the
-    # GPU's datasheet dense bf16 peak (989e12 on H100/H200; tessera.pretrain.metrics.default_peak_flops)
+    # per device, for MFU; None = the GPU's datasheet dense peak for the run's precision (bf16, TF32 or FP32:
+    # tessera.model.flops), and no MFU on the CPU or on a GPU missing from that table
     peak_flops: float | None = None
-    debug_nan_steps: list[int] = field(default_factory=list)
+    # megatron-LM's --ckpt-fully-parallel-save / -load: each data-parallel replica writes / reads its share
+    ckpt_fully_parallel_save: bool = True
+    ckpt_fully_parallel_load: bool = True
     # seconds one optimizer step plus one checkpoint save take on the target machine: a SIGTERM'd job
     # needs that long to stop cleanly, so the launchers give torchrun's shutdown twice this
     # (tessera/pretrain/launch.py). The default fits configs/chameleon-7b.yaml on one 8-GPU node.
@@ -76,6 +92,27 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class ResolvedRun:
+    """What the trainer decided at start-up from the request, the data and the machine. Saved as the
+    ``resolved:`` section of RUN/config.yaml and of every checkpoint's config.yaml, beside the request
+    (which the run never changes); ``load_train_config`` ignores it, so a saved config runs again as asked."""
+
+    model: ModelConfig  # the model built: vocab_size from data.path's vocabulary, params_dtype from precision
+    precision: str  # fp32 | bf16
+    deterministic: bool
+    world_size: int
+    data_parallel_size: int
+    device: str
+    gradient_accumulation_fusion: bool
+    mfu_peak_flops: float | None  # per device; None: no MFU reported
+    mfu_peak: str  # where that peak comes from
+
+
+# test hooks that once lived in the run config (tessera/pretrain/faults.py reads them from the environment)
+_MOVED_TO_ENV = {"debug_kill_at": "TESSERA_DEBUG_KILL_AT", "debug_nan_steps": "TESSERA_DEBUG_NAN_STEPS"}
 
 
 def _resolve_model(raw: Any, source: str) -> dict:
@@ -98,6 +135,12 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     if path is not None:
         source = str(path)
         data = read_yaml_mapping(path)
+    data.pop("resolved", None)  # a saved run config: what that run resolved is not a request
+    train = data["train"] if isinstance(data.get("train"), dict) else {}
+    for key, env in _MOVED_TO_ENV.items():
+        asked = train.pop(key, None)  # an empty value (a config saved by an older version) asked for nothing
+        if asked or any(o.split("=")[0] == f"--train.{key}" for o in overrides or []):
+            raise ConfigError(f"{source}: train.{key} is not a config setting any more: tests set {env}")
     ov = parse_overrides(overrides or [])
     model_raw = dict(data.get("model") or {})
     if "model.preset" in ov:
@@ -107,9 +150,10 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     return from_dict(TrainConfig, data, source)
 
 
-def validate_layout(cfg: TrainConfig, world_size: int) -> int:
-    """Check TP/PP/VP/batch against the model and world size; return the data-parallel size."""
-    p, m = cfg.parallel, cfg.model
+def validate_layout(cfg: TrainConfig, world_size: int, model: ModelConfig | None = None) -> int:
+    """Check TP/PP/VP/batch against the model (default ``cfg.model``; the trainer passes the model it builds)
+    and the world size; return the data-parallel size."""
+    p, m = cfg.parallel, model or cfg.model
     mp = p.tp * p.pp
     if p.tp < 1 or p.pp < 1:
         raise ConfigError(f"parallel.tp and parallel.pp must be >= 1 (got tp={p.tp}, pp={p.pp})")

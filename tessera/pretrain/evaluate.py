@@ -5,7 +5,7 @@ curve compares like with like. Sources, in order:
 
 * ``data.eval_path``: another ``tessera data pretokenize`` directory with the training vocabulary
   (``tessera demo`` pretokenizes its held-out split there), read through the woven iterator;
-* no ``data.path``: a deterministic random-token stand-in stream, disjoint from the training stand-in;
+* no ``data.path``: the mock dataset (deterministic random tokens), disjoint from the training batches;
 * ``data.path`` without ``data.eval_path``: no evaluation (said once on rank 0).
 
 Evaluation leaves training exactly as it was: the model goes back to train mode, every RNG state (torch,
@@ -25,8 +25,9 @@ from tessera.config import ConfigError
 from tessera.model.loss import language_model_loss
 from tessera.pretrain.checkpointing import capture_rng_state, restore_rng_state
 from tessera.pretrain.config import TrainConfig
-from tessera.pretrain.metrics import CE_KEYS, MODALITIES, reduce_device, step_stats, sum_stats
-from tessera.pretrain.standin import heldout_standin_batch
+from tessera.pretrain.device import training_device
+from tessera.pretrain.metrics import CE_KEYS, MODALITIES, step_stats, sum_stats
+from tessera.pretrain.mock import heldout_mock_batch
 
 Batch = dict[str, torch.Tensor]
 
@@ -35,14 +36,23 @@ class Evaluator:
     """``Evaluator(cfg, model_chunks, n_micro, dp_rank, dp_size, modality).run() -> {"eval_loss": ...}``.
 
     Every rank calls ``run`` (it runs the pipeline schedule and all-reduces). ``modality`` is the
-    vocabulary's id -> Modality table (per-modality losses), None for the stand-in. ``batches``
-    overrides the held-out source: ``batches(eval_step) -> this rank's micro-batches`` (tests)."""
+    vocabulary's id -> Modality table (per-modality losses), None for the mock dataset. ``batches``
+    overrides the held-out source: ``batches(eval_step) -> this rank's micro-batches`` (tests). Host
+    batches are copied to ``device`` (default: the training device) once per micro-batch.
+    ``forward_backward_func``: megatron's schedule by default; ``model_kwargs``: extra model-call keywords."""
 
     def __init__(self, cfg: TrainConfig, model: list[torch.nn.Module], n_micro: int, dp_rank: int, dp_size: int,
-                 modality: torch.Tensor | None = None, batches: Callable[[int], list[Batch]] | None = None) -> None:
+                 modality: torch.Tensor | None = None, batches: Callable[[int], list[Batch]] | None = None,
+                 device: torch.device | str | None = None, forward_backward_func: Callable | None = None,
+                 model_kwargs: dict | None = None) -> None:
+        from tessera.pretrain.step import BatchMover, stage_roles
+
         self.cfg, self.model, self.n_micro = cfg, model, n_micro
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.modality = modality
+        self.device = torch.device(device) if device is not None else training_device()
+        self.mover = BatchMover(self.device, *stage_roles([_unwrap(m) for m in model]), modality=modality)
+        self._fb = forward_backward_func  # None: megatron's schedule for the current layout
+        self.model_kwargs = model_kwargs or {}  # bf16: logits stay bf16 (tessera.pretrain.step.model_kwargs)
         self.source = None
         self._it = None
         self.note = ""
@@ -57,7 +67,7 @@ class Evaluator:
             self._batches = None
             self.note = "no data.eval_path: held-out evaluation is off for this run"
         else:
-            self._batches = self._standin_batches
+            self._batches = self._mock_batches
 
     @property
     def enabled(self) -> bool:
@@ -87,8 +97,8 @@ class Evaluator:
                                           dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.cfg.data.seed)
         return self._it.next_step()
 
-    def _standin_batches(self, step: int) -> list[Batch]:
-        return [heldout_standin_batch(self.cfg, step, self.dp_rank * self.n_micro + i) for i in range(self.n_micro)]
+    def _mock_batches(self, step: int) -> list[Batch]:
+        return [heldout_mock_batch(self.cfg, step, self.dp_rank * self.n_micro + i) for i in range(self.n_micro)]
 
     def run(self) -> dict[str, float]:
         """Mean CE over every held-out token (no z-loss, no image weighting) and per modality, with
@@ -98,16 +108,14 @@ class Evaluator:
             return {}
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        cfg, fb = self.cfg, get_forward_backward_func()
-        modality = self.modality
+        cfg, fb = self.cfg, self._fb or get_forward_backward_func()
 
         def forward_step(it, m):
             b = next(it)
-            out = m(b["tokens"], b["position_ids"], None)
+            out = m(b.get("tokens"), b.get("position_ids"), None, **self.model_kwargs)
 
             def loss_fn(logits):
-                lm = modality[b["labels"]] if modality is not None else None
-                lo = language_model_loss(logits, b["labels"], b["loss_mask"], 0.0, label_modality=lm)
+                lo = language_model_loss(logits, b["labels"], b["loss_mask"], 0.0, label_modality=b.get("label_modality"))
                 return lo.ce, step_stats(lo)
             return out, loss_fn
 
@@ -115,11 +123,11 @@ class Evaluator:
         modes = [m.training for m in self.model]
         for m in self.model:
             m.eval()  # no dropout
-        sums = torch.zeros(len(CE_KEYS), dtype=torch.float64, device=reduce_device())
+        sums = torch.zeros(len(CE_KEYS), dtype=torch.float64, device=self.device)
         try:
             with torch.no_grad():
                 for step in range(cfg.train.eval_steps):
-                    micro = self._batches(step)
+                    micro = self.mover.all(self._batches(step))
                     # virtual pipeline: each model chunk reads the same micro-batches through its own iterator
                     its = [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
                     out = fb(forward_step_func=forward_step, data_iterator=its, model=self.model,
@@ -127,7 +135,7 @@ class Evaluator:
                              micro_batch_size=cfg.parallel.micro_batch_size, forward_only=True)
                     # one contributor per DP replica (last stage, TP rank 0): the sums are replicated over TP
                     if out and ps.get_tensor_model_parallel_rank() == 0:
-                        sums += sum_stats(out, CE_KEYS)
+                        sums += sum_stats(out, CE_KEYS, self.device)
         finally:
             for m, mode in zip(self.model, modes, strict=True):
                 m.train(mode)
@@ -144,6 +152,12 @@ class Evaluator:
                 res[f"eval_ce_{mname}"], res[f"eval_ppl_{mname}"] = ce, _ppl(ce)
         res["eval_tokens"] = tot["n"]
         return res
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while not hasattr(module, "pre_process") and isinstance(getattr(module, "module", None), torch.nn.Module):
+        module = module.module  # DDP / Float16Module wrappers
+    return module
 
 
 def _ppl(ce: float) -> float:

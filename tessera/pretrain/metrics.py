@@ -1,25 +1,29 @@
 """What a training run reports, and where: ``RUN/metrics.jsonl``, TensorBoard (``RUN/tensorboard``), console.
 
-Rank 0 writes; every rank takes part in the reductions (``reduce_step_stats`` is a collective).
+Rank 0 writes; every rank takes part in the step's one all-reduce (``tessera.pretrain.step.reduce_step``).
 
-* ``step_stats`` turns one micro-batch's ``LossOutput`` (plus, on guard steps, its logits) into SUMS and
+* ``step_stats`` turns one micro-batch's ``LossOutput`` (plus, on monitor steps, its logits) into SUMS and
   token counts, so the step's figures are exact token-weighted means over every micro-batch of every
   DP replica (and the last pipeline stage's numbers reach rank 0 whatever the pipeline layout).
 * ``TrainLogger`` times the steps and derives tokens/s and MFU, writes one JSON line per step (keys
   ``step, loss, ce, ce_text, ce_image, ce_special, z, lr, grad_norm, bad_steps`` (consecutive skips),
-  ``bad_steps_total`` (skips so far), ``tokens_per_s, mfu, step_seconds`` every step; ``logit_norm,
-  max_attn_logit`` on guard steps; ``eval_*`` on evaluation steps), the same scalars to TensorBoard,
-  and a progress line every ``train.log_interval`` steps.
+  ``bad_steps_total`` (skips so far), ``step_seconds, tokens_per_s`` and ``mfu`` (when a peak is known)
+  every step; ``logit_norm, max_attn_logit`` on monitor steps; ``eval_*`` on evaluation steps;
+  ``host_syncs`` with TESSERA_COUNT_SYNCS=1, ``peak_mem_gib`` on CUDA logged steps), the same scalars to
+  TensorBoard, and a progress line every ``train.log_interval`` steps.
 
-MFU = tokens/s x FLOPs/token / (devices x peak FLOP/s per device), with FLOPs/token the training model
-FLOPs of ``tessera.bench.plan.flops_per_token`` (6 x matmul parameters + 12 x layers x seq x heads x
-head_dim; docs/training.md), the same function ``tessera bench train`` and ``tessera bench plan`` use.
+tokens/s is the average over the last ``TOKENS_WINDOW`` steps (total tokens / total wall time), not one
+step's. MFU = tokens/s x FLOPs/token / (devices x peak FLOP/s per device), with FLOPs/token from
+``tessera.model.flops.flops_per_token`` (6 x matmul parameters + 12 x layers x seq x heads x head_dim;
+the function ``tessera bench train`` and ``tessera bench plan`` use) and the peak from
+``peak_flops_per_device`` (``train.peak_flops``, else a GPU's datasheet dense peak for the run's
+precision; none on the CPU).
 """
 
 from __future__ import annotations
 
+import collections
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,46 +31,54 @@ from typing import TextIO
 
 import torch
 
+from tessera.model.config import ModelConfig
 from tessera.model.loss import MODALITY_NAMES, LossOutput
 from tessera.pretrain.config import TrainConfig
-from tessera.pretrain.guards import logit_norm_sums
+from tessera.pretrain.device import training_device
+from tessera.pretrain.monitors import logit_norm_sums
 from tessera.progress import format_seconds
 
 MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
 # token-weighted CE sums and their token counts, overall and per label modality (training and evaluation)
 CE_KEYS = ["ce", "n"] + [f"{p}_{m}" for m in MODALITIES for p in ("ce", "n")]
 # the order every rank packs the step sums in (one all-reduce); loss and z are per-micro-batch means
-_SUM_KEYS = ["loss", "z", "n_micro", *CE_KEYS, "logit_norm", "n_logit"]
+STEP_SUM_KEYS = ["loss", "z", "n_micro", *CE_KEYS, "logit_norm", "n_logit"]
 
-# DESIGN.md's measured 2-core CPU matmul peaks; datasheet dense bf16 peaks for GPUs (tessera.bench.machine)
-CPU_PEAK_FLOPS = {"float32": 140e9, "bfloat16": 770e9}
-
-
-def default_peak_flops(params_dtype: str) -> float:
-    """Peak FLOP/s of ONE device for MFU when ``train.peak_flops`` is unset."""
-    if torch.cuda.is_available():
-        from tessera.bench.machine import GPU_PEAK_BF16_TFLOPS
-
-        name = torch.cuda.get_device_name().lower()
-        for gpu, tflops in GPU_PEAK_BF16_TFLOPS.items():
-            if gpu in name:
-                return tflops * 1e12
-        return GPU_PEAK_BF16_TFLOPS["h100"] * 1e12
-    return CPU_PEAK_FLOPS.get(params_dtype, CPU_PEAK_FLOPS["float32"])
+TOKENS_WINDOW = 20  # steps in the tokens/s (and MFU) average: one step's time is too noisy to report
 
 
-def model_flops_per_token(cfg: TrainConfig) -> float:
-    from tessera.bench.plan import ModelShape, flops_per_token
+def peak_flops_per_device(configured: float | None, precision: str, device: torch.device) -> tuple[float | None, str]:
+    """(peak FLOP/s of ONE device for MFU, where it comes from): ``train.peak_flops`` when set; on a GPU its
+    datasheet dense peak for the run's precision (``tessera.model.flops``: bf16; TF32 for fp32 when
+    PyTorch lets fp32 matmuls use TF32, plain FP32 otherwise); on the CPU, or a GPU not in the table,
+    None: no MFU is reported (a CPU's measured matmul peak is no bound for a training step)."""
+    if configured:
+        return configured, f"train.peak_flops ({configured:g} FLOP/s)"
+    if device.type == "cuda":
+        from tessera.model.flops import gpu_peak_flops
 
-    return flops_per_token(ModelShape.from_config(cfg.model), cfg.data.seq_length)
+        name = torch.cuda.get_device_name(device)
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+        got = gpu_peak_flops(name, precision, tf32)
+        if got is not None:
+            return got
+        return None, f"{name} has no {precision} entry in tessera.model.flops.GPU_PEAKS; set train.peak_flops"
+    return None, "none on the CPU (set train.peak_flops to divide by a peak of your choice)"
+
+
+def model_flops_per_token(model: ModelConfig, seq_length: int) -> float:
+    from tessera.model.flops import flops_per_token
+
+    return flops_per_token(model, seq_length)
 
 
 def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> dict:
-    """One micro-batch's sums for ``reduce_step_stats`` (and ``CE_KEYS`` for evaluation); pass ``logits`` /
-    ``loss_mask`` on guard steps to add the output-logit norm (a TP collective: every TP rank of the last
-    stage calls this). The trainer adds the micro-batch's ``loss``."""
-    n = lo.num_tokens if lo.num_tokens is not None else torch.tensor(float(lo.ce.numel()))
-    stats = {"z": lo.z.detach().clone(), "n_micro": torch.ones(()), "ce": (lo.ce * n).detach(), "n": n}
+    """One micro-batch's sums for ``step_sums`` (and ``CE_KEYS`` for evaluation), on the loss's device;
+    pass ``logits`` / ``loss_mask`` on monitor steps to add the output-logit norm (a TP collective: every TP
+    rank of the last stage calls this). The trainer adds the micro-batch's ``loss``."""
+    dev = lo.ce.device
+    n = lo.num_tokens if lo.num_tokens is not None else torch.full((), float(lo.ce.numel()), device=dev)
+    stats = {"z": lo.z.detach().clone(), "n_micro": torch.ones((), device=dev), "ce": (lo.ce * n).detach(), "n": n}
     for k, v in lo.per_modality.items():
         stats[f"ce_{k}"] = (v * lo.per_modality_tokens[k]).detach()
         stats[f"n_{k}"] = lo.per_modality_tokens[k]
@@ -75,34 +87,30 @@ def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: to
     return stats
 
 
-def reduce_device() -> torch.device:
-    """Where reductions live: NCCL only reduces CUDA tensors, gloo CPU ones."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def sum_stats(out: list[dict], keys: list[str]) -> torch.Tensor:
-    """float64 [len(keys)] sums of ``keys`` over the stats dicts, on ``reduce_device()``, with no host
-    sync per value (one per step, after the all-reduce)."""
-    dev = reduce_device()
+def sum_stats(out: list[dict], keys: list[str], device: torch.device | None = None) -> torch.Tensor:
+    """float64 [len(keys)] sums of ``keys`` over the stats dicts, on ``device`` (default the training
+    device), with no host sync (the step reads them once, after the all-reduce)."""
+    dev = device if device is not None else training_device()
     sums = torch.zeros(len(keys), dtype=torch.float64, device=dev)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     for o in out:
-        sums += torch.stack([torch.as_tensor(o[k]).to(dev, torch.float64).reshape(()) if k in o else zero
-                             for k in keys])
+        sums += torch.stack([o[k].to(dev, torch.float64).reshape(()) if k in o else zero for k in keys])
     return sums
 
 
-def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> dict[str, float]:
-    """Token-weighted means over the whole step (every micro-batch, every DP replica; ``loss`` and ``z``:
-    the mean over micro-batches, each already a token mean). A collective:
-    every rank calls it. ``out`` is what the schedule returned on this rank (the last pipeline stage's
-    ``step_stats`` dicts; empty elsewhere); only TP rank 0 contributes, the sums are replicated over TP.
-    ``attn_max``: this rank's max attention logit (layers / heads it holds), reduced with MAX."""
+def step_sums(out: list[dict] | None, device: torch.device | None = None) -> torch.Tensor:
+    """This rank's contribution to the step's statistics (``STEP_SUM_KEYS`` order, float64, on the device):
+    ``out`` is what the schedule returned here (the last pipeline stage's ``step_stats`` dicts, empty
+    elsewhere); only TP rank 0 contributes, since the values are replicated over TP. Summed over the
+    world (one all-reduce), every micro-batch of every DP replica counts once."""
     from megatron.core import parallel_state as ps
 
-    sums = sum_stats(out if out and ps.get_tensor_model_parallel_rank() == 0 else [], _SUM_KEYS)
-    torch.distributed.all_reduce(sums)
-    tot = dict(zip(_SUM_KEYS, sums.tolist(), strict=True))
+    return sum_stats(out if out and ps.get_tensor_model_parallel_rank() == 0 else [], STEP_SUM_KEYS, device)
+
+
+def step_means(tot: dict[str, float]) -> dict[str, float]:
+    """The world-summed ``STEP_SUM_KEYS`` -> token-weighted means over the step (``loss`` and ``z``: the mean
+    over micro-batches, each already a token mean); keys without tokens are left out."""
     res: dict[str, float] = {}
     if tot["n_micro"] > 0:
         res["loss"] = tot["loss"] / tot["n_micro"]
@@ -114,11 +122,6 @@ def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> 
             res[f"ce_{m}"] = tot[f"ce_{m}"] / tot[f"n_{m}"]
     if tot["n_logit"] > 0:
         res["logit_norm"] = tot["logit_norm"] / tot["n_logit"]
-    if attn_max is not None:
-        mx = torch.tensor([attn_max], dtype=torch.float64, device=reduce_device())
-        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
-        if float(mx) != -math.inf:  # -inf: no rank recorded anything
-            res["max_attn_logit"] = float(mx)
     return res
 
 
@@ -126,7 +129,7 @@ def reduce_step_stats(out: list[dict] | None, attn_max: float | None = None) -> 
 _TAGS = {"loss": "train/loss", "ce": "train/ce", "ce_text": "train/ce_text", "ce_image": "train/ce_image",
          "ce_special": "train/ce_special", "z": "train/z_loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
          "bad_steps": "train/bad_steps", "bad_steps_total": "train/bad_steps_total",
-         "logit_norm": "guards/logit_norm", "max_attn_logit": "guards/max_attn_logit",
+         "logit_norm": "monitors/logit_norm", "max_attn_logit": "monitors/max_attn_logit",
          "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "step_seconds": "perf/step_seconds"}
 
 
@@ -142,15 +145,18 @@ class TrainLogger:
     (after evaluation), ``logger.close()`` at the end. Writes only where ``enabled`` (rank 0)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, world_size: int, enabled: bool,
-                 stream: TextIO | None = None, first_step: int = 0) -> None:
+                 stream: TextIO | None = None, first_step: int = 0, model: ModelConfig | None = None,
+                 peak_flops: float | None = None) -> None:
         self.enabled = enabled
         self.run = Path(run_dir)
         self.total = cfg.train.steps
         self.first_step = first_step  # steps already done before this process (resume): not in the ETA rate
         self.log_interval = max(1, cfg.train.log_interval)
+        self.monitor_interval = cfg.train.monitor_interval
         self.tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_length
-        self.flops_per_token = model_flops_per_token(cfg)
-        self.peak_flops = cfg.train.peak_flops or default_peak_flops(cfg.model.params_dtype)
+        # model: the model the run built (vocabulary sized from the data); peak: None = no MFU
+        self.flops_per_token = model_flops_per_token(model or cfg.model, cfg.data.seq_length)
+        self.peak_flops = peak_flops or cfg.train.peak_flops
         self.devices = world_size
         self.stream = stream or sys.stdout
         self.writer = None
@@ -166,9 +172,7 @@ class TrainLogger:
         self.bad_total = self._bad_rows_so_far() if enabled and first_step else 0
         self.start = time.perf_counter()
         self._t0: float | None = None
-        self._steps_timed = 0
-        self._win_tokens = 0
-        self._win_s = 0.0
+        self._window: collections.deque[float] = collections.deque(maxlen=TOKENS_WINDOW)  # step seconds
 
     def _bad_rows_so_far(self) -> int:
         """Skipped steps an earlier process of this run logged (metrics.jsonl is already trimmed to the checkpoint)."""
@@ -184,22 +188,36 @@ class TrainLogger:
         return n
 
     def is_log_step(self, step: int) -> bool:
-        """Steps that print a progress line and measure the guards (first, every log_interval, last)."""
+        """Steps that print a progress line (first, every log_interval, last)."""
         return step == 1 or step == self.total or step % self.log_interval == 0
 
-    def mfu(self, tokens_per_s: float) -> float:
+    def is_monitor_step(self, step: int) -> bool:
+        """Steps that measure the logit monitors (first, every monitor_interval, last; <= 0: first and last)."""
+        return step == 1 or step == self.total or (self.monitor_interval > 0 and step % self.monitor_interval == 0)
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        if not self.peak_flops:
+            return None
         return tokens_per_s * self.flops_per_token / (self.devices * self.peak_flops)
+
+    def tokens_per_s(self) -> float:
+        """Tokens per second over the last ``TOKENS_WINDOW`` steps (total tokens / total time)."""
+        seconds = sum(self._window)
+        return len(self._window) * self.tokens_per_step / seconds if seconds > 0 else 0.0
 
     def start_step(self) -> None:
         self._t0 = time.perf_counter()
 
     def end_step(self) -> dict[str, float]:
+        """``step_seconds`` of this step; ``tokens_per_s`` and ``mfu`` (when a peak is known) over the window."""
         dt = time.perf_counter() - (self._t0 if self._t0 is not None else self.start)
-        self._steps_timed += 1
-        self._win_tokens += self.tokens_per_step
-        self._win_s += dt
-        tps = self.tokens_per_step / dt if dt > 0 else 0.0
-        return {"step_seconds": dt, "tokens_per_s": tps, "mfu": self.mfu(tps)}
+        self._window.append(dt)
+        tps = self.tokens_per_s()
+        rec = {"step_seconds": dt, "tokens_per_s": tps}
+        mfu = self.mfu(tps)
+        if mfu is not None:
+            rec["mfu"] = mfu
+        return rec
 
     def log(self, rec: dict) -> None:
         if not self.enabled:
@@ -216,14 +234,14 @@ class TrainLogger:
         self.writer.flush()  # a run that dies (max_bad_steps) keeps every scalar it logged
         if self.is_log_step(step):
             self.stream.write(self.progress_line(rec) + "\n")
-            self._win_tokens, self._win_s = 0, 0.0
         if any(k.startswith("eval_") for k in rec):
             self.stream.write(self.eval_line(rec) + "\n")
         self.stream.flush()
 
     def progress_line(self, rec: dict) -> str:
-        """``step 10/200 (5%) loss 5.5 ce text 4.1 image 6.2 lr 3e-04 grad 0.89 | 1.2e+03 tok/s MFU 0.4% |
-        elapsed 00:12 eta 03:48``; tokens/s and MFU over the steps since the previous line."""
+        """``step 10/200 (5%) loss 5.5 ce text 4.1 image 6.2 lr 3e-04 grad 0.89 | 1.2e+03 tok/s MFU 41.0% |
+        elapsed 00:12 eta 03:48``; tokens/s and MFU as in the record (the last ``TOKENS_WINDOW`` steps;
+        no MFU without a peak)."""
         step = int(rec["step"])
         parts = [f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%)", f"loss {rec['loss']:.4f}"]
         ce = [f"{m} {rec[f'ce_{m}']:.4f}" for m in ("text", "image") if f"ce_{m}" in rec]
@@ -236,12 +254,13 @@ class TrainLogger:
             parts.append(f"logit_norm {rec['logit_norm']:.3g}")
         if "max_attn_logit" in rec:
             parts.append(f"attn_max {rec['max_attn_logit']:.3g}")
-        tps = self._win_tokens / self._win_s if self._win_s > 0 else 0.0
+        tps = rec.get("tokens_per_s", 0.0)
+        mfu = f" MFU {100 * rec['mfu']:.2f}%" if "mfu" in rec else ""
         elapsed = time.perf_counter() - self.start
         done = step - self.first_step
         eta = (self.total - step) * elapsed / done if done > 0 else 0.0  # evaluation and saving included
         line = " ".join(parts)
-        return (f"{line} | {tps:.4g} tok/s MFU {100 * self.mfu(tps):.2f}% | "
+        return (f"{line} | {tps:.4g} tok/s{mfu} | "
                 f"elapsed {format_seconds(elapsed)} eta {format_seconds(eta)}")
 
     @staticmethod

@@ -1,4 +1,6 @@
-"""megatron-core training loop: model, DDP, megatron optimizer + scheduler, forward_backward
+"""megatron-core training loop, as Megatron-LM's ``pretrain`` / ``train`` wire it: model, DDP (optionally the
+distributed optimizer, overlapped gradient reduce and parameter gather, sequence parallelism, activation
+recomputation: tessera.pretrain.scale), megatron's optimizer and scheduler, the forward_backward
 schedules, non-finite step skipping, JSONL metrics, full-state checkpoints.
 
 Checkpoints (``tessera.pretrain.checkpointing``): model + optimizer + scheduler + data position + RNG +
@@ -8,32 +10,44 @@ auto``) exactly where it stopped, under any TP/PP/DP layout; ``train.init_from``
 
 Data: ``data.path`` (a directory written by ``tessera data pretokenize``) is packed and read through
 ``tessera.data``'s woven iterator, so every batch is a pure function of (seed, step). Without a path a
-deterministic random-token stand-in is used (tests, throughput runs).
-Reporting (metrics.jsonl, TensorBoard, progress line with tokens/s and MFU), logit-drift guards and
-held-out evaluation: ``tessera.pretrain.metrics`` / ``guards`` / ``evaluate``.
+deterministic random-token mock dataset is used (tests, throughput runs; tessera.pretrain.mock).
+Reporting (metrics.jsonl, TensorBoard, progress line with tokens/s and MFU), logit-drift monitors and
+held-out evaluation: ``tessera.pretrain.metrics`` / ``monitors`` / ``evaluate``.
+
+The run config is never changed: what the run decides from it, the data and the machine (the model's
+vocabulary and dtype, precision, data-parallel size, ...) is a ``ResolvedRun``, saved beside it.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
-from tessera.config import save_config
-from tessera.pretrain.checkpointing import (
-    Preempted,
-    StopSignal,
-    maybe_kill_after_step,
-    resume,
-    save_checkpoint,
-)
-from tessera.pretrain.config import TrainConfig, validate_layout
+from tessera.config import to_dict
+from tessera.model.config import ModelConfig
+from tessera.pretrain import faults
+from tessera.pretrain.checkpointing import resume, save_checkpoint
+from tessera.pretrain.config import ResolvedRun, TrainConfig, validate_layout
+from tessera.pretrain.determinism import apply_determinism, resolve_deterministic
+from tessera.pretrain.device import require_requested_gpus, training_device
 from tessera.pretrain.evaluate import Evaluator
-from tessera.pretrain.guards import AttentionLogitProbe
-from tessera.pretrain.metrics import TrainLogger, reduce_device, reduce_step_stats, step_stats
-from tessera.pretrain.standin import train_standin_batch
+from tessera.pretrain.metrics import TrainLogger, peak_flops_per_device
+from tessera.pretrain.mock import train_mock_batch
+from tessera.pretrain.monitors import AttentionLogitProbe
+from tessera.pretrain.optimizer import apply_update, get_optimizer, grad_sumsq
+from tessera.pretrain.preemption import Preempted, StopSignal
+from tessera.pretrain.scale import (
+    ParamGather,
+    ddp_config,
+    transformer_overrides,
+    validate_scale,
+    wire_schedule,
+)
+from tessera.pretrain.step import BatchMover, ForwardStep, model_kwargs, reduce_step, stage_roles
+from tessera.pretrain.syncs import HostSyncCounter, NullCounter, counting_enabled
 
 
 def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
@@ -58,12 +72,15 @@ def resolve_precision(precision: str, cuda: bool | None = None) -> str:
     return precision
 
 
-def _build_model_chunks(cfg: TrainConfig, bf16: bool) -> tuple[list, list]:
+def _build_model_chunks(cfg: TrainConfig, bf16: bool, model_cfg: ModelConfig | None = None, ddp_cfg=None,
+                        **config_overrides) -> tuple[list, list]:
     """This rank's GPTModel chunks (one, or ``parallel.vp`` virtual stages) and their DDP wrappers.
 
+    ``model_cfg``: the model to build (default ``cfg.model``); ``ddp_cfg``: megatron's DDP config (default:
+    fp32 gradient reduction, nothing else); ``config_overrides``: TransformerConfig fields the run decides.
     Weights come from ``init_layout_invariant`` (seeded by ``train.seed``), so any TP x PP x VP layout
-    starts from the 1-process model. bf16: megatron's Float16Module (bf16 compute, fp32 logits out of
-    the last stage) inside DDP, which reduces gradients in fp32.
+    starts from the 1-process model. bf16: megatron's Float16Module (bf16 compute; the step asks it for
+    bf16 logits, tessera.pretrain.step) inside DDP, which reduces gradients in fp32.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -72,152 +89,177 @@ def _build_model_chunks(cfg: TrainConfig, bf16: bool) -> tuple[list, list]:
     from tessera.model.chameleon import build_model
 
     vp = ps.get_virtual_pipeline_model_parallel_world_size()
-    chunks = [build_model(cfg.model, vp_stage=v, init_seed=cfg.train.seed) for v in (range(vp) if vp else [None])]
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    chunks = [build_model(model_cfg or cfg.model, vp_stage=v, init_seed=cfg.train.seed, **config_overrides)
+              for v in (range(vp) if vp else [None])]
+    ddp_cfg = ddp_cfg or DistributedDataParallelConfig(grad_reduce_in_fp32=True)
     ddps = [DistributedDataParallel(c.config, ddp_cfg, Float16Module(c.config, c) if bf16 else c,
                                     disable_bucketing=i > 0)  # as megatron-LM: only chunk 0 buckets
             for i, c in enumerate(chunks)]
     return chunks, ddps
 
 
-def train(cfg: TrainConfig) -> list[float]:
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def get_scheduler(cfg: TrainConfig, opt):
+    """megatron's OptimizerParamScheduler, counted in samples as megatron-LM counts it."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from tessera.model.loss import language_model_loss
-    from tessera.model.parallel import init_distributed, initialize_parallel
-
-    init_distributed()
-    world = torch.distributed.get_world_size()
-    data_it, vocab = None, None
-    if cfg.data.path:
-        # the embedding must cover the data's vocabulary: take its padded size (divisible by 128 x TP)
-        from tessera.tokenizers.vocab import Vocabulary
-
-        vocab = Vocabulary.load(cfg.data.path)
-        cfg.model.vocab_size = vocab.padded_size
-    dp = validate_layout(cfg, world)
-    initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vp, cfg.train.seed)
-    if cfg.data.path:
-        data_it, vocab = _open_data(cfg, ps.get_data_parallel_rank(), dp)
-        modality = vocab.modality_table()
-    torch.use_deterministic_algorithms(True)
-    bf16 = resolve_precision(cfg.precision) == "bf16"
-    cfg.model.params_dtype = "bfloat16" if bf16 else "float32"  # precision decides; the saved config says which
-    chunks, ddps = _build_model_chunks(cfg, bf16)
-    model = chunks if len(chunks) > 1 else chunks[0]  # _save takes a GPTModel or the list of virtual chunks
-    # bf16=True: fp32 main params + Adam state live in the optimizer, the model holds bf16 copies
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
-                        adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2, adam_eps=cfg.optim.eps,
-                        clip_grad=cfg.optim.clip_grad, bf16=bf16, fp16=False), ddps)
-    for c in chunks:
-        # what megatron-LM's training loop wires: without finalize_model_grads the DDP buffers are never
-        # all-reduced across data-parallel replicas (each replica stepped on its own gradients)
-        c.config.finalize_model_grads_func = finalize_model_grads
-        c.config.grad_scale_func = opt.scale_loss
     gbs = cfg.parallel.global_batch_size
-    sched = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=cfg.optim.warmup * gbs,
         lr_decay_steps=cfg.train.steps * gbs, lr_decay_style=cfg.optim.decay_style,
         start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=cfg.train.steps * gbs,
         wd_incr_style="constant")
+
+
+def train(cfg: TrainConfig) -> list[float]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from tessera.model.parallel import init_distributed, initialize_parallel
+
+    # a job that asked for GPUs (CUDA_VISIBLE_DEVICES, Slurm's GPU variables, parallel.backend nccl) and sees none
+    require_requested_gpus(backend=cfg.parallel.backend)
+    cuda = torch.cuda.is_available()
+    deterministic = resolve_deterministic(cfg.train.deterministic, cuda)
+    apply_determinism(deterministic, cuda)  # before NCCL and cuBLAS start: they read its environment variables
+    init_distributed("nccl" if cfg.parallel.backend == "nccl" else None)
+    world = torch.distributed.get_world_size()
+    vocab = None
+    if cfg.data.path:
+        from tessera.tokenizers.vocab import Vocabulary
+
+        vocab = Vocabulary.load(cfg.data.path)
+    bf16 = resolve_precision(cfg.precision) == "bf16"
+    # the model the run builds: the embedding covers the data's vocabulary (padded, divisible by 128 x TP),
+    # precision decides the parameter dtype
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab.padded_size if vocab else cfg.model.vocab_size,
+                                    params_dtype="bfloat16" if bf16 else "float32")
+    dp = validate_layout(cfg, world, model_cfg)
+    validate_scale(cfg, world)
+    initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vp, cfg.train.seed)
+    data_it = None
+    if cfg.data.path:
+        data_it, vocab = _open_data(cfg, ps.get_data_parallel_rank(), dp)
+    overrides = transformer_overrides(cfg, deterministic, cuda)
+    chunks, ddps = _build_model_chunks(cfg, bf16, model_cfg, ddp_config(cfg, dp), **overrides)
+    model = chunks if len(chunks) > 1 else chunks[0]  # checkpoints take a GPTModel or the list of virtual chunks
+    # bf16: fp32 main params + Adam state live in the optimizer, the model holds bf16 copies
+    opt = get_optimizer(cfg.optim, ddps, bf16, distributed=cfg.parallel.distributed_optimizer,
+                        overlap_param_gather=cfg.parallel.overlap_param_gather)
+    wire_schedule(chunks, ddps, opt, cfg)
+    param_gather = ParamGather(cfg, chunks, ddps)
+    sched = get_scheduler(cfg, opt)
+    gbs = cfg.parallel.global_batch_size
     n_micro = gbs // (cfg.parallel.micro_batch_size * dp)
+    device = training_device()
+    peak, peak_basis = peak_flops_per_device(cfg.train.peak_flops, "bf16" if bf16 else "fp32", device)
+    resolved = ResolvedRun(model=model_cfg, precision="bf16" if bf16 else "fp32", deterministic=deterministic,
+                           world_size=world, data_parallel_size=dp, device=str(device),
+                           gradient_accumulation_fusion=overrides["gradient_accumulation_fusion"],
+                           mfu_peak_flops=peak, mfu_peak=peak_basis)
     run = Path(cfg.train.run_dir)
     is_logger = torch.distributed.get_rank() == 0
     if is_logger:
-        save_config(cfg, run / "config.yaml")
+        _save_run_config(run / "config.yaml", cfg, resolved)
     fb = get_forward_backward_func()
-    # full-state checkpoints, auto-resume, SIGTERM: tessera/pretrain/checkpointing.py
-    start = resume(cfg, run, model=model, optimizer=opt, scheduler=sched, data_iterator=data_it)
+    # full-state checkpoints, auto-resume: tessera/pretrain/checkpointing.py; SIGTERM: preemption.py
+    start = resume(cfg, run, model=model, optimizer=opt, scheduler=sched, model_cfg=model_cfg, data_iterator=data_it)
     stop = StopSignal().install()
-    # reporting (metrics.jsonl, TensorBoard, progress line), logit guards, held-out eval: metrics/guards/evaluate.py
-    logger = TrainLogger(cfg, run, world, enabled=is_logger, first_step=start.step)
+    # reporting (metrics.jsonl, TensorBoard, progress line), logit monitors, held-out eval: metrics/monitors/evaluate.py
+    logger = TrainLogger(cfg, run, world, enabled=is_logger, first_step=start.step, model=model_cfg, peak_flops=peak)
+    if is_logger:
+        print(f"MFU peak per device: {peak_basis}", flush=True)
     probe = AttentionLogitProbe(ddps)
-    evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality if cfg.data.path else None)
+    modality = vocab.modality_table() if vocab is not None else None
+    evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality, device=device,
+                          model_kwargs=model_kwargs(bf16))
     if is_logger and evaluator.note:
         print(evaluator.note, flush=True)
+    # each micro-batch is copied to the device once; this rank's stages decide what is copied
+    mover = BatchMover(device, *stage_roles(chunks), modality=modality)
+    nan_steps = faults.nan_steps()  # tests only (TESSERA_DEBUG_NAN_STEPS)
     losses, bad = [], start.bad_steps
+    count_syncs = counting_enabled()
+    param_gather.start()
     for step in range(start.step + 1, cfg.train.steps + 1):
         logger.start_step()
-        guard = logger.is_log_step(step)  # output-logit norm and max attention logit on logged steps only
-        probe.arm(guard)
+        monitor = logger.is_monitor_step(step)  # output-logit norm and max attention logit at their interval
+        # host side: this step's micro-batches (data loading stays outside the device region)
         if data_it is not None:
-            micro = [next(data_it) for _ in range(n_micro)]
+            host = [next(data_it) for _ in range(n_micro)]
         else:
-            micro = [train_standin_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i)
-                     for i in range(n_micro)]
-        # virtual pipeline: each chunk reads the same micro-batches through its own iterator
-        batches = [iter(micro) for _ in ddps] if len(ddps) > 1 else iter(micro)
-
-        nan = float("nan") if step in cfg.train.debug_nan_steps else 1.0
-
-        def forward_step(it, m, nan=nan, guard=guard):
-            b = next(it)
-            out = m(b["tokens"], b["position_ids"], None)
-
-            def loss_fn(logits):
-                label_modality = modality[b["labels"]] if data_it is not None else None
-                lo = language_model_loss(logits, b["labels"], b["loss_mask"], cfg.model.z_loss_weight,
-                                         label_modality=label_modality,
-                                         image_loss_weight=cfg.train.image_loss_weight)
-                total = lo.total * nan
-                # clone: the schedule divides the returned loss by num_microbatches in place
-                stats = {"loss": total.detach().clone(),
-                         **step_stats(lo, logits if guard else None, b["loss_mask"])}
-                return total, stats
-            return out, loss_fn
-
-        for d in ddps:
-            d.zero_grad_buffer()
-        opt.zero_grad()
-        out = fb(forward_step_func=forward_step, data_iterator=batches, model=ddps, num_microbatches=n_micro,
-                 seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size, forward_only=False)
-        # loss, z, ce, ce_text/image/special, logit_norm, max_attn_logit over every micro-batch and DP replica
-        # (a collective; the last pipeline stage's TP rank 0 contributes)
-        stats = reduce_step_stats(out, probe.value() if guard else None)
-        loss = stats["loss"]
-        dev = reduce_device()  # NCCL reduces only CUDA tensors
-        # one device-side reduction over every gradient, one host sync: no per-parameter .item()
-        grads = [p.main_grad for d in ddps for p in d.parameters()]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(dev, torch.float64).reshape(1)
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if not math.isfinite(loss) or finite.item() < 1:
-            bad += 1
-            if bad >= cfg.train.max_bad_steps:
-                raise RuntimeError(f"{bad} consecutive non-finite steps at step {step}; stopping")
-            grad_norm = float("nan")
-        else:
-            bad = 0
-            _, grad_norm, _ = opt.step()
-            sched.step(increment=gbs)
+            host = [train_mock_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i) for i in range(n_micro)]
+        with HostSyncCounter(device) if count_syncs else NullCounter() as syncs:
+            micro = mover.all(host)
+            # virtual pipeline: each chunk reads the same micro-batches through its own iterator
+            batches = [iter(micro) for _ in ddps] if len(ddps) > 1 else iter(micro)
+            forward_step = ForwardStep(z_loss_weight=model_cfg.z_loss_weight,
+                                       image_loss_weight=cfg.train.image_loss_weight, monitor=monitor,
+                                       loss_scale=float("nan") if step in nan_steps else 1.0,
+                                       model_kwargs=model_kwargs(bf16))
+            probe.arm(monitor)
+            for d in ddps:
+                d.zero_grad_buffer()
+            opt.zero_grad()
+            out = fb(forward_step_func=forward_step, data_iterator=batches, model=ddps, num_microbatches=n_micro,
+                     seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size,
+                     forward_only=False)
+            opt.prepare_grads()  # main grads ready (bf16: copied to fp32); no inf check without a loss scaler
+            # loss statistics, gradient norm, stop flag (and the attention-logit max): one all-reduce, one read
+            res = reduce_step(out, grad_sumsq(opt, device), stop=stop.pending, device=device,
+                              attn_max=probe.value() if monitor else None, monitor=monitor)
+            if res.finite:
+                bad = 0
+                apply_update(opt, res.grad_norm)  # clip + step exactly as opt.step() (tessera.pretrain.optimizer)
+                sched.step(increment=gbs)
+            else:
+                bad += 1
+        param_gather.after_step(res.finite)
+        if bad >= cfg.train.max_bad_steps:
+            raise RuntimeError(f"{bad} consecutive non-finite steps at step {step}; stopping")
+        loss = res.stats["loss"]
         losses.append(loss)
         timing = logger.end_step()
-        rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "bad_steps": bad,
-               **stats, **timing}
+        rec = {"step": step, "loss": loss, "grad_norm": res.grad_norm if res.finite else float("nan"),
+               "lr": opt.param_groups[0]["lr"], "bad_steps": bad, **res.stats, **timing}
+        if res.max_attn_logit is not None:
+            rec["max_attn_logit"] = res.max_attn_logit
+        if syncs.count is not None:
+            rec["host_syncs"] = syncs.count
+        if device.type == "cuda" and logger.is_log_step(step):
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if step == cfg.train.steps or (cfg.train.eval_interval > 0 and step % cfg.train.eval_interval == 0):
-            rec.update(evaluator.run())  # every rank; forward only; training RNG and data position untouched
+            with param_gather.synced():  # the forward must see the updated parameters
+                rec.update(evaluator.run())  # every rank; forward only; training RNG and data position untouched
         logger.log(rec)
-        maybe_kill_after_step(cfg, step)
-        stopping = stop.requested()  # every rank agrees (all-reduce) to save and stop at this boundary
-        if step % cfg.train.save_interval == 0 or step == cfg.train.steps or stopping:
-            save_checkpoint(run, step, model=model, optimizer=opt, scheduler=sched, cfg=cfg, vocab=vocab,
-                            data_iterator=data_it, bad_steps=bad)
-        if stopping:
+        faults.maybe_kill_after_step(step)
+        if step % cfg.train.save_interval == 0 or step == cfg.train.steps or res.stop:
+            with param_gather.synced():  # the saved weights are the updated ones
+                save_checkpoint(run, step, model=model, optimizer=opt, scheduler=sched, cfg=cfg, resolved=resolved,
+                                vocab=vocab, data_iterator=data_it, bad_steps=bad)
+        if res.stop:  # every rank read the same flag: all saved this step, all stop
             stop.restore()
             raise Preempted(run, step)
+    param_gather.close()
     stop.restore()
     probe.close()
     logger.close()
     return losses
 
 
+def _save_run_config(path: Path, cfg: TrainConfig, resolved: ResolvedRun) -> None:
+    """RUN/config.yaml: the run config as asked, and beside it (``resolved:``) what the run resolved."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump({**to_dict(cfg), "resolved": to_dict(resolved)}, sort_keys=False))
+    tmp.replace(path)
+
+
 if __name__ == "__main__":
     import sys
 
-    from tessera.pretrain.config import load_train_config
+    from tessera.pretrain.cli import run
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    train(load_train_config(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))
+    sys.exit(run(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))

@@ -1,4 +1,4 @@
-"""Logit-drift guards: the mean L2 norm of the output logits and the largest attention logit of a step.
+"""Logit-drift monitors: the mean L2 norm of the output logits and the largest attention logit of a step.
 
 Both are measurements only: nothing here changes what the model computes.
 
@@ -22,7 +22,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 
-_CHUNK_ELEMENTS = 1 << 24  # fp32 values materialised at once by a guard: 64 MiB, whatever b, heads, s, V are
+_CHUNK_ELEMENTS = 1 << 24  # fp32 values materialised at once by a monitor: 64 MiB, whatever b, heads, s, V are
 
 
 @torch.no_grad()
@@ -47,14 +47,15 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def max_attention_logit(query: torch.Tensor, key: torch.Tensor, scale: float | None,
-                        attention_mask: torch.Tensor | None = None, causal: bool = True) -> float:
+                        attention_mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
     """max over batch, heads and allowed (query, key) pairs of ``scale * q . k``.
 
     query [sq, b, np, hn], key [sk, b, ng, hn] (megatron's layout; query head i uses key group
     i // (np / ng)); ``attention_mask`` follows megatron (True = masked out, broadcastable to
     [b, np, sq, sk]); without one, ``causal`` masks j > i. The disallowed pairs get -inf through the
     additive input of one ``baddbmm`` per chunk of (batch, head) rows, so each score is written once
-    and read once (by the max)."""
+    and read once (by the max). Returns a 0-dim fp32 tensor on the inputs' device: the running max stays
+    there (no host sync per head chunk or layer)."""
     sq, b, np_, hn = query.shape
     sk, ng = key.shape[0], key.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(hn)
@@ -70,21 +71,21 @@ def max_attention_logit(query: torch.Tensor, key: torch.Tensor, scale: float | N
     else:
         bias = torch.zeros((1, 1, 1, 1), device=q.device)
     heads = max(1, _CHUNK_ELEMENTS // (sq * sk))
-    best = -math.inf
+    best = torch.full((), -math.inf, device=q.device)
     for bi in range(b):
         for h in range(0, np_, heads):
             h1 = min(np_, h + heads)
             cb = bias[bi if bias.shape[0] > 1 else 0]
             cb = (cb[h:h1] if cb.shape[0] > 1 else cb).expand(h1 - h, sq, sk)
             s = torch.baddbmm(cb, q[bi, h:h1], kt[bi, h:h1], alpha=scale)
-            best = max(best, float(s.amax()))
+            best = torch.maximum(best, s.amax())
     return best
 
 
 class AttentionLogitProbe:
     """``probe = AttentionLogitProbe(model_chunks)``; per step ``probe.arm(on)`` before the forward,
-    ``probe.value()`` after it (this rank's max, -inf when nothing was recorded); ``close()`` removes
-    the hooks."""
+    ``probe.value()`` after it (this rank's max as a 0-dim device tensor, None when nothing was
+    recorded); ``close()`` removes the hooks."""
 
     def __init__(self, model: torch.nn.Module | list[torch.nn.Module]) -> None:
         chunks = model if isinstance(model, list) else [model]
@@ -92,16 +93,16 @@ class AttentionLogitProbe:
                         if name.endswith("core_attention")]
         self.armed = False
         self._seen: set[int] = set()
-        self._max = -math.inf
+        self._max: torch.Tensor | None = None
         self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
 
     def arm(self, on: bool = True) -> None:
         """Record on the next forward of each layer. Only data-parallel rank 0 records, so the figure is the
         max over the step's first GLOBAL micro-batch whatever the DP size (runs compare across layouts)."""
         dp_rank = parallel_state.get_data_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
-        self.armed, self._seen, self._max = on and dp_rank == 0, set(), -math.inf
+        self.armed, self._seen, self._max = on and dp_rank == 0, set(), None
 
-    def value(self) -> float:
+    def value(self) -> torch.Tensor | None:
         return self._max
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -113,7 +114,8 @@ class AttentionLogitProbe:
         mask_type = kwargs.get("attn_mask_type") or getattr(module, "attn_mask_type", AttnMaskType.causal)
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         scale = getattr(module, "softmax_scale", None)
-        self._max = max(self._max, max_attention_logit(query, key, scale, mask, causal))
+        m = max_attention_logit(query, key, scale, mask, causal)
+        self._max = m if self._max is None else torch.maximum(self._max, m)
 
     def close(self) -> None:
         for h in self._handles:
