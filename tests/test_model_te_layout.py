@@ -262,11 +262,15 @@ def test_te_spec_is_megatrons_te_spec_plus_chameleon_parts(results):
     assert set(r["te"]) == {"spec.self_attention.q_layernorm", "spec.self_attention.k_layernorm",
                             "spec.mlp.activation_func", "spec.sharded_state_dict_keys_map"}, r["te"]
     assert r["te"]["spec.mlp.activation_func"] == ["SwiGLU", "None"]
+    # the local pre-norms are tessera's RMSNorm (rms_norm.py: a torch.nn.RMSNorm that works under sequence
+    # parallelism), where megatron's local spec has WrappedTorchNorm (which refuses sequence parallelism)
     assert set(r["local"]) == {f"spec.{p}" for p in (
-        "self_attention.linear_qkv", "self_attention.core_attention", "self_attention.linear_proj",
-        "self_attention.q_layernorm", "self_attention.k_layernorm", "mlp.linear_fc1", "mlp.activation_func",
-        "mlp.linear_fc2")}, r["local"]
-    assert r["local_subclass"] and all(r["local_subclass"].values()), r["local_subclass"]
+        "input_layernorm", "self_attention.linear_qkv", "self_attention.core_attention", "self_attention.linear_proj",
+        "self_attention.q_layernorm", "self_attention.k_layernorm", "pre_mlp_layernorm", "mlp.linear_fc1",
+        "mlp.activation_func", "mlp.linear_fc2")}, r["local"]
+    assert r["local"]["spec.input_layernorm"] == r["local"]["spec.pre_mlp_layernorm"] == ["RMSNorm", "WrappedTorchNorm"]
+    subclass = {k: v for k, v in r["local_subclass"].items() if k not in ("spec.input_layernorm", "spec.pre_mlp_layernorm")}
+    assert subclass and all(subclass.values()), r["local_subclass"]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
