@@ -381,7 +381,8 @@ def _merge_masks(urls: list[str], part_of: dict[str, str], results: dict[str, di
         if results[u].get("mask"):
             builder.add_index(part_of[u] + "-mask")
             continue
-        for n in IndexedDataset(part_of[u], mmap=True).sequence_lengths:
+        part = IndexedDataset(part_of[u], mmap=True)  # held while its mmap'd lengths are read
+        for n in np.array(part.sequence_lengths):
             builder.add_document(np.ones(int(n), dtype=np.uint8), [int(n)])
     builder.finalize(get_idx_path(prefix))
 
