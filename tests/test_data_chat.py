@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from test_data_standins import ByteTokenizer, PatchColourTokenizer
 
-from tessera.data.chat import ChatTemplate, ChatError, decode_text, format_chat, normalise_messages
+from tessera.data.chat import ChatError, ChatTemplate, decode_text, format_chat, normalise_messages
 from tessera.data.document import Message, write_tar
 from tessera.data.pretokenize import PretokenizeError, PretokenizeOptions, pretokenize
 from tessera.data.raw import ReaderOptions, SkipStats, iter_documents, resolve_format
@@ -222,7 +222,7 @@ def _expected(records: list[dict], images: dict[str, Image.Image]) -> list[tuple
         ids: list[int] = []
         masks: dict[str, list[int]] = {"assistant": [], "text": [], "image": []}
 
-        def put(values, assistant=0, text=0, image=0):
+        def put(values, assistant=0, text=0, image=0, ids=ids, masks=masks):
             ids.extend(values)
             for k, v in (("assistant", assistant), ("text", text), ("image", image)):
                 masks[k].extend([v] * len(values))
