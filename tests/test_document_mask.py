@@ -3,6 +3,8 @@ PackedSeqParams it builds (and refuses), and the model entry point with megatron
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,3 +62,47 @@ def test_megatrons_own_packed_seq_params_give_the_same_logits(megatron_1proc):
     assert torch.equal(ours, theirs.view(2, 16, -1))
     with pytest.raises(ValueError, match="cu_seqlens cover 20 tokens, the micro-batch 2 x 16"):
         document_mask.forward(model, {**batch, "cu_seqlens": cu[:4], "max_seqlen": 9})
+
+
+def _te_thd_check(out_path: str) -> None:
+    """Runs in a subprocess with tests/fake_transformer_engine.py installed: the TE spec on a packed batch."""
+    import json
+
+    import tests.fake_transformer_engine as fake
+    from tessera.model import build_model, ensure_single_process
+    from tessera.model.config import get_preset
+
+    ensure_single_process()
+    cfg = get_preset("tiny")
+    te, local = (build_model(cfg, use_te=flag, init_seed=4) for flag in (True, False))
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    batch = {"tokens": tokens, "position_ids": torch.zeros(2, 16, dtype=torch.long),
+             "cu_seqlens": torch.tensor([0, 7, 16, 20, 32], dtype=torch.int32), "max_seqlen": torch.tensor(12)}
+    with torch.no_grad():
+        diff = float((document_mask.forward(te, batch) - document_mask.forward(local, batch)).abs().max())
+    Path(out_path).write_text(json.dumps({"diff": diff, "calls": fake.DotProductAttention.calls}))
+
+
+def test_transformer_engine_spec_gets_thd_arguments(tmp_path):
+    """megatron's TEDotProductAttention hands TE the packed layout (qkv_format thd, cu_seqlens, max_seqlen,
+    padding_causal), and the TE spec on the fake TE gives the local spec's logits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "te.json"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tests.fake_transformer_engine as fake; fake.install(); "
+            "from tests.test_document_mask import _te_thd_check; _te_thd_check(sys.argv[2])")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", code, str(root), str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["diff"] < 1e-5
+    assert len(res["calls"]) == 2  # one per layer
+    for call in res["calls"]:
+        assert call["qkv_format"] == "thd" and call["cu_seqlens_q"] == call["cu_seqlens_kv"] == [0, 7, 16, 20, 32]
+        assert call["max_seqlen_q"] == call["max_seqlen_kv"] == 12
+        assert "cu_seqlens_host" not in call  # TE gets PackedSeqParams' own fields only
