@@ -184,3 +184,15 @@ def test_packed_loss_equals_the_documents_one_by_one(data, megatron_1proc):
     later[SEQ : bounds[bounds.index(SEQ) + 1]] = False
     assert (plain - masked)[later].abs().min() > 1e-4 and (plain - masked)[~later].abs().max() < 1e-4
 
+
+
+def test_document_masked_stream_resumes_exactly(data):
+    it = _iterator(data["chat_assistant"], micro=2)
+    for _ in range(3):
+        next(it)
+    state = it.state_dict()
+    want = [next(it) for _ in range(5)]
+    again = _iterator(data["chat_assistant"], micro=2)
+    again.load_state_dict(state)
+    for a, b in zip(want, (next(again) for _ in range(5)), strict=True):
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -161,7 +161,7 @@ def _bench(args: argparse.Namespace) -> int:
             if not dirs:
                 return _fail("give pretokenized directories or --config DATA.yaml")
             r = benchmark_batches(dirs, None, args.seq_length, args.global_batch, args.micro_batch, args.steps,
-                                  packing=PackingConfig(args.seq_length))
+                                  packing=PackingConfig(args.seq_length, document_mask=args.document_mask))
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
     print(json.dumps(r, indent=2) if args.json else
@@ -248,6 +248,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--global-batch", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--document-mask", action="store_true",
+                   help="packing with document boundaries (cu_seqlens, restarted positions; docs/finetuning.md)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--curate", action="store_true",
                    help="instead: documents/s/core of `tessera data curate` on generated img2dataset shards")
