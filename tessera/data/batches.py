@@ -203,7 +203,7 @@ def _document_boundaries(parts: list[tuple[int, int, int]], seq_length: int, sam
             tok.pop()
     tok[-1] += seq_length - sum(tok)  # megatron's padding of a short window joins the last document
     cu = np.concatenate([[0], np.cumsum(tok)]).astype(np.int32)
-    position_ids = torch.cat([torch.arange(n) for n in tok])
+    position_ids = torch.from_numpy(np.arange(seq_length) - np.repeat(cu[:-1].astype(np.int64), tok))
     return {"loss_mask": loss_mask, "position_ids": position_ids, "cu_seqlens": torch.from_numpy(cu),
             "max_seqlen": torch.tensor(max(tok))}
 
