@@ -103,13 +103,13 @@ class ChatTemplate:
                 "turn_start_ids": list(self.turn_start), "turn_end_ids": list(self.turn_end)}
 
     # ---- rendering ----------------------------------------------------------------------------
-    def pieces(self, messages: Sequence[Message], add_generation_prompt: bool = False,
+    def pieces(self, messages: Sequence[Mapping | Message], add_generation_prompt: bool = False,
                add_eos: bool | None = None) -> list[Piece]:
         """The document as pieces. ``add_eos`` defaults to ``not add_generation_prompt`` (a training
         document ends with ``<eos>``, a prompt with the open assistant header)."""
         add_eos = (not add_generation_prompt) if add_eos is None else add_eos
         out = [Piece("ids", (self.bos_id,))]
-        for m in messages:
+        for m in normalise_messages(messages):
             flag = ASSISTANT if m.role == "assistant" else 0
             out += [Piece("ids", self.turn_start), Piece("ids", self.headers[m.role])]
             out += [Piece("text" if isinstance(c, str) else "image", c, flag) for c in m.content]
@@ -120,13 +120,13 @@ class ChatTemplate:
             out.append(Piece("ids", (self.eos_id,)))
         return out
 
-    def text(self, messages: Sequence[Message], add_generation_prompt: bool = False,
+    def text(self, messages: Sequence[Mapping | Message], add_generation_prompt: bool = False,
              add_eos: bool | None = None, bos: str = "<bos>", eos: str = "<eos>") -> str:
         """The template's text form: markers by name, images as ``<image>`` (what ``decode_text`` gives
         back from the ids)."""
         add_eos = (not add_generation_prompt) if add_eos is None else add_eos
         out = [bos]
-        for m in messages:
+        for m in normalise_messages(messages):
             out.append(f"{self.turn_start_text}{m.role}\n")
             out += [c if isinstance(c, str) else IMAGE_TEXT for c in m.content]
             out.append(self.turn_end_text)
