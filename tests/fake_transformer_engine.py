@@ -18,7 +18,8 @@ ops/basic/rmsnorm.py):
   default 1 / sqrt(kv_channels), to its backends);
 - ``RMSNorm`` (an op-based module in TE 2.x): ``weight`` and an ``_extra_state``.
 
-Forwards compute the same maths on one TP rank (norms, ``x W^T``, SDPA over megatron's [s, b, h, d]).
+Forwards compute the same maths on one TP rank (norms, ``x W^T``, SDPA over megatron's [s, b, h, d]; packed
+documents in TE's ``thd`` format with ``cu_seqlens``, one causal call per document).
 Any other TE name megatron imports resolves to a placeholder class that is never called on these paths.
 Use it only in a fresh process (``install()`` before the first megatron import).
 """
@@ -131,14 +132,32 @@ class DotProductAttention(TransformerEngineBaseModule):
         self._scale = softmax_scale  # TE hands it to its flash / fused / unfused backends: no attribute of its own
         self.register_load_state_dict_post_hook(_tolerate_missing_core_attention_extra_state)
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type="causal", **_):
+    calls: list[dict] = []  # THD calls: what megatron's wrapper passed (tests read it)
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type="causal", **kwargs):
         if attention_mask is not None:
             raise NotImplementedError("the fake Transformer Engine attention takes no explicit mask")
+        if kwargs.get("qkv_format") == "thd":  # packed documents: [t, heads, d], TE's cu_seqlens arguments
+            return self._thd(query, key, value, attn_mask_type, kwargs)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # sbhd -> bhsd
         out = F.scaled_dot_product_attention(q, k, v, is_causal=attn_mask_type == "causal" and q.shape[2] > 1,
                                              scale=self._scale, enable_gqa=k.shape[1] != q.shape[1])
         s, b = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    def _thd(self, query, key, value, attn_mask_type, kwargs):
+        # TE's thd kernels take padding masks only: megatron must turn "causal" into "padding_causal"
+        if attn_mask_type != "padding_causal":
+            raise NotImplementedError(f"thd with attn_mask_type {attn_mask_type!r}")
+        DotProductAttention.calls.append({k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+        cu = kwargs["cu_seqlens_q"].tolist()
+        outs = []
+        for a, b in zip(cu, cu[1:], strict=False):
+            q, k, v = (t[a:b].permute(1, 0, 2)[None] for t in (query, key, value))
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self._scale,
+                                               enable_gqa=k.shape[1] != q.shape[1])
+            outs.append(o[0].permute(1, 0, 2).reshape(b - a, -1))
+        return torch.cat(outs)
 
 
 class RMSNorm(TransformerEngineBaseModule):

@@ -50,7 +50,8 @@ def corrupt_members() -> dict[str, list[tuple[str, bytes]]]:
 
 
 EXPECTED = {"empty_file": 2, "invalid_utf8": 1, "invalid_json": 1, "bad_schema": 1, "missing_json": 1, "missing_caption": 0,
-            "missing_image": 1, "bad_image": 2, "too_long": 1, "unreadable_shard": 0}
+            "missing_image": 1, "bad_image": 2, "too_long": 1, "unreadable_shard": 0, "bad_role": 0,
+            "empty_conversation": 0, "no_targets": 0}
 
 
 def write_corrupt_corpus(directory: Path, n_good: int = 12) -> tuple[list, list[Path]]:

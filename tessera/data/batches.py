@@ -7,6 +7,12 @@ becomes ``tokens = w[:-1]``, ``labels = w[1:]``, ``loss_mask``, ``position_ids``
 ``attention_mask`` ([1, s, s] bool, True = masked, megatron's convention). Document boundaries are
 the ``<eos>`` ids: ``reset_position_ids`` / ``reset_attention_mask`` restart positions / attention
 after each, ``eod_mask_loss`` drops the loss on the token after it.
+
+Fine-tuning data (docs/finetuning.md): a dataset with ``loss_mask.{bin,idx}`` (``pretokenize --loss-on``)
+multiplies ``loss_mask`` by the mask of each label; ``document_mask`` adds the sample's document
+boundaries (from megatron's document index, not from ``<eos>``) as ``cu_seqlens`` / ``max_seqlen``,
+restarts ``position_ids`` at each document and drops the labels that cross into the next document. The
+iterator then flattens a micro-batch's boundaries into one THD row (``tessera.model.document_mask``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.data.pretokenize import DATA_PREFIX, load_stats
+from tessera.data.pretokenize import DATA_PREFIX, MASK_PREFIX, load_stats
 from tessera.data.weave import WeaveSchedule, consumed_before, plan, slot_indices
 from tessera.tokenizers.vocab import Vocabulary
 
@@ -39,6 +45,8 @@ class PackingConfig:
     create_attention_mask: bool = False  # [1, s, s] per sample is big; attention kernels build it themselves
     shuffle_seed: int = 1234  # megatron's document / sample shuffle (fixed per dataset, cached on disk)
     cache_dir: str | None = None  # default: DATASET/cache
+    # a token attends only to its own document: samples carry cu_seqlens / max_seqlen (THD packing)
+    document_mask: bool = False
 
 
 class _MegatronTokenizerView:
@@ -92,6 +100,8 @@ class PackedSource:
         n_docs = len(indexed.document_indices) - 1
         if n_docs == 0:
             raise BatchError(f"{self.path}: dataset has no documents")
+        self.indexed = indexed
+        self.mask = _open_mask(self.path, indexed)
 
         def build():
             return GPTDataset(indexed, prefix, np.arange(n_docs, dtype=np.int32), num_samples, Split.train, config)
@@ -120,12 +130,82 @@ class PackedSource:
     def sample(self, i: int, mask_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Sample ``i`` (wrapping); with ``create_attention_mask`` the [1, s, s] mask is written into
         ``mask_out`` when given (a slice of a batch buffer: saves a copy of s * s bytes)."""
-        sample = self.dataset[int(i) % len(self.dataset)]
+        j = int(i) % len(self.dataset)
+        sample = self.dataset[j]
         if self.packing.create_attention_mask:
             sample["attention_mask"] = _attention_mask(
                 sample["tokens"], self.vocab.eos_id, self.packing.reset_attention_mask, mask_out
             )
+        if self.mask is None and not self.packing.document_mask:
+            return sample  # megatron's sample as it is
+        parts = window_parts(self.dataset, self.indexed, j)
+        window = self.packing.seq_length + 1
+        if self.mask is not None:
+            m = np.zeros(window, dtype=np.float32)  # megatron pads a short window: no targets there
+            got = np.concatenate([self.mask.get(d, offset=o, length=n) for d, o, n in parts])
+            m[: got.size] = got
+            sample["loss_mask"] = sample["loss_mask"] * torch.from_numpy(m[1:])
+        if self.packing.document_mask:
+            sample.update(_document_boundaries(parts, self.packing.seq_length, sample))
         return sample
+
+
+def _open_mask(path: Path, indexed) -> object | None:
+    """``PATH/loss_mask`` (uint8, one sequence per document of the data), checked against the data; None
+    when the dataset has none (every token is a target)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, get_idx_path
+
+    prefix = str(path / MASK_PREFIX)
+    if not Path(get_idx_path(prefix)).is_file():
+        return None
+    mask = IndexedDataset(prefix, multimodal=False, mmap=True)
+    if not np.array_equal(mask.document_indices, indexed.document_indices) or \
+            not np.array_equal(mask.sequence_lengths, indexed.sequence_lengths):
+        raise BatchError(f"{path}/{MASK_PREFIX}: its documents and lengths differ from {path}/{DATA_PREFIX}'s; "
+                         "pretokenize the dataset again")
+    return mask
+
+
+def window_parts(dataset, indexed, idx: int) -> list[tuple[int, int, int]]:
+    """(document, offset, length) of the document pieces that megatron's ``GPTDataset`` sample ``idx`` is
+    cut from, in order (its shuffle / sample / document indices, the same arithmetic as its
+    ``_query_document_sample_shuffle_indices``); the lengths add up to the window (``seq_length + 1``)
+    unless megatron pads the sample."""
+    if dataset.shuffle_index is None:  # megatron maps its index files on the first read
+        dataset[idx]
+    k = dataset.shuffle_index[idx]
+    beg, beg_off = (int(x) for x in dataset.sample_index[k])
+    end, end_off = (int(x) for x in dataset.sample_index[k + 1])
+    extra = int(dataset.config.add_extra_token_to_sequence)
+    if beg == end:
+        return [(int(dataset.document_index[beg]), beg_off, end_off - beg_off + extra)]
+    parts = []
+    for n in range(beg, end + 1):
+        doc = int(dataset.document_index[n])
+        off = beg_off if n == beg else 0
+        length = int(indexed.sequence_lengths[doc]) - off if n < end else end_off + extra
+        parts.append((doc, off, length))
+    return parts
+
+
+def _document_boundaries(parts: list[tuple[int, int, int]], seq_length: int, sample: dict) -> dict:
+    """cu_seqlens / max_seqlen of the sample's ``seq_length`` tokens, position_ids restarting at each
+    document, and loss_mask without the labels that lie in the next document (the last token of a
+    document predicting the next one's first)."""
+    lengths = [n for _, _, n in parts]
+    starts = np.cumsum(lengths)[:-1]  # window positions where a new document begins
+    loss_mask = sample["loss_mask"].clone()
+    loss_mask[torch.from_numpy(starts[starts <= seq_length] - 1)] = 0.0
+    tok = list(lengths)
+    if sum(tok) == seq_length + 1:  # the tokens are the window without its last id (gone if it was alone)
+        tok[-1] -= 1
+        if tok[-1] == 0:
+            tok.pop()
+    tok[-1] += seq_length - sum(tok)  # megatron's padding of a short window joins the last document
+    cu = np.concatenate([[0], np.cumsum(tok)]).astype(np.int32)
+    position_ids = torch.from_numpy(np.arange(seq_length) - np.repeat(cu[:-1].astype(np.int64), tok))
+    return {"loss_mask": loss_mask, "position_ids": position_ids, "cu_seqlens": torch.from_numpy(cu),
+            "max_seqlen": torch.tensor(max(tok))}
 
 
 def _attention_mask(tokens: torch.Tensor, eod: int, reset: bool, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,6 +237,13 @@ def _causal(s: int) -> torch.Tensor:
     return _CAUSAL[s]
 
 
+def flatten_boundaries(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], seq_length: int) -> dict[str, torch.Tensor]:
+    """Per-row (cu_seqlens, max_seqlen) -> those of the micro-batch as ONE THD row of ``len(rows) * seq_length``
+    tokens (Megatron-LM's ``flatten_batch_for_packed_sequences``): row r's boundaries shifted by r * seq_length."""
+    cu = [rows[0][0][:1]] + [c[1:] + r * seq_length for r, (c, _) in enumerate(rows)]
+    return {"cu_seqlens": torch.cat(cu).to(torch.int32), "max_seqlen": torch.stack([m for _, m in rows]).max()}
+
+
 def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
@@ -168,7 +255,9 @@ class WovenBatchIterator:
     ``[r * global_batch / dp_size, (r + 1) * global_batch / dp_size)`` and yields them as
     ``global_batch / (dp_size * micro_batch)`` micro-batches, each a dict of
     ``tokens, labels, loss_mask, position_ids [micro, seq]`` (+ ``attention_mask``) plus
-    ``source`` (int64 [micro], index into ``source_names``) and ``step``.
+    ``source`` (int64 [micro], index into ``source_names``) and ``step``; with ``document_mask`` also
+    ``cu_seqlens`` (int32 [documents + 1] over the micro-batch flattened row-major into one row of
+    micro * seq tokens) and ``max_seqlen`` (int64, the longest document): ``tessera.model.document_mask``.
 
     Resume: ``state_dict()`` after any micro-batch, ``load_state_dict`` on a fresh iterator (any
     sources/ranks built the same way) continues with the next micro-batch; or construct with
@@ -204,6 +293,9 @@ class WovenBatchIterator:
         seqs = {s.packing.seq_length for s in self.sources}
         if len(seqs) != 1:
             raise BatchError(f"sources packed with different seq_length: {seqs}")
+        if len({s.packing.document_mask for s in self.sources}) != 1:
+            raise BatchError("sources packed with and without document_mask: a micro-batch needs one layout")
+        self.document_mask = self.sources[0].packing.document_mask
         self.seq_length = seqs.pop()
         self.schedule, self.seed = schedule, seed
         self.global_batch, self.micro_batch = global_batch, micro_batch
@@ -244,7 +336,10 @@ class WovenBatchIterator:
         if masks is not None:
             for sm in samples:
                 sm.pop("attention_mask", None)
+        rows = [(sm.pop("cu_seqlens"), sm.pop("max_seqlen")) for sm in samples] if self.document_mask else None
         batch = collate(samples)
+        if rows is not None:
+            batch.update(flatten_boundaries(rows, self.seq_length))
         if masks is not None:
             batch["attention_mask"] = masks
         batch["source"] = torch.from_numpy(src[lo : lo + self.micro_batch].copy())

@@ -62,6 +62,8 @@ def benchmark_batches(
         "attention_mask": packing.create_attention_mask,
         "reset_attention_mask": packing.reset_attention_mask,
         "reset_position_ids": packing.reset_position_ids,
+        "document_mask": packing.document_mask,
+        "loss_mask": {n: s.mask is not None for n, s in srcs.items()},
     }
 
 

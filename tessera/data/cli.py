@@ -41,6 +41,7 @@ def _pretokenize(args: argparse.Namespace) -> int:
         opts = PretokenizeOptions(
             max_doc_tokens=args.max_doc_tokens, max_images=args.max_images, max_text_chars=args.max_text_chars,
             batch_docs=args.batch_docs, image_batch=args.image_batch, device=args.device, reader=_reader_options(args),
+            loss_on=args.loss_on,
         )
         st = pretokenize(args.input, args.out, args.text_tokenizer, args.image_tokenizer, args.workers, opts, args.overwrite)
     except (PretokenizeError, ConvertError, OSError, ValueError) as exc:
@@ -48,6 +49,9 @@ def _pretokenize(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {st['documents']} documents, {st['tokens']:,} tokens "
           f"(text {st['text_tokens']:,}, image {st['image_tokens']:,}, special {st['special_tokens']:,}); "
           f"skipped {st['skipped_total']} {json.dumps({k: v for k, v in st['skipped'].items() if v})}")
+    if st["loss_mask"]:
+        print(f"loss mask (--loss-on {st['loss_on']}): {st['target_tokens']:,} of {st['tokens']:,} tokens are targets; "
+              f"{st['conversations']} conversations")
     return 0
 
 
@@ -157,7 +161,7 @@ def _bench(args: argparse.Namespace) -> int:
             if not dirs:
                 return _fail("give pretokenized directories or --config DATA.yaml")
             r = benchmark_batches(dirs, None, args.seq_length, args.global_batch, args.micro_batch, args.steps,
-                                  packing=PackingConfig(args.seq_length))
+                                  packing=PackingConfig(args.seq_length, document_mask=args.document_mask))
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
     print(json.dumps(r, indent=2) if args.json else
@@ -193,6 +197,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-docs", type=int, default=64)
     p.add_argument("--image-batch", type=int, default=64)
     p.add_argument("--device", default=None, help="VQ encoder device (default: cuda when present)")
+    p.add_argument("--loss-on", default="auto", choices=("auto", "assistant", "all", "image", "text"),
+                   help="which tokens are training targets (written as OUT/loss_mask): assistant turns' content and "
+                        "end marker, all, image codes only, text only (default auto: assistant for conversations, "
+                        "all for other documents; docs/finetuning.md)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete output directory")
     p.set_defaults(func=_pretokenize)
 
@@ -240,6 +248,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--global-batch", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--document-mask", action="store_true",
+                   help="packing with document boundaries (cu_seqlens, restarted positions; docs/finetuning.md)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--curate", action="store_true",
                    help="instead: documents/s/core of `tessera data curate` on generated img2dataset shards")

@@ -42,6 +42,7 @@ class DataConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     create_attention_mask: bool = False
+    document_mask: bool = False  # attention stops at document boundaries; positions restart (docs/finetuning.md)
     shuffle_seed: int = 1234
     cache_dir: str | None = None
     train_steps: int | None = None  # when set, each source indexes enough samples for this many steps
@@ -53,6 +54,7 @@ class DataConfig:
             reset_attention_mask=self.reset_attention_mask,
             eod_mask_loss=self.eod_mask_loss,
             create_attention_mask=self.create_attention_mask,
+            document_mask=self.document_mask,
             shuffle_seed=self.shuffle_seed,
             cache_dir=self.cache_dir,
         )

@@ -1,4 +1,5 @@
-"""``tessera data curate``: filter and deduplicate raw shards of any format into segments-layout shards.
+"""``tessera data curate``: filter and deduplicate raw shards of any format into segments-layout shards
+(conversations into the conversations layout, so they stay conversations).
 
 Per document, in this order (a dropped document is counted under the first filter it fails):
 
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tessera.data.document import segments_to_tar_members, write_tar
+from tessera.data.document import Message, conversation_to_tar_members, segments_to_tar_members, write_tar
 from tessera.data.formats import (
     RawDocument,
     RawImage,
@@ -274,7 +275,12 @@ def curate_shard(url: str, index: int, part_prefix: str, cfg: CurateConfig, read
         doc_key = f"{index:06d}-{len(sigs):08d}"
         stored = [_image_bytes(s, im) for s, im in zip((s for s in raw.segments if isinstance(s, RawImage)), images,
                                                        strict=True)]
-        members.extend(segments_to_tar_members(doc_key, raw.segments, raw.source, stored, {"origin": f"{url}:{key}"}))
+        extra = {"origin": f"{url}:{key}"}
+        if raw.messages is not None:  # a conversation stays one, in the conversations layout
+            msgs = [Message(role, items) for role, items in raw.messages]
+            members.extend(conversation_to_tar_members(doc_key, msgs, raw.source, stored, extra))
+        else:
+            members.extend(segments_to_tar_members(doc_key, raw.segments, raw.source, stored, extra))
         sigs.append({"text": text_hash(text) if text.strip() else None,
                      "pixels": [pixel_hash(im) for im in images], "phash": [phash(im) for im in images]})
 

@@ -7,6 +7,7 @@
 | `parquet`     | .parquet                 | a row: image (HF Image struct, bytes or a local path) + text column |
 | `interleaved` | .tar, .parquet, .jsonl   | OBELICS / MINT-1T: aligned ``texts`` / ``images`` lists             |
 | `folder`      | a directory              | ``NAME.{jpg,png,...}`` + ``NAME.txt`` (recursively)                  |
+| `conversations` | .jsonl, .tar, .parquet | ``{"messages": [{"role", "content"}]}`` (transformers' chat format)  |
 
 ``sniff_format`` guesses a shard's format from its container and first samples; ``iter_raw_documents``
 parses one shard in a given format. Every bad sample is counted under one reason (``SkipStats``) and
@@ -39,9 +40,13 @@ SKIP_REASONS: tuple[str, ...] = (
     "bad_image",  # truncated / unreadable image bytes
     "too_long",  # over a document limit (images, text characters, tokens)
     "unreadable_shard",  # the shard itself is damaged (the samples before the damage are kept)
+    "bad_role",  # conversations: a message whose role is not system / user / assistant
+    "empty_conversation",  # conversations: no messages, or no content in any of them
+    "no_targets",  # pretokenize: the loss mask (--loss-on) selects no token of the document
 )
 
-FORMATS: tuple[str, ...] = ("segments", "img2dataset", "parquet", "interleaved", "folder")
+FORMATS: tuple[str, ...] = ("segments", "img2dataset", "parquet", "interleaved", "folder", "conversations")
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SHARD_EXTS: tuple[str, ...] = (".tar", ".parquet", ".jsonl")
 URL_PREFIXES: tuple[str, ...] = ("http://", "https://", "ftp://", "s3://", "gs://", "data:")
@@ -95,6 +100,8 @@ class RawDocument:
     key: str
     segments: list[str | RawImage]
     source: str = ""
+    # conversations: (role, content) per message; ``segments`` is then the contents in order
+    messages: list[tuple[str, list[str | RawImage]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,7 @@ CONTAINERS: dict[str, tuple[str, ...]] = {
     "parquet": ("parquet",),
     "interleaved": ("tar", "parquet", "jsonl"),
     "folder": ("dir",),
+    "conversations": ("jsonl", "tar", "parquet"),
 }
 
 
@@ -159,6 +167,8 @@ def _tar_sample_kind(sample: dict) -> str | None:
             meta = None
     if isinstance(meta, dict) and "segments" in meta:
         return "segments"
+    if isinstance(meta, dict) and "messages" in meta:
+        return "conversations"
     if isinstance(meta, dict) and "texts" in meta and "images" in meta:
         return "interleaved"
     if any(ext in sample for ext in IMAGE_EXTS):
@@ -172,7 +182,7 @@ def sniff_format(url: str, samples: int = 16) -> str | None:
     if kind == "dir":
         return "folder"
     if kind == "jsonl":
-        return "interleaved"
+        return _sniff_jsonl(url, samples)
     if kind == "parquet":
         try:
             import pyarrow.parquet as pq
@@ -180,6 +190,8 @@ def sniff_format(url: str, samples: int = 16) -> str | None:
             names = set(pq.read_schema(url).names)
         except Exception:  # pyarrow raises several types for damaged files
             return None
+        if "messages" in names:
+            return "conversations"
         return "interleaved" if {"texts", "images"} <= names else "parquet"
     votes: Counter = Counter()
     try:
@@ -192,6 +204,25 @@ def sniff_format(url: str, samples: int = 16) -> str | None:
     except Exception:  # a damaged tar: whatever was read before the damage decides
         pass
     return votes.most_common(1)[0][0] if votes else None
+
+
+def _sniff_jsonl(url: str, lines: int) -> str:
+    """``conversations`` when most of the first parsable lines hold ``messages``, else ``interleaved``."""
+    votes: Counter = Counter()
+    try:
+        with open(url, "rb") as fh:
+            for n, line in enumerate(fh):
+                if n >= lines:
+                    break
+                try:
+                    meta = json.loads(line)
+                except (ValueError, UnicodeDecodeError):
+                    continue
+                if isinstance(meta, dict):
+                    votes["conversations" if "messages" in meta else "interleaved"] += 1
+    except OSError:
+        pass
+    return votes.most_common(1)[0][0] if votes else "interleaved"
 
 
 # ---- per-format parsers -----------------------------------------------------------------------
@@ -434,6 +465,157 @@ def _interleaved_jsonl_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> 
                 yield RawDocument(key, segs, meta.get("source") if isinstance(meta.get("source"), str) else "interleaved")
 
 
+def _conversation_image(ref: object, key: str, where: str, base: Path, stats: SkipStats, what: str,
+                        members: dict | None) -> RawImage | None:
+    """An image part's reference: a member of the tar sample (``KEY.<suffix>`` or the suffix), a path
+    relative to the shard (JSONL / parquet), or image bytes / an HF Image struct (parquet)."""
+    if members is not None:
+        if isinstance(ref, str) and not is_url(ref):
+            suffix = (ref[len(key) + 1 :] if ref.startswith(key + ".") else ref).lower()
+            data = members.get(suffix)
+            if data is None:
+                stats.skip("missing_image", where, f"{what} names {ref!r}, which the sample does not hold")
+                return None
+            if not data:
+                stats.skip("empty_file", where, f"{key}.{suffix}")
+                return None
+            return RawImage(f"{key}.{suffix}", data)
+        if isinstance(ref, str):
+            stats.skip("missing_image", where, f"{what}: {ref[:80]} is a URL (images are never fetched)")
+            return None
+    return _image_cell(ref, base, where, stats, what)
+
+
+def _conversation(meta: object, key: str, where: str, base: Path, stats: SkipStats, opts: ReaderOptions,
+                  members: dict | None = None) -> list[tuple[str, list[str | RawImage]]] | None:
+    """transformers' chat format: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str |
+    [{"type": "text", "text": str}, {"type": "image", "image": ref}]}], "images": [ref, ...]}``. An image
+    part without a reference (``{"type": "image"}``, TRL's convention) takes the next entry of the top-level
+    ``images`` list; every entry must be used. None (counted) when the record is bad."""
+    if not isinstance(meta, dict):
+        stats.skip("bad_schema", where, "expected a JSON object with 'messages'")
+        return None
+    msgs = meta.get("messages")
+    if not isinstance(msgs, list):
+        stats.skip("bad_schema", where, "'messages' must be a list of {role, content}")
+        return None
+    if not msgs:
+        stats.skip("empty_conversation", where, "'messages' is empty")
+        return None
+    images = meta.get("images")
+    if images is not None and not isinstance(images, list):
+        stats.skip("bad_schema", where, "'images' must be a list")
+        return None
+    images = images or []
+    used = 0
+    out: list[tuple[str, list[str | RawImage]]] = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            stats.skip("bad_schema", where, f"messages[{i}] must be an object with a string 'role'")
+            return None
+        role = m["role"]
+        if role not in ROLES:
+            stats.skip("bad_role", where, f"messages[{i}].role {role[:40]!r} is not one of {', '.join(ROLES)}")
+            return None
+        content = m.get("content")
+        parts = [] if content is None else [content] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            stats.skip("bad_schema", where, f"messages[{i}].content must be a string or a list of parts")
+            return None
+        items: list[str | RawImage] = []
+        for j, part in enumerate(parts):
+            what = f"messages[{i}].content[{j}]"
+            if isinstance(part, str):  # a bare string part: text
+                part = {"type": "text", "text": part}
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                if part["text"]:
+                    items.append(part["text"])
+                continue
+            if kind != "image":
+                stats.skip("bad_schema", where, f"{what} must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}")
+                return None
+            ref = next((part[f] for f in ("image", "path", "url") if part.get(f) is not None), None)
+            if ref is None:
+                if used >= len(images):
+                    stats.skip("bad_schema", where, f"{what} is an image placeholder but 'images' has no entry left")
+                    return None
+                ref, used = images[used], used + 1
+            if not opts.images:
+                continue
+            img = _conversation_image(ref, key, where, base, stats, what, members)
+            if img is None:
+                return None
+            items.append(img)
+        out.append((role, items))
+    if used != len(images):
+        stats.skip("bad_schema", where, f"'images' lists {len(images)} images, the messages use {used}")
+        return None
+    if not any(items for _, items in out) and opts.images:
+        stats.skip("empty_conversation", where, "no message has any content")
+        return None
+    return out
+
+
+def _conversation_doc(key: str, messages: list[tuple[str, list[str | RawImage]]], source: object) -> RawDocument:
+    segments = [item for _, items in messages for item in items]
+    return RawDocument(key, segments, source if isinstance(source, str) else "conversations", messages)
+
+
+def _conversation_jsonl_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[RawDocument]:
+    base = Path(url).parent
+    stem = Path(url).name.split(".")[0]
+    try:
+        fh = open(url, "rb")  # noqa: SIM115 (closed below; lines are read lazily)
+    except OSError as exc:
+        stats.skip("unreadable_shard", url, str(exc))
+        return
+    with fh:
+        for n, line in enumerate(fh):
+            if not line.strip():
+                continue
+            meta = _parse_json(line, stats, f"{url}:{n + 1}", f"line {n + 1}")
+            if meta is None:
+                continue
+            key = str(meta.get("key") or meta.get("id") or f"{stem}-{n:08d}") if isinstance(meta, dict) else f"{stem}-{n:08d}"
+            msgs = _conversation(meta, key, f"{url}:{key}", base, stats, opts)
+            if msgs is not None:
+                yield _conversation_doc(key, msgs, meta.get("source"))
+
+
+def _conversation_tar_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[RawDocument]:
+    base = Path(url).parent
+    for sample in tar_samples(url, stats):
+        key = sample.get("__key__", "?")
+        where = f"{url}:{key}"
+        if sample.get("json") is None:
+            stats.skip("missing_json", where)
+            continue
+        meta = _parse_json(sample["json"], stats, where, f"{key}.json")
+        if meta is None:
+            continue
+        members = {k: v for k, v in sample.items() if not k.startswith("__") and k != "json"}
+        msgs = _conversation(meta, key, where, base, stats, opts, members)
+        if msgs is not None:
+            yield _conversation_doc(key, msgs, meta.get("source"))
+
+
+def _conversation_parquet_docs(url: str, opts: ReaderOptions, stats: SkipStats) -> Iterator[RawDocument]:
+    names = _parquet_columns(url, stats)
+    if names is None:
+        return
+    if "messages" not in names:
+        raise FormatError(f"{url}: no column 'messages'; conversations need it (columns: {names})")
+    base, stem = Path(url).parent, Path(url).name.split(".")[0]
+    key_col = next((c for c in ("key", "id") if c in names), None)
+    cols = ["messages"] + [c for c in ("images", "source") if c in names] + ([key_col] if key_col else [])
+    for n, row in enumerate(_parquet_batches(url, cols, stats)):
+        key = str(row[key_col]) if key_col and row.get(key_col) is not None else f"{stem}-{n:08d}"
+        msgs = _conversation(row, key, f"{url}:{key}", base, stats, opts)
+        if msgs is not None:
+            yield _conversation_doc(key, msgs, row.get("source"))
+
+
 def _parquet_batches(url: str, columns: list[str], stats: SkipStats, batch_rows: int = 64) -> Iterator[dict]:
     """Rows (dicts) of the given columns, ``batch_rows`` at a time: never the whole file in memory."""
     import pyarrow.parquet as pq
@@ -554,6 +736,10 @@ def iter_raw_documents(url: str, fmt: str, opts: ReaderOptions, stats: SkipStats
         yield from _parquet_pair_docs(url, opts, stats)
     elif fmt == "folder":
         yield from _folder_docs(url, opts, stats)
+    elif fmt == "conversations":
+        kind = container(url)
+        yield from (_conversation_jsonl_docs if kind == "jsonl" else _conversation_parquet_docs if kind == "parquet"
+                    else _conversation_tar_docs)(url, opts, stats)
     elif container(url) == "parquet":
         yield from _interleaved_parquet_docs(url, opts, stats)
     elif container(url) == "jsonl":

@@ -3,6 +3,9 @@
 Output directory (complete only once it exists under its final name)::
 
     OUT/data.bin, OUT/data.idx   one sequence per document: <bos> text <boi> codes <eoi> ... <eos>
+                                 (a conversation: the chat template, tessera.data.chat)
+    OUT/loss_mask.{bin,idx}      uint8, the same documents and lengths: 1 where the token is a training
+                                 target (--loss-on); absent when every token is one (readers: no file = all)
     OUT/vocab.json               the unified Vocabulary built from the two tokenizers' sizes
     OUT/stats.json               documents, text / image / special tokens, skipped samples by reason
 
@@ -28,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tessera.data.chat import LOSS_ON, ChatTemplate, assemble, document_pieces, loss_mask
 from tessera.data.document import Document
 from tessera.data.raw import (
     SKIP_REASONS,
@@ -53,6 +57,7 @@ from tessera.tokenizers.vocab import Vocabulary
 log = logging.getLogger("tessera.data")
 
 DATA_PREFIX = "data"
+MASK_PREFIX = "loss_mask"
 STATS_FILE = "stats.json"
 PARTIAL_SUFFIX = ".partial"
 
@@ -70,6 +75,12 @@ class PretokenizeOptions:
     image_batch: int = 64
     device: str | None = None  # where a VQ encoder loaded from a path runs; None: cuda when present
     reader: ReaderOptions = field(default_factory=ReaderOptions)  # --format, --caption-first, columns
+    # --loss-on: auto (conversations: assistant, other documents: all), assistant, all, image, text
+    loss_on: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.loss_on != "auto" and self.loss_on not in LOSS_ON:
+            raise PretokenizeError(f"--loss-on {self.loss_on!r}: expected auto or one of {', '.join(LOSS_ON)}")
 
 
 def token_dtype(vocab: Vocabulary) -> type[np.number]:
@@ -77,11 +88,15 @@ def token_dtype(vocab: Vocabulary) -> type[np.number]:
 
 
 def _encode_batch(
-    docs: list[Document], text_tok: TextTokenizerLike, image_tok: ImageTokenizerLike, vocab: Vocabulary, image_batch: int
-) -> list[np.ndarray]:
-    """Ids of each document; texts in one encode_batch call, images through the VQ encoder in batches."""
-    texts = [s for d in docs for s in d.segments if isinstance(s, str)]
-    images = [fit_image(s, image_tok.image_size) for d in docs for s in d.segments if not isinstance(s, str)]
+    docs: list[Document], text_tok: TextTokenizerLike, image_tok: ImageTokenizerLike, vocab: Vocabulary, image_batch: int,
+    template: ChatTemplate,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, per-token flags) of each document (conversations through the chat template); texts in one
+    encode_batch call, images through the VQ encoder in batches."""
+    pieces = [template.pieces(d.messages) if d.messages is not None else document_pieces(d.segments, vocab)
+              for d in docs]
+    texts = [p.value for ps in pieces for p in ps if p.kind == "text"]
+    images = [fit_image(p.value, image_tok.image_size) for ps in pieces for p in ps if p.kind == "image"]
     text_ids = text_tok.encode_batch(texts) if texts else []
     codes: list[torch.Tensor] = []
     with torch.inference_mode():
@@ -91,24 +106,25 @@ def _encode_batch(
     all_codes = torch.cat(codes) if codes else torch.zeros(0, vocab.image_tokens_per_image, dtype=torch.long)
     if all_codes.shape[1] != vocab.image_tokens_per_image:
         raise PretokenizeError(f"image tokenizer gave {all_codes.shape[1]} codes per image, expected {vocab.image_tokens_per_image}")
-    image_ids = vocab.image_codes_to_ids(all_codes).numpy()
-    out = []
-    ti = ii = 0
-    for d in docs:
-        parts: list[np.ndarray] = [np.array([vocab.bos_id])]
-        for s in d.segments:
-            if isinstance(s, str):
-                pieces = np.asarray(text_ids[ti], dtype=np.int64)
-                ti += 1
-                if pieces.size and (pieces.min() < 0 or pieces.max() >= vocab.num_text_tokens):
-                    raise PretokenizeError(f"text tokenizer returned a piece outside [0, {vocab.num_text_tokens})")
-                parts.append(pieces + vocab.text_offset)
-            else:
-                parts += [np.array([vocab.boi_id]), image_ids[ii], np.array([vocab.eoi_id])]
-                ii += 1
-        parts.append(np.array([vocab.eos_id]))
-        out.append(np.concatenate(parts).astype(np.int64))
-    return out
+    image_ids = iter(vocab.image_codes_to_ids(all_codes).numpy())
+
+    def next_text() -> np.ndarray:
+        piece_ids = np.asarray(next(text_iter), dtype=np.int64)
+        if piece_ids.size and (piece_ids.min() < 0 or piece_ids.max() >= vocab.num_text_tokens):
+            raise PretokenizeError(f"text tokenizer returned a piece outside [0, {vocab.num_text_tokens})")
+        return piece_ids + vocab.text_offset
+
+    text_iter = iter(text_ids)
+    return [assemble(ps, next_text, lambda: next(image_ids), vocab) for ps in pieces]
+
+
+def _loss_mask(doc: Document, flags: np.ndarray, loss_on: str, where: str) -> np.ndarray | None:
+    """The document's loss mask under ``loss_on``, or None when every token is a target."""
+    mode = loss_on if loss_on != "auto" else ("assistant" if doc.messages is not None else "all")
+    if mode == "assistant" and doc.messages is None:
+        raise PretokenizeError(f"--loss-on assistant: {where} is not a conversation (pass --loss-on all, image "
+                               "or text for other documents)")
+    return None if mode == "all" else loss_mask(flags, mode)
 
 
 def count_modalities(ids: np.ndarray, vocab: Vocabulary) -> dict[str, int]:
@@ -130,22 +146,43 @@ def pretokenize_shard(
 
     tmp = part_prefix + ".tmp"
     builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=token_dtype(vocab))
+    mask_tmp = part_prefix + "-mask.tmp"
+    mask_builder = None  # opened at the first document with a mask (every earlier one: all ones)
+    lengths: list[int] = []
     stats = SkipStats()
-    totals = {"documents": 0, "images": 0, "text_tokens": 0, "image_tokens": 0, "special_tokens": 0, "tokens": 0}
+    totals = {"documents": 0, "images": 0, "text_tokens": 0, "image_tokens": 0, "special_tokens": 0, "tokens": 0,
+              "target_tokens": 0, "conversations": 0}
     sources: dict[str, int] = {}
     limits = DocumentLimits(opts.max_images, opts.max_text_chars)
+    template = ChatTemplate.for_vocabulary(vocab, text_tok)
 
     def flush(batch: list[Document]) -> None:
-        for doc, ids in zip(batch, _encode_batch(batch, text_tok, image_tok, vocab, opts.image_batch), strict=True):
+        nonlocal mask_builder
+        encoded = _encode_batch(batch, text_tok, image_tok, vocab, opts.image_batch, template)
+        for doc, (ids, flags) in zip(batch, encoded, strict=True):
+            where = f"{url}:{doc.key}"
             if opts.max_doc_tokens is not None and ids.size > opts.max_doc_tokens:
-                stats.skip("too_long", f"{url}:{doc.key}", f"{ids.size} tokens > {opts.max_doc_tokens}")
+                stats.skip("too_long", where, f"{ids.size} tokens > {opts.max_doc_tokens}")
                 continue
+            mask = _loss_mask(doc, flags, opts.loss_on, where)
+            if mask is not None and not mask.any():
+                stats.skip("no_targets", where, f"--loss-on {opts.loss_on} selects none of its {ids.size} tokens")
+                continue
+            if mask is not None and mask_builder is None:
+                mask_builder = IndexedDatasetBuilder(get_bin_path(mask_tmp), dtype=np.uint8)
+                for n in lengths:
+                    mask_builder.add_document(np.ones(n, dtype=np.uint8), [n])
             builder.add_document(ids, [ids.size])  # accepts any array-like
+            if mask_builder is not None:
+                mask_builder.add_document(np.ones(ids.size, np.uint8) if mask is None else mask, [ids.size])
+            lengths.append(int(ids.size))
             c = count_modalities(ids, vocab)
             for k, v in c.items():
                 totals[k] += v
             totals["tokens"] += int(ids.size)
+            totals["target_tokens"] += int(ids.size) if mask is None else int(mask.sum())
             totals["documents"] += 1
+            totals["conversations"] += doc.messages is not None
             totals["images"] += len(doc.images)
             sources[doc.source] = sources.get(doc.source, 0) + 1
 
@@ -160,7 +197,11 @@ def pretokenize_shard(
     builder.finalize(get_idx_path(tmp))
     os.replace(get_bin_path(tmp), get_bin_path(part_prefix))
     os.replace(get_idx_path(tmp), get_idx_path(part_prefix))
-    result = {**totals, "skipped": stats.as_dict(), "sources": sources, "shard": url}
+    if mask_builder is not None:
+        mask_builder.finalize(get_idx_path(mask_tmp))
+        os.replace(get_bin_path(mask_tmp), get_bin_path(part_prefix + "-mask"))
+        os.replace(get_idx_path(mask_tmp), get_idx_path(part_prefix + "-mask"))
+    result = {**totals, "skipped": stats.as_dict(), "sources": sources, "shard": url, "mask": mask_builder is not None}
     _write_json(Path(part_prefix + ".json"), result)
     return result
 
@@ -203,7 +244,7 @@ def _fingerprint(urls: list[str], vocab: Vocabulary, text_spec, image_spec, opts
             "vocab": vocab.to_dict(),
             "text": ident(text_spec),
             "image": ident(image_spec),
-            "opts": [opts.max_doc_tokens, opts.max_images, opts.max_text_chars, asdict(opts.reader)],
+            "opts": [opts.max_doc_tokens, opts.max_images, opts.max_text_chars, asdict(opts.reader), opts.loss_on],
         },
         sort_keys=True,
     )
@@ -303,8 +344,13 @@ def pretokenize(
     for u in urls:
         builder.add_index(part_of[u])
     builder.finalize(get_idx_path(merged))
+    masked = any(results[u].get("mask") for u in urls)
+    if masked:
+        _merge_masks(urls, part_of, results, str(partial / MASK_PREFIX))
     vocab.save(partial)
     stats = _total_stats(urls, results, vocab, time.perf_counter() - t0)
+    stats.update(loss_on=options.loss_on, loss_mask=masked,
+                 chat_template=ChatTemplate.for_vocabulary(vocab, text_tok).to_dict())
     _write_json(partial / STATS_FILE, stats)
     shutil.rmtree(parts_dir)
     fp_file.unlink()
@@ -320,9 +366,31 @@ def pretokenize(
     return stats
 
 
+def _merge_masks(urls: list[str], part_of: dict[str, str], results: dict[str, dict], prefix: str) -> None:
+    """OUT/loss_mask: the parts' masks in shard order; a part without one (every token a target) gets ones
+    for each of its documents, so the mask dataset has exactly the data's documents and lengths."""
+    from megatron.core.datasets.indexed_dataset import (
+        IndexedDataset,
+        IndexedDatasetBuilder,
+        get_bin_path,
+        get_idx_path,
+    )
+
+    builder = IndexedDatasetBuilder(get_bin_path(prefix), dtype=np.uint8)
+    for u in urls:
+        if results[u].get("mask"):
+            builder.add_index(part_of[u] + "-mask")
+            continue
+        part = IndexedDataset(part_of[u], mmap=True)  # held while its mmap'd lengths are read
+        for n in np.array(part.sequence_lengths):
+            builder.add_document(np.ones(int(n), dtype=np.uint8), [int(n)])
+    builder.finalize(get_idx_path(prefix))
+
+
 def _total_stats(urls: list[str], results: dict[str, dict], vocab: Vocabulary, seconds: float) -> dict:
-    keys = ("documents", "images", "text_tokens", "image_tokens", "special_tokens", "tokens")
-    total = {k: sum(results[u][k] for u in urls) for k in keys}
+    keys = ("documents", "conversations", "images", "text_tokens", "image_tokens", "special_tokens", "tokens",
+            "target_tokens")
+    total = {k: sum(results[u].get(k, 0) for u in urls) for k in keys}
     skipped = {r: sum(results[u]["skipped"].get(r, 0) for u in urls) for r in SKIP_REASONS}
     sources: dict[str, int] = {}
     for u in urls:

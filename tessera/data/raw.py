@@ -21,7 +21,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from tessera.data.document import Document
+from tessera.data.document import Document, Message
 from tessera.data.formats import (
     IMAGE_EXTS,
     SHARD_EXTS,
@@ -125,7 +125,11 @@ def to_document(url: str, raw: RawDocument, stats: SkipStats, limits: DocumentLi
         except Exception as exc:  # PIL raises many types for bad bytes
             stats.skip("bad_image", where, f"{s.name}: {type(exc).__name__}: {exc}")
             return None
-    return Document(key=raw.key, segments=segs, source=raw.source)
+    messages = None
+    if raw.messages is not None:  # the same decoded objects, cut back into the turns
+        it = iter(segs)
+        messages = [Message(role, [next(it) for _ in items]) for role, items in raw.messages]
+    return Document(key=raw.key, segments=segs, source=raw.source, messages=messages)
 
 
 def iter_documents(

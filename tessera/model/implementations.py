@@ -94,7 +94,7 @@ def describe(model: torch.nn.Module, why: str) -> Implementations:
         attention = "Transformer Engine DotProductAttention (flash / cuDNN fused / unfused, TE's choice per call)"
     elif isinstance(core, SDPAttention):
         first = "torch SDPA (flash / memory-efficient kernels)" if param.device.type == "cuda" else _cpu_attention(param.dtype)
-        attention = f"{first}; megatron's DotProductAttention for explicit masks or packed sequences"
+        attention = f"{first}; packed documents (THD) one causal call per document; megatron's DotProductAttention for explicit masks"
     else:
         attention = f"megatron {type(core).__name__}"
     return Implementations(spec="Transformer Engine" if te else "local", why=why, linear=linear, norm=norm,

@@ -34,6 +34,10 @@ class Modality(IntEnum):
 
 # Order fixes the ids 0..len-1. Keep <pad> at 0: megatron and HF treat 0-padding as harmless.
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<reserved0>", "<reserved1>", "<reserved2>")
+# The chat template's turn markers (tessera.data.chat, docs/finetuning.md): start and end of a turn. <reserved0>
+# stays free: the native transformers export names the first reserved special <image>, its image placeholder.
+TURN_START_TOKEN = "<reserved1>"
+TURN_END_TOKEN = "<reserved2>"
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,11 @@ class Vocabulary:
             return self.special_tokens.index(name)
         except ValueError:
             raise VocabularyError(f"unknown special token {name!r}") from None
+
+    def optional_special_id(self, name: str) -> int | None:
+        """The id of special ``name``, or None where this vocabulary has no such special (an imported
+        Chameleon's has only pad / bos / eos / boi / eoi)."""
+        return self.special_tokens.index(name) if name in self.special_tokens else None
 
     @property
     def pad_id(self) -> int:
