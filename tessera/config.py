@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tessera.utils import atomic_write_text
+
 T = TypeVar("T")
 
 
@@ -213,8 +215,4 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config (every default filled in) so a run can be reproduced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -22,6 +22,7 @@ import torch
 
 from tessera.convert.errors import ConvertError
 from tessera.tokenizers.vocab import Vocabulary
+from tessera.utils import atomic_write_json
 
 IMAGE_PREFIX = "IMGIMG"
 HF_BOI = "<racm3:break>"  # Chameleon's begin-of-image token
@@ -83,11 +84,7 @@ class IdMap:
         return {"hf_vocab_size": self.hf_vocab_size, "tessera_to_hf": list(self.tessera_to_hf)}
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / IDMAP_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(Path(directory) / IDMAP_FILE, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, directory: str | Path) -> IdMap | None:

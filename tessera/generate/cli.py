@@ -16,6 +16,7 @@ from pathlib import Path
 from tessera.config import ConfigError, load_config, parse_overrides
 from tessera.generate.config import GenerationConfig
 from tessera.progress import Progress
+from tessera.utils import default_device
 
 
 class _Ordered(argparse.Action):
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> Path:
         raise GenerationError("give a prompt: --prompt TEXT and/or --image FILE")
     # Read every image before loading the model, so a bad file fails fast and is named.
     parts: list = [load_image(v) if kind == "image" else v for kind, v in parts_in]
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.device or default_device().type
     cfg.device = device
     model = tessera.model.load(args.checkpoint, device=device)
     if getattr(model, "vocab", None) is None:

@@ -27,6 +27,7 @@ import yaml
 
 from tessera.config import to_dict
 from tessera.model.config import ModelConfig
+from tessera.utils import atomic_write_text, rank, swap_in_dir
 
 FORMAT = 1
 META_FILE = "tessera.json"
@@ -85,10 +86,6 @@ def localize_norm_extra_states(sharded_state_dict: dict) -> dict:
     return dict_list_map_inplace(localize, sharded_state_dict)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _shared_tmp_name(ckpt_dir: Path) -> Path:
     """Every rank must write into the same temporary directory: rank 0's pid names it."""
     pid = [os.getpid()]
@@ -134,7 +131,7 @@ def save_model_checkpoint(
 
     ckpt_dir = Path(ckpt_dir)
     tmp = _shared_tmp_name(ckpt_dir)
-    if _rank() == 0:
+    if rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / DIST_DIR).mkdir(parents=True)
@@ -148,7 +145,7 @@ def save_model_checkpoint(
         state.update(extra_state)
     _use_in_process_results_queue()
     dist_checkpointing.save(state, str(tmp / DIST_DIR))
-    if _rank() == 0:
+    if rank() == 0:
         run_cfg = extra_config
         if dataclasses.is_dataclass(run_cfg) and not isinstance(run_cfg, type):
             run_cfg = to_dict(run_cfg)
@@ -161,13 +158,7 @@ def save_model_checkpoint(
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks the save complete
         if before_commit is not None:
             before_commit(tmp)
-        if ckpt_dir.exists():
-            old = ckpt_dir.with_name(f"{ckpt_dir.name}.old-{os.getpid()}")
-            ckpt_dir.rename(old)
-            tmp.rename(ckpt_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(ckpt_dir)
+        swap_in_dir(tmp, ckpt_dir)
     if dist.is_initialized():
         dist.barrier()
     return ckpt_dir
@@ -175,10 +166,7 @@ def save_model_checkpoint(
 
 def write_latest(checkpoints_dir: str | Path, ckpt_name: str) -> None:
     """Point ``checkpoints_dir/latest`` at ``ckpt_name`` (atomic replace)."""
-    checkpoints_dir = Path(checkpoints_dir)
-    tmp = checkpoints_dir / f"{LATEST_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(ckpt_name + "\n")
-    tmp.replace(checkpoints_dir / LATEST_FILE)
+    atomic_write_text(Path(checkpoints_dir) / LATEST_FILE, ckpt_name + "\n")
 
 
 def _is_checkpoint(path: Path) -> bool:

@@ -14,6 +14,8 @@ from typing import TextIO
 
 import torch
 
+from tessera.utils import rank
+
 _reported = False
 
 
@@ -107,7 +109,7 @@ def report_once(model: torch.nn.Module, why: str, stream: TextIO | None = None) 
     global _reported
     if _reported:
         return False
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if rank() != 0:
         return False
     _reported = True
     print("\n".join(describe(model, why).lines()), file=stream or sys.stderr, flush=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from tessera.config import ConfigError
+from tessera.utils import atomic_path, atomic_write_json, launch_env
 
 
 class CLIError(Exception):
@@ -51,7 +51,7 @@ def _train_image(args: argparse.Namespace) -> int:
         result = train_image_tokenizer(cfg)
     except (ConfigError, ImageTokenizerError) as exc:
         return _fail(str(exc))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_env()[0] == 0:
         print(
             f"wrote {result.out} after {result.steps} steps in {result.seconds:.0f} s: "
             f"PSNR {result.psnr:.2f} dB, codebook usage {result.codebook_usage:.0%}, "
@@ -74,11 +74,7 @@ def _encode(args: argparse.Namespace) -> int:
         "num_codes": tok.num_codes,
         "images": [{"source": str(p), "codes": c} for p, c in zip(args.images, codes.tolist(), strict=True)],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, out)
+    out = atomic_write_json(args.out, doc, indent=None)
     print(f"wrote {out}: {len(args.images)} image(s) x {tok.tokens_per_image} codes")
     return 0
 
@@ -122,9 +118,8 @@ def _decode(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     for img, p in zip(images, paths, strict=True):
-        tmp = p.with_name(f".{p.stem}.tmp{p.suffix}")
-        img.save(tmp)
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:
+            img.save(tmp)
     print(f"wrote {', '.join(map(str, paths))}")
     return 0
 

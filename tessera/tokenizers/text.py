@@ -20,6 +20,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from tessera.utils import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 META = "\u2581"  # sentencepiece's whitespace symbol
@@ -62,11 +64,7 @@ class TextTokenizer:
         """Write the model as ``out_prefix.model`` (a directory gets ``text.model``); atomic."""
         out = Path(out_prefix)
         out = out / "text.model" if out.is_dir() else out.with_name(out.name + MODEL_SUFFIX)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_bytes(self.sp.serialized_model_proto())
-        os.replace(tmp, out)
-        return out
+        return atomic_write_bytes(out, self.sp.serialized_model_proto())
 
     @property
     def vocab_size(self) -> int:
