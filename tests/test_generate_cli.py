@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory) -> Path:
     from tessera.model.checkpoint import write_latest
     from tessera.model.parallel import ensure_single_process
     from tessera.tokenizers.image import ImageTokenizer, VQConfig
-    from tessera.tokenizers.text import train_text_tokenizer
+    from tessera.tokenizers.text_train import train_text_tokenizer
 
     root = tmp_path_factory.mktemp("gen")
     (root / "corpus.txt").write_text(CORPUS)
@@ -169,7 +169,7 @@ def imported_ckpt(tmp_path_factory) -> Path:
     """A tiny random transformers Chameleon imported with ``from_hf``: CKPT/tokenizers/text/ holds its
     tokenizer.json + id map (no sentencepiece model anywhere)."""
     from tessera.convert.hf import from_hf
-    from tessera.convert.testing import make_hf_chameleon
+    from tessera.testing.checkpoints import make_hf_chameleon
 
     root = tmp_path_factory.mktemp("imported")
     make_hf_chameleon(root / "hf", seed=5)

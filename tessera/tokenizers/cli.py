@@ -22,7 +22,8 @@ def _fail(msg: str) -> int:
 
 
 def _train_text(args: argparse.Namespace) -> int:
-    from tessera.tokenizers.text import TextTokenizerError, train_text_tokenizer
+    from tessera.tokenizers.text import TextTokenizerError
+    from tessera.tokenizers.text_train import train_text_tokenizer
 
     try:
         tok = train_text_tokenizer(
