@@ -31,7 +31,13 @@ from tessera.convert.hf_tokenizer import (
     HFTextTokenizer,
     copy_tokenizer_files,
 )
-from tessera.convert.hf_vocab import HF_IMAGE, IMPORT_SPECIALS, IdMap, image_token_name, vocab_from_chameleon
+from tessera.convert.hf_vocab import (
+    HF_IMAGE,
+    IMPORT_SPECIALS,
+    IdMap,
+    native_vocabulary_map,
+    vocab_from_chameleon,
+)
 from tessera.convert.io import atomic_output_dir, load_hf_state_dict, read_json, save_hf_state_dict
 from tessera.convert.megatron_map import (
     Shape,
@@ -269,26 +275,6 @@ def _write_processor_files(directory: Path, cfg: dict) -> None:
 def _native_idmap(vocab: Any, padded_size: int) -> IdMap:
     """A checkpoint trained in Tessera keeps its own ids in transformers (padding rows included)."""
     return IdMap(tuple(range(padded_size)), padded_size)
-
-
-def native_vocabulary_map(vocab: Any, text_pieces: list[str] | None, padded_size: int) -> dict[str, int]:
-    """Names for Tessera ids in transformers' Chameleon conventions: <racm3:break>/<eoss> for boi/eoi,
-    the first reserved special as <image>, IMGIMG..Z for image codes, pieces for text."""
-    names = {"<pad>": "<pad>", "<bos>": "<s>", "<eos>": "</s>", "<boi>": "<racm3:break>", "<eoi>": "<eoss>"}
-    vmap: dict[str, int] = {}
-    image_named = False
-    for i, s in enumerate(vocab.special_tokens):
-        name = names.get(s, s)
-        if not image_named and s.startswith("<reserved"):
-            name, image_named = HF_IMAGE, True
-        vmap[name] = i
-    if not image_named and padded_size > vocab.size:
-        vmap[HF_IMAGE] = vocab.size  # a padding id: embeds, never sampled
-    for p, piece in enumerate(text_pieces or []):
-        vmap.setdefault(piece, vocab.text_offset + p)
-    for c in range(vocab.num_image_codes):
-        vmap[image_token_name(c)] = vocab.image_offset + c
-    return vmap
 
 
 def to_hf(
