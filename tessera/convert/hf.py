@@ -48,6 +48,7 @@ from tessera.convert.megatron_map import (
 )
 from tessera.convert.model_io import load_tessera_state, model_config, save_tessera_checkpoint
 from tessera.progress import Progress
+from tessera.utils import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,10 @@ def _peak_rss_gib() -> float:
 
 def _choose_dtype(state: dict[str, torch.Tensor], dtype: str) -> str:
     if dtype != "auto":
-        if dtype not in ("float32", "bfloat16"):
-            raise ConvertError(f"--dtype {dtype!r}: expected auto, float32 or bfloat16")
-        return dtype
+        name = DTYPE_NAMES.get(str(dtype))
+        if name not in ("float32", "bfloat16"):
+            raise ConvertError(f"--dtype {dtype!r}: expected auto, fp32 or bf16")
+        return name
     w = state.get("lm_head.weight")
     return "bfloat16" if w is not None and w.dtype == torch.bfloat16 else "float32"
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
+from tessera.cli_common import expected_errors, fail
 from tessera.config import ConfigError
+
+PROG = "tessera data"
 
 
 def _fail(msg: str) -> int:
-    print(f"tessera data: error: {msg}", file=sys.stderr)
-    return 2
+    return fail(PROG, msg)
 
 
 def _logging() -> None:
@@ -151,7 +152,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--heldout-docs", type=int, default=None, help="default: docs // 10 (at least 1)")
-    p.set_defaults(func=_synth)
+    p.set_defaults(func=expected_errors(PROG)(_synth))
 
     p = sub.add_parser("pretokenize", help="raw shards -> megatron indexed dataset of unified-vocabulary ids")
     p.add_argument("--input", required=True, nargs="+",
@@ -169,7 +170,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--image-batch", type=int, default=64)
     p.add_argument("--device", default=None, help="VQ encoder device (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete output directory")
-    p.set_defaults(func=_pretokenize)
+    p.set_defaults(func=expected_errors(PROG)(_pretokenize))
 
     p = sub.add_parser("curate", help="filter and deduplicate raw shards (any format) into segments-layout shards")
     p.add_argument("--input", required=True, nargs="+", help="shards, image folders, folders of shards, brace patterns")
@@ -198,7 +199,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-dedup-images", action="store_true", help="keep documents whose image pixels were seen before")
     g.add_argument("--near-dup-hamming", type=int, default=4, help="perceptual-hash bits (-1: off)")
     p.add_argument("--shard-size", type=int, default=1000, help="documents per output shard")
-    p.set_defaults(func=_curate)
+    p.set_defaults(func=expected_errors(PROG)(_curate))
 
     p = sub.add_parser("report", help="modality balance per source and in the woven stream")
     p.add_argument("dirs", nargs="*", help="pretokenized directories (NAME=DIR or DIR)")
@@ -206,7 +207,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="woven steps to measure (with --config)")
     p.add_argument("--start-step", type=int, default=0)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_report)
+    p.set_defaults(func=expected_errors(PROG)(_report))
 
     # the benchmark lives in tessera.bench; this spelling stays for one release
     from tessera.bench.cli import add_data_arguments

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
+from tessera.cli_common import expected_errors, fail
 from tessera.config import ConfigError
 from tessera.utils import atomic_path, atomic_write_json, launch_env
 
@@ -16,9 +16,11 @@ class CLIError(Exception):
     pass
 
 
+PROG = "tessera tokenizer"
+
+
 def _fail(msg: str) -> int:
-    print(f"tessera tokenizer: error: {msg}", file=sys.stderr)
-    return 2
+    return fail(PROG, msg)
 
 
 def _train_text(args: argparse.Namespace) -> int:
@@ -137,7 +139,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sentences", type=int, default=0, help="sample this many lines (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=_train_text)
+    p.set_defaults(func=expected_errors(PROG)(_train_text))
 
     p = sub.add_parser("train-image", help="train the VQ image tokenizer (accepts --section.key value overrides)")
     g = p.add_mutually_exclusive_group()
@@ -145,16 +147,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="demo | tiny | chameleon")
     p.add_argument("--data", nargs="+", help="image folders, image files, .tar shards (any layout), folders of shards")
     p.add_argument("--out", help="output directory (tokenizer, checkpoints, TensorBoard logs)")
-    p.set_defaults(func=_train_image, accepts_overrides=True)
+    p.set_defaults(func=expected_errors(PROG)(_train_image), accepts_overrides=True)
 
     p = sub.add_parser("encode", help="image file(s) -> codes JSON")
     p.add_argument("--tokenizer", required=True, help="directory written by train-image")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True, help="codes.json")
-    p.set_defaults(func=_encode)
+    p.set_defaults(func=expected_errors(PROG)(_encode))
 
     p = sub.add_parser("decode", help="codes JSON -> PNG reconstruction(s)")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("codes", help="codes.json from `tessera tokenizer encode`")
     p.add_argument("--out", required=True, help="recon.png (recon_0.png, recon_1.png ... for several images)")
-    p.set_defaults(func=_decode)
+    p.set_defaults(func=expected_errors(PROG)(_decode))
