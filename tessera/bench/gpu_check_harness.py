@@ -48,7 +48,7 @@ GPU_SIZES = Sizes(
                      num_query_groups=None, vocab_size=65536, seq_length=1024, qk_norm=True),
     ckpt_model=dict(num_layers=4, hidden_size=512, ffn_hidden_size=1408, num_attention_heads=8,
                     num_query_groups=4, vocab_size=8192, seq_length=256, qk_norm=True),
-    # ~340M parameters: 16 x 2048-token sequences per step (about a tenth of a second of H100 time)
+    # ~340M parameters: 16 x 2048-token sequences per step, enough steps to see the loss fall within the budget
     train_model=dict(num_layers=16, hidden_size=1024, ffn_hidden_size=2816, num_attention_heads=8,
                      num_query_groups=None, vocab_size=65536, seq_length=2048, qk_norm=True),
     train_batch=(8, 16), train_steps=12,

@@ -46,8 +46,8 @@ from tessera.generate.cuda_graph import DecodeGraphs, graphs_unavailable
 from tessera.generate.norms import DecoderError, cast_module, fused_norm, is_identity, norm_callable
 
 # Above this many rows a step is a real matmul, where oneDNN's blocked GEMM (the PyTorch path) catches up
-# with the fused C step's GEMV loops: equal at 64 rows, 20% ahead at 256 (demo model, bf16, 2 threads;
-# docs/generation.md). CFG doubles or triples the rows.
+# with the fused C step's GEMV loops (the crossover is measured in docs/generation.md). CFG doubles or
+# triples the rows.
 FUSED_STEP_MAX_BATCH = 32
 
 # A decode step attends to the first columns of the cache in whole windows of this many columns
@@ -99,8 +99,8 @@ def _mkldnn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
     """oneDNN's prepacked linear (what inductor's CPU freezing uses): for bf16/fp16 on the CPU, F.linear
-    re-lays the weight out on every call, which dominates small decode matmuls (~1.7x measured at M=1-8
-    on the demo shapes, bit-identical results). fp32 keeps MKL's F.linear (exact-equivalence tests)."""
+    re-lays the weight out on every call, which dominates small decode matmuls (docs/generation.md;
+    bit-identical results). fp32 keeps MKL's F.linear (exact-equivalence tests)."""
     return (
         device.type == "cpu"
         and dtype in (torch.bfloat16, torch.float16)
@@ -182,8 +182,8 @@ class KVCacheDecoder:
         self.activation = cfg.activation_func
         self.vocab_size = out_w.shape[0]
         # Everything but the weight matmuls (residual stream, norms, QK-norm, RoPE, the cache,
-        # attention) runs in fp32 on the CPU: batched bf16 matmuls there go through oneDNN, ~2.5x
-        # slower than MKL's fp32 ones at one query, bf16 norms upcast internally (measured), and these
+        # attention) runs in fp32 on the CPU: batched bf16 matmuls there go through oneDNN, slower than
+        # MKL's fp32 ones at one query (docs/generation.md), bf16 norms upcast internally anyway, and these
         # tensors are tiny next to the weights. On a GPU it all stays in the decoding dtype.
         self.attn_dtype = torch.float32 if dev.type == "cpu" else dt
         wt = self.attn_dtype
@@ -324,10 +324,10 @@ class KVCacheDecoder:
         rot = cos.shape[-1]
         half = rot // 2
         if rot == t.shape[-1]:
-            # roll(t, rot/2) as one cat of the two halves: aten's roll is ~10x a cat at these sizes (profiled);
-            # bit-identical to the roll (data movement only)
+            # roll(t, rot/2) as one cat of the two halves: aten's roll costs far more than a cat at these
+            # sizes (docs/generation.md); bit-identical to the roll (data movement only)
             swapped = torch.cat((t[..., half:], t[..., :half]), dim=-1)
-            return t * cos + swapped * sin  # same rounding as before (no fused multiply-add)
+            return t * cos + swapped * sin  # megatron's expression (no fused multiply-add): its rounding
         t_rot, t_pass = t[..., :rot], t[..., rot:]
         swapped = torch.cat((t_rot[..., half:], t_rot[..., :half]), dim=-1)
         return torch.cat((t_rot * cos + swapped * sin, t_pass), dim=-1)

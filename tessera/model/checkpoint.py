@@ -96,8 +96,8 @@ def _shared_tmp_name(ckpt_dir: Path) -> Path:
 
 def _use_in_process_results_queue() -> None:
     """megatron's checkpoint writer collects write results through a queue made by a *spawned*
-    ``multiprocessing.Manager``: one more Python process per trainer (2-4 s at the first save on 2 busy
-    cores, vs ~0.1 s) that outlives a SIGKILLed trainer and keeps its stdout open. Our saves are synchronous
+    ``multiprocessing.Manager``: one more Python process per trainer (slow to start at the first save:
+    docs/benchmarks.md) that outlives a SIGKILLed trainer and keeps its stdout open. Our saves are synchronous
     (``execute_sync``): the results are put and read by this very process, so a plain thread-safe queue
     does the same job. (An mp.Queue would not: its put is asynchronous and megatron reads with
     get_nowait. megatron's async save, which ships the queue to a spawned worker, is unused here.)"""

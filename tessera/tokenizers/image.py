@@ -94,8 +94,8 @@ class VQConfig:
 VQ_PRESETS: dict[str, dict] = {
     "chameleon": {},
     # CPU demo (`tessera demo`): 32 px -> 8 x 8 = 64 codes from a 512-code codebook. Small and without the
-    # middle attention block so it trains in a few minutes on 2 cores; the synthetic corpus' detector reads
-    # shapes and colours back at 32 px as well as at 64 px (docs/benchmarks.md, "The demo").
+    # middle attention block so the CPU demo can train it (its time: docs/benchmarks.md, "The demo"); the
+    # synthetic corpus' detector reads shapes and colours back at 32 px as well as at 64 px.
     "demo": dict(
         image_size=32, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=1, num_groups=8,
         mid_attention=False, z_channels=32, embed_dim=32, codebook_size=512,

@@ -99,8 +99,8 @@ class ImageTokenizerTrainConfig:
 
 TRAIN_PRESETS: dict[str, dict] = {
     "chameleon": {"vq": VQ_PRESETS["chameleon"], "train": {"batch_size": 8, "steps": 500_000, "lr": 1e-4}},
-    # A few minutes on 2 CPU cores. fp32 (bf16 autocast convolutions are ~3x slower on this CPU), no GAN
-    # (it needs far more steps to pay off), foreground-weighted loss so the palette colours survive.
+    # Sized for the CPU demo. fp32: bf16 autocast convolutions measured slower (docs/benchmarks.md, "vq"); no
+    # GAN (it needs far more steps to pay off); foreground-weighted loss so the palette colours survive.
     "demo": {
         "vq": VQ_PRESETS["demo"],
         "train": {"batch_size": 16, "steps": 800, "lr": 1e-3, "fg_weight": 8.0, "bf16": False,
