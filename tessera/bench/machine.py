@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from tessera.utils import default_device
+
 # Datasheet dense bf16 tensor-core peaks (TFLOP/s), used only by `tessera bench plan` for GPUs we
 # are not running on. Sources: NVIDIA A100 / H100 SXM / H200 datasheets (dense, no sparsity).
 GPU_PEAK_BF16_TFLOPS: dict[str, float] = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "b200": 2250.0}
@@ -79,7 +81,7 @@ def measure_matmul_tflops(
     dtype: torch.dtype = torch.float32, size: int | None = None, device: str | torch.device | None = None, seconds: float = 0.5
 ) -> float:
     """Measured dense matmul throughput in TFLOP/s (2*n^3 FLOPs per n x n @ n x n)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device or None)
     n = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -90,7 +92,7 @@ def measure_matmul_tflops(
 
 def measure_copy_gbps(megabytes: int | None = None, device: str | torch.device | None = None, seconds: float = 0.5) -> float:
     """Measured memory bandwidth in GB/s of ``dst.copy_(src)``, counting read + write bytes (STREAM 'copy')."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device or None)
     mb = megabytes or (1024 if device.type == "cuda" else 256)  # far beyond any CPU cache
     n = mb * 2**20 // 4
     src = torch.ones(n, device=device, dtype=torch.float32)
@@ -101,7 +103,7 @@ def measure_copy_gbps(megabytes: int | None = None, device: str | torch.device |
 
 def describe_machine(measure: bool = True, device: str | torch.device | None = None, seconds: float = 0.5) -> dict:
     """CPU model, cores, torch version, GPU name if any and (with ``measure``) the measured peaks."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device or None)
     info: dict = {
         "hostname": platform.node(),
         "cpu_model": cpu_model(),
