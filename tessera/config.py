@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tessera.utils import atomic_write_text
+
 T = TypeVar("T")
 
 
@@ -182,6 +184,15 @@ def apply_overrides(data: dict, cls: type, overrides: dict[str, str], source: st
     return data
 
 
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where (line, column counted from 1)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
 def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML file whose top level is a mapping (empty file: ``{}``); errors name the file."""
     path = Path(path)
@@ -190,7 +201,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid YAML: {yaml_error_line(exc)}") from exc
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -213,8 +224,4 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config (every default filled in) so a run can be reproduced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

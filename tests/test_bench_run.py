@@ -31,7 +31,7 @@ def test_machine_peaks_are_measured():
 
 
 def test_bench_train_tiny_against_transformers(tmp_path, capsys):
-    data = _run(tmp_path, "train", "--preset", "tiny", "--seq", "32", "--micro-batch", "2", "--steps", "2",
+    data = _run(tmp_path, "train", "--preset", "tiny", "--seq-length", "32", "--micro-batch", "2", "--steps", "2",
                 "--warmup", "1")
     res = data["results"]
     assert [r["implementation"] for r in res["rows"]] == ["tessera (megatron-core)", "transformers Chameleon"]
@@ -54,15 +54,35 @@ def test_bench_vq_tiny_against_transformers(tmp_path):
     assert res["encode_speedup_vs_transformers"] > 0
 
 
-def test_bench_data_tiny(tmp_path):
-    res = _run(tmp_path, "data", "--seq", "64", "--batch", "2", "--steps", "3")["results"]
+def test_bench_data_tiny(tmp_path, capsys):
+    res = _run(tmp_path, "data", "--seq-length", "64", "--global-batch", "2", "--micro-batch", "2",
+               "--steps", "3")["results"]
     ours, floor = res["rows"]
     assert ours["tokens"] == floor["tokens"] == 3 * 2 * 64
     assert ours["tokens_per_s_per_core"] > 0 and floor["tokens_per_s_per_core"] > 0
+    assert "deprecated" not in capsys.readouterr().err
+
+
+def test_bench_data_old_spellings_still_work(tmp_path, capsys):
+    """`tessera data bench` and --seq / --batch / --data: one release as deprecated aliases, said on stderr."""
+    pretok = tmp_path / "pretok"
+    from tessera.bench.data import build_small_dataset
+
+    built = build_small_dataset(tmp_path / "build", docs=20)
+    built.rename(pretok)
+    out = tmp_path / "old.json"
+    assert main(["data", "bench", "--data", str(pretok), "--seq", "32", "--batch", "2", "--steps", "2",
+                 "--json", str(out), "--measure-seconds", "0.01"]) == 0
+    err = capsys.readouterr().err
+    for old in ("tessera data bench", "--seq is deprecated", "--batch is deprecated", "--data is deprecated"):
+        assert old in err
+    res = json.loads(out.read_text())["results"]
+    assert res["data"] == {"pretok": str(pretok)} and (res["global_batch"], res["micro_batch"]) == (2, 2)
+    assert res["rows"][0]["tokens"] == 2 * 2 * 32
 
 
 def test_bench_kernels_tiny(tmp_path):
-    pytest.importorskip("tessera.kernels.bench")
+    pytest.importorskip("tessera.bench.kernels")
     # --no-compile: torch.compile's first call takes 10-30 s here; tests/test_kernels_cross_entropy.py covers it (-m slow)
     res = _run(tmp_path, "kernels", "--batches", "1", "--vocab", "512", "--no-compile", "--attn-shapes", "1x2x80x32")["results"]
     assert res["rows"] and "reference" in res["note"]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tessera.convert.errors import ConvertError
 from tessera.convert.hf import from_hf, from_meta, to_hf
 from tessera.convert.hf_vocab import IdMap
-from tessera.convert.testing import make_hf_chameleon, write_meta_layout
+from tessera.testing.checkpoints import make_hf_chameleon, write_meta_layout
 
 SHAPES = {
     "mha": dict(hidden_size=64, num_heads=4, num_kv_heads=None, swin_norm=False),
@@ -252,10 +252,10 @@ def test_cli_reports_errors_and_refuses_to_overwrite(converted, tmp_path, capsys
 @pytest.fixture(scope="module")
 def native_checkpoint(tmp_path_factory):
     import tessera.model as tm
-    from tessera.convert.testing import CORPUS
     from tessera.model.parallel import ensure_single_process
+    from tessera.testing.checkpoints import CORPUS
     from tessera.tokenizers.image import ImageTokenizer, VQConfig
-    from tessera.tokenizers.text import train_text_tokenizer
+    from tessera.tokenizers.text_train import train_text_tokenizer
     from tessera.tokenizers.vocab import Vocabulary
 
     root = tmp_path_factory.mktemp("native")

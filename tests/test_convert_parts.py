@@ -145,7 +145,7 @@ def test_idmap_save_load(tmp_path):
 def _random_hf_vqvae(seed=0):
     from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
 
-    from tessera.convert.testing import tiny_vq_config
+    from tessera.testing.checkpoints import tiny_vq_config
 
     torch.manual_seed(seed)
     vq = tiny_vq_config(32)
@@ -192,7 +192,7 @@ def test_vq_shape_mismatch_names_the_tensor():
 # ---- Meta layout -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_and_meta(tmp_path_factory):
-    from tessera.convert.testing import make_hf_chameleon, write_meta_layout
+    from tessera.testing.checkpoints import make_hf_chameleon, write_meta_layout
 
     root = tmp_path_factory.mktemp("meta")
     model = make_hf_chameleon(root / "hf", num_heads=4, num_kv_heads=2, swin_norm=True, per_rank_qk_norm=2, seed=3)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_data_standins import pretokenized_synth
 
+from tessera.bench.data import benchmark_batches
 from tessera.data.batches import BatchError, PackedSource, PackingConfig, WovenBatchIterator
-from tessera.data.bench import benchmark_batches
 from tessera.data.report import source_balance, woven_balance
 from tessera.data.weave import (
     WeaveError,

@@ -17,9 +17,9 @@ import torch
 
 from tessera.convert.hf import from_hf, to_hf
 from tessera.convert.hf_vocab import IdMap
-from tessera.convert.testing import make_hf_chameleon
 from tessera.data.raw import iter_documents
 from tessera.data.synth import write_synth
+from tessera.testing.checkpoints import make_hf_chameleon
 from tessera.tokenizers.vocab import Vocabulary
 
 

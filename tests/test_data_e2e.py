@@ -15,7 +15,7 @@ from tessera.data.raw import iter_documents
 from tessera.data.synth import parse_caption
 from tessera.tokenizers.vocab import ImageSegment, TextSegment, Vocabulary
 
-text_mod = pytest.importorskip("tessera.tokenizers.text")
+text_mod = pytest.importorskip("tessera.tokenizers.text_train")
 image_mod = pytest.importorskip("tessera.tokenizers.image")
 
 

@@ -301,7 +301,7 @@ def test_cli_fails_in_one_line_on_a_run_without_documents(tmp_path, capsys):
     """`tessera data pretokenize --format segments` on img2dataset shards: exit 2, one line naming the fix."""
     from tessera.cli import main
     from tessera.tokenizers.image import ImageTokenizer, VQConfig
-    from tessera.tokenizers.text import train_text_tokenizer
+    from tessera.tokenizers.text_train import train_text_tokenizer
 
     write_img2dataset(tmp_path / "00000.tar")
     train_text_tokenizer([str(tmp_path / "00000.tar")], tmp_path / "text", 300)

@@ -239,7 +239,7 @@ def test_errors_are_clear(model):
 
 def test_greedy_equals_transformers_greedy(model):
     """Same weights in transformers' ChameleonForConditionalGeneration: identical greedy text."""
-    from tessera.generate.hf import build_hf_chameleon
+    from tessera.testing.hf_reference import build_hf_chameleon
 
     hf = build_hf_chameleon(model, VOCAB, max_position_embeddings=96)
     eng = GenerationEngine(model, VOCAB, context_length=96, dtype="float32")

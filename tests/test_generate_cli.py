@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory) -> Path:
     from tessera.model.checkpoint import write_latest
     from tessera.model.parallel import ensure_single_process
     from tessera.tokenizers.image import ImageTokenizer, VQConfig
-    from tessera.tokenizers.text import train_text_tokenizer
+    from tessera.tokenizers.text_train import train_text_tokenizer
 
     root = tmp_path_factory.mktemp("gen")
     (root / "corpus.txt").write_text(CORPUS)
@@ -95,7 +95,7 @@ def test_cli_writes_document_json_pngs_html(run_dir, tmp_path, capsys):
     rc = cli_main([
         "generate", "--checkpoint", str(run_dir / "run"), "--prompt", "a large blue", "--image",
         str(png(tmp_path / "in.png")), "--prompt", "square", "--mode", "interleaved", "--max-new-tokens", "40",
-        "--cfg-scale", "2", "--temperature", "0.8", "--seed", "1", "--dtype", "float32", "--out", str(out),
+        "--cfg-scale", "2", "--temperature", "0.8", "--seed", "1", "--dtype", "fp32", "--out", str(out),
         "--image.top_k", "5",
     ])
     assert rc == 0, capsys.readouterr().err
@@ -169,7 +169,7 @@ def imported_ckpt(tmp_path_factory) -> Path:
     """A tiny random transformers Chameleon imported with ``from_hf``: CKPT/tokenizers/text/ holds its
     tokenizer.json + id map (no sentencepiece model anywhere)."""
     from tessera.convert.hf import from_hf
-    from tessera.convert.testing import make_hf_chameleon
+    from tessera.testing.checkpoints import make_hf_chameleon
 
     root = tmp_path_factory.mktemp("imported")
     make_hf_chameleon(root / "hf", seed=5)
@@ -195,7 +195,7 @@ def test_cli_loads_native_and_imported_text_tokenizers(kind, run_dir, imported_c
     prompt = "a small red circle"
     out = tmp_path / "o"
     rc = cli_main(["generate", "--checkpoint", str(ckpt), "--prompt", prompt, "--mode", "text", "--temperature", "0",
-                   "--max-new-tokens", "8", "--dtype", "float32", "--out", str(out)])
+                   "--max-new-tokens", "8", "--dtype", "fp32", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     data = json.loads((out / "document.json").read_text())
     tok = load_text_tokenizer(tok_path)

@@ -219,7 +219,7 @@ def test_tensor_parallel_2_matches_single_process(tmp_path):
 def test_benchmark_rows_with_torch_compile():
     """The kernel benchmark's rows: eager reference, torch.compile of it (or why not), the unfused baseline;
     on a CPU the Triton row says why it was not run."""
-    from tessera.kernels.bench import benchmark_kernels
+    from tessera.bench.kernels import benchmark_kernels
 
     rows = benchmark_kernels(batches=(1,), vocab=256, device="cpu", ce_seq=8, repeats=1, kernels=("cross_entropy_z",))
     by = {r["impl"]: r for r in rows}

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from tessera.cli import main
+from tessera.testing.shapes import write_shape_folder
 from tessera.tokenizers.image import ImageTokenizer, VQConfig
-from tessera.tokenizers.shapes import write_shape_folder
 from tessera.tokenizers.text import TextTokenizer
 
 

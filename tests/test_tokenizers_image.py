@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tessera.testing.shapes import shape_images, write_shape_folder
 from tessera.tokenizers.image import (
     ImageTokenizer,
     ImageTokenizerError,
@@ -28,7 +29,6 @@ from tessera.tokenizers.image_train import (
     load_train_config,
     train_image_tokenizer,
 )
-from tessera.tokenizers.shapes import shape_images, write_shape_folder
 
 
 def as_array(img: Image.Image) -> np.ndarray:

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tessera.tokenizers.text import TextTokenizer, TextTokenizerError, train_text_tokenizer
+from tessera.tokenizers.text import TextTokenizer, TextTokenizerError
+from tessera.tokenizers.text_train import train_text_tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "red", "circle", "blue", "square", "12", "2026", "日本語", "😀",
          "naïve", "  ", "tab\tbed", "line"]

@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tessera.tokenizers.text import TextTokenizer, train_text_tokenizer
+from tessera.tokenizers.text import TextTokenizer
+from tessera.tokenizers.text_train import train_text_tokenizer
 from tessera.tokenizers.vocab import ImageSegment, Modality, Segment, TextSegment, Vocabulary
 
 NUM_CODES, PER_IMAGE = 64, 16

@@ -1,27 +1,59 @@
 """``tessera bench {train,decode,kernels,vq,data,plan,all} [--json out.json]`` and ``tessera bench gpu-check``.
 
-Each benchmark prints a table and (with ``--json``) writes one JSON file holding the command, the
-machine (CPU model, cores, torch, GPU, measured matmul peaks and copy bandwidth) and the results.
+Each benchmark prints a table and (with ``--json FILE``) writes one JSON file holding the command, the
+machine (CPU model, cores, torch, GPU, measured matmul peaks and copy bandwidth) and the results;
+``--json`` alone prints that JSON to stdout instead of the table. Every benchmark lives in this package
+(``tessera.bench.<name>``); the product never imports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
 from tessera.bench.report import emit, format_table, write_json
+from tessera.cli_common import add_deprecated_alias, add_dtype, expected_errors
 
 BENCHMARKS = ("train", "decode", "kernels", "vq", "data", "plan")
+PROG = "tessera bench"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", type=Path, default=None, help="write the results (with the machine description) here")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="write the results (with the machine description) to FILE; alone: print them to stdout")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--measure-seconds", type=float, default=0.5,
                    help="time spent on each machine peak (matmul fp32, bf16, copy); best of the repeats")
+
+
+def _seq_length(p: argparse.ArgumentParser, default: int | None) -> None:
+    p.add_argument("--seq-length", type=int, default=default, help="tokens per sequence")
+    add_deprecated_alias(p, "--seq", "--seq-length", dest="seq_length", type=int)
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """``tessera bench data``'s flags (also behind the deprecated ``tessera data bench``)."""
+    _common(p)
+    p.add_argument("dirs", nargs="*", help="pretokenized directories, NAME=DIR or DIR (default: build a small one)")
+    p.add_argument("--config", default=None, help="a DataConfig YAML: its sources, weave, packing and batch sizes")
+    _seq_length(p, 1024)
+    p.add_argument("--global-batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--steps", type=int, default=50)
+    add_deprecated_alias(p, "--batch", "--global-batch and --micro-batch", dest="batch", type=int)
+    add_deprecated_alias(p, "--data", "a positional DIR", dest="data", type=str)
+    p.add_argument("--document-mask", action="store_true",
+                   help="packing with document boundaries (cu_seqlens, restarted positions; docs/finetuning.md)")
+    p.add_argument("--curate", action="store_true",
+                   help="instead: documents/s/core of `tessera data curate` on generated img2dataset shards")
+    p.add_argument("--docs", type=int, default=2000, help="--curate: documents to generate")
+    p.add_argument("--image-size", type=int, default=256, help="--curate: picture side (JPEG)")
+    p.add_argument("--workers", type=int, default=1, help="--curate: processes")
+    p.set_defaults(func=cmd_data)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -31,25 +63,25 @@ def register(parser: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--preset", default="tiny", help="model preset (tessera model info PRESET)")
     p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=256)
+    _seq_length(p, 256)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    add_dtype(p, default="fp32")
     p.add_argument("--tp", type=int, default=1, help="only 1 in one process")
     p.add_argument("--pp", type=int, default=1, help="only 1 in one process")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers' ChameleonForConditionalGeneration")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("decode", help="KV-cached decoding tokens/s against transformers (tessera.generate.bench)")
+    p = sub.add_parser("decode", help="KV-cached decoding tokens/s against transformers (tessera.bench.decode)")
     _common(p)
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help="model preset (tessera model info PRESET)")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: the engine's choice")
+    add_dtype(p, default=None, help="default: bf16 and fp32")
     p.set_defaults(func=cmd_decode)
 
-    p = sub.add_parser("kernels", help="sampling, cross-entropy and CPU attention kernels vs references (tessera.kernels.bench)")
+    p = sub.add_parser("kernels", help="sampling, cross-entropy and CPU attention kernels vs references (tessera.bench.kernels)")
     _common(p)
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--vocab", type=int, default=65536)
@@ -60,24 +92,19 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("vq", help="VQ encode/decode images/s against transformers' ChameleonVQVAE encoder")
     _common(p)
-    p.add_argument("--preset", default="demo", help="VQ preset (tessera.tokenizers.image.VQ_PRESETS)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--preset", default="demo", help="VQ model preset (tessera.tokenizers.image.VQ_PRESETS)")
+    p.add_argument("--batch", type=int, default=8, help="images per encode / decode call")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    add_dtype(p, default="fp32")
     p.add_argument("--no-baseline", action="store_true")
     p.set_defaults(func=cmd_vq)
 
-    p = sub.add_parser("data", help="tokens/s/core of the packed, woven batch pipeline (tessera.data)")
-    _common(p)
-    p.add_argument("--data", type=Path, default=None, help="a pretokenized directory (default: build a small one)")
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=50)
-    p.set_defaults(func=cmd_data)
+    add_data_arguments(sub.add_parser(
+        "data", help="tokens/s/core of the packed, woven batch stream against reading its .bin; --curate: curation"))
 
     p = sub.add_parser("plan", help="memory per GPU, tokens/s and GPU-days for a preset under a TP/PP/DP layout")
     _common(p)
-    p.add_argument("--preset", default="chameleon-7b")
+    p.add_argument("--preset", default="chameleon-7b", help="model preset (tessera model info PRESET)")
     p.add_argument("--config", type=Path, default=None,
                    help="take the model and layout from a training config (configs/chameleon-7b.yaml)")
     p.add_argument("--gpus", type=int, default=None)
@@ -87,7 +114,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int, default=None, help="checked against gpus / (tp*pp)")
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--global-batch", type=int, default=None)
-    p.add_argument("--seq", type=int, default=None)
+    _seq_length(p, None)
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--gpu", default="h100")
@@ -103,8 +130,12 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("all", help="every benchmark at a small size, one JSON")
     _common(p)
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help="model preset (tessera model info PRESET)")
     p.set_defaults(func=cmd_all)
+
+
+class BenchError(ValueError):
+    """A benchmark's flags or inputs are wrong; the message names the flag."""
 
 
 def _payload(name: str, results: object, machine: dict) -> dict:
@@ -123,45 +154,66 @@ def _machine(args: argparse.Namespace, measure: bool = True) -> dict:
     return describe_machine(measure=measure, device=args.device, seconds=args.measure_seconds)
 
 
-def _finish(args: argparse.Namespace, name: str, results: object, machine: dict) -> int:
+def _finish(args: argparse.Namespace, name: str, results: object, machine: dict, text: str) -> int:
+    """Print the table (or, with a bare ``--json``, the JSON) and write ``--json FILE``."""
+    payload = _payload(name, results, machine)
+    if args.json == "-":
+        print(json.dumps(payload, indent=2, default=str))
+        return 0
+    emit(text)
     if args.json:
-        path = write_json(args.json, _payload(name, results, machine))
-        emit(f"wrote {path}")
+        emit(f"wrote {write_json(args.json, payload)}")
     return 0
 
 
-def _ints(s: str) -> tuple[int, ...]:
+def _ints(flag: str, s: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in s.split(",") if x)
     except ValueError:
-        raise SystemExit(f"expected comma-separated integers, got {s!r}") from None
+        raise BenchError(f"{flag}: expected comma-separated integers, got {s!r}") from None
+
+
+def _guard(func):
+    from tessera.bench.plan import PlanError
+    from tessera.tokenizers.image import ImageTokenizerError
+
+    return expected_errors(PROG, BenchError, PlanError, ImageTokenizerError)(func)
 
 
 # ---- the benchmarks -----------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
+    return _guard(_train)(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from tessera.bench.train import benchmark_train, format_train
 
+    if args.tp != 1 or args.pp != 1:
+        raise BenchError("--tp / --pp: tessera bench train runs one process, use 1 (multi-GPU: tessera train)")
     machine = _machine(args)
     res = benchmark_train(
-        preset=args.preset, micro_batch=args.micro_batch, seq_length=args.seq, steps=args.steps, warmup=args.warmup,
-        dtype=args.dtype, tp=args.tp, pp=args.pp, baseline=not args.no_baseline, device=args.device, machine=machine,
+        preset=args.preset, micro_batch=args.micro_batch, seq_length=args.seq_length, steps=args.steps,
+        warmup=args.warmup, dtype=args.dtype, tp=args.tp, pp=args.pp, baseline=not args.no_baseline,
+        device=args.device, machine=machine,
     )
-    emit(format_train(res))
-    return _finish(args, "train", res, machine)
+    return _finish(args, "train", res, machine, format_train(res))
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from tessera.bench.suites import run_decode
+    return _guard(_decode)(args)
 
+
+def _decode(args: argparse.Namespace) -> int:
+    from tessera.bench.decode import run_decode
+
+    batches = _ints("--batches", args.batches)
     machine = _machine(args)
-    res = run_decode(preset=args.preset, batches=_ints(args.batches), prompt_len=args.prompt_len,
+    res = run_decode(preset=args.preset, batches=batches, prompt_len=args.prompt_len,
                      new_tokens=args.new_tokens, dtype=args.dtype, device=args.device, machine=machine)
-    emit(format_table(res["rows"], ["impl", "dtype", "batch", "tokens_per_s", "ttft_ms", "per_token_ms"],
-                      title="decode (tokens/s; higher is better)"))
-    for k in ("speedup", "floor", "step_backend", "greedy_match_fp32"):
-        if k in res:
-            emit(f"{k}: {res[k]}")
-    return _finish(args, "decode", res, machine)
+    lines = [format_table(res["rows"], ["impl", "dtype", "batch", "tokens_per_s", "ttft_ms", "per_token_ms"],
+                          title="decode (tokens/s; higher is better)")]
+    lines += [f"{k}: {res[k]}" for k in ("speedup", "floor", "step_backend", "greedy_match_fp32") if k in res]
+    return _finish(args, "decode", res, machine, "\n".join(lines))
 
 
 def _attn_shapes(text: str) -> tuple[tuple[int, int, int, int], ...]:
@@ -169,75 +221,121 @@ def _attn_shapes(text: str) -> tuple[tuple[int, int, int, int], ...]:
     for item in text.split(","):
         parts = item.strip().lower().split("x")
         if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise SystemExit(f"--attn-shapes: {item!r} is not BATCHxHEADSxSEQxHEAD_DIM (e.g. 2x4x512x64)")
+            raise BenchError(f"--attn-shapes: {item!r} is not BATCHxHEADSxSEQxHEAD_DIM (e.g. 2x4x512x64)")
         shapes.append(tuple(int(p) for p in parts))
     return tuple(shapes)
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from tessera.bench.suites import run_kernels
+    return _guard(_kernels)(args)
 
+
+def _kernels(args: argparse.Namespace) -> int:
+    from tessera.bench.kernels import run_kernels
+
+    batches, shapes = _ints("--batches", args.batches), _attn_shapes(args.attn_shapes)
     machine = _machine(args)
-    res = run_kernels(batches=_ints(args.batches), vocab=args.vocab, device=args.device, compile=not args.no_compile,
-                      attn_shapes=_attn_shapes(args.attn_shapes))
-    emit(format_table(res["rows"], title=res.get("note", "kernels")))
-    return _finish(args, "kernels", res, machine)
+    res = run_kernels(batches=batches, vocab=args.vocab, device=args.device, compile=not args.no_compile,
+                      attn_shapes=shapes)
+    return _finish(args, "kernels", res, machine, format_table(res["rows"], title=res.get("note", "kernels")))
 
 
 def cmd_vq(args: argparse.Namespace) -> int:
+    return _guard(_vq)(args)
+
+
+def _vq(args: argparse.Namespace) -> int:
     from tessera.bench.vq import benchmark_vq
 
     machine = _machine(args)
     res = benchmark_vq(preset=args.preset, batch=args.batch, steps=args.steps, dtype=args.dtype,
                        baseline=not args.no_baseline, device=args.device)
-    emit(format_table(res["rows"], title="VQ tokenizer (images/s; higher is better)"))
-    return _finish(args, "vq", res, machine)
+    return _finish(args, "vq", res, machine, format_table(res["rows"], title="VQ tokenizer (images/s; higher is better)"))
+
+
+def _named_dirs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep:
+            name, path = it.rstrip("/").split("/")[-1], it
+        if not Path(path).is_dir():
+            raise BenchError(f"{path}: not a directory (a pretokenized dataset, from tessera data pretokenize)")
+        out[name] = path
+    return out
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from tessera.bench.suites import run_data
+    return _guard(_data)(args)
 
+
+def _data(args: argparse.Namespace) -> int:
+    from tessera.bench.data import benchmark_curation, run_data
+    from tessera.data.pretokenize import PretokenizeError
+
+    if args.curate:
+        machine = _machine(args)
+        r = benchmark_curation(args.docs, args.image_size, args.workers)
+        text = (f"curate: {r['documents_per_s_per_core']:,.1f} documents/s/core, {r['documents_per_cpu_s']:,.1f} per CPU "
+                f"second ({r['documents_read']} documents of {r['image_size']} px JPEG, {r['workers']} worker(s), "
+                f"{r['seconds']:.1f} s; kept {r['documents']})")
+        return _finish(args, "curate", r, machine, text)
+    batch = getattr(args, "batch", None)
+    global_batch, micro_batch = (batch, batch) if batch is not None else (args.global_batch, args.micro_batch)
+    dirs = list(args.dirs) + ([args.data] if getattr(args, "data", None) else [])
+    if dirs and args.config:
+        raise BenchError("give pretokenized directories or --config DATA.yaml, not both")
+    sources = _named_dirs(dirs)
     machine = _machine(args)
-    res = run_data(data=args.data, seq_length=args.seq, batch=args.batch, steps=args.steps)
-    emit(format_table(res["rows"], title="batch pipeline"))
-    return _finish(args, "data", res, machine)
+    try:
+        res = run_data(sources, seq_length=args.seq_length, global_batch=global_batch, micro_batch=micro_batch,
+                       steps=args.steps, config=args.config, document_mask=args.document_mask)
+    except PretokenizeError as exc:
+        raise BenchError(str(exc)) from exc
+    r = res["tessera"]
+    text = format_table(res["rows"], title="batch pipeline (tokens/s/core; higher is better)") + (
+        f"\n{r['tokens_per_s_per_core']:,.0f} tokens/s/core ({r['tokens']:,} tokens in {r['seconds']:.3f} s, "
+        f"seq {r['seq_length']}, micro {r['micro_batch']}, global {r['global_batch']})")
+    return _finish(args, "data", res, machine, text)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    return _guard(_plan)(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
     from tessera.bench.plan import Layout, ModelShape, PlanError, format_plan, plan, shape_for_preset
 
-    try:
-        name = args.preset
-        defaults: dict = {}
-        if args.config is not None:
-            from tessera.bench.configs import layout_from_train_config
+    name = args.preset
+    defaults: dict = {}
+    if args.config is not None:
+        from tessera.bench.configs import layout_from_train_config
 
-            name, cfg_model, defaults = layout_from_train_config(args.config)
-            shape = ModelShape.from_config(cfg_model)
-        else:
-            shape = shape_for_preset(args.preset)
-        given = {k: getattr(args, a) for k, a in (("tp", "tp"), ("pp", "pp"), ("vp", "vp"), ("micro_batch", "micro_batch"),
-                                                 ("global_batch", "global_batch"), ("seq_length", "seq"))
-                 if getattr(args, a) is not None}
-        merged = {"tp": 1, "pp": 1, "vp": 1, "micro_batch": 1, **defaults, **given}
-        gpus = args.gpus
-        if gpus is None:
-            gpus = merged["tp"] * merged["pp"] * (args.dp or merged.pop("dp", 1))
-        merged.pop("dp", None)
-        layout = Layout(gpus=gpus, sequence_parallel=not args.no_sequence_parallel, **merged)
-        if args.dp is not None and args.dp != layout.dp:
-            raise PlanError(f"--dp {args.dp} disagrees with gpus/(tp*pp) = {layout.dp}")
-        res = plan(shape, layout, mfu=args.mfu, gpu=args.gpu, name=name)
-    except PlanError as exc:
-        raise SystemExit(f"tessera bench plan: {exc}") from None
-    emit(format_plan(res))
-    return _finish(args, "plan", res, _machine(args, measure=False))
+        name, cfg_model, defaults = layout_from_train_config(args.config)
+        shape = ModelShape.from_config(cfg_model)
+    else:
+        shape = shape_for_preset(args.preset)
+    given = {k: getattr(args, a) for k, a in (("tp", "tp"), ("pp", "pp"), ("vp", "vp"), ("micro_batch", "micro_batch"),
+                                             ("global_batch", "global_batch"), ("seq_length", "seq_length"))
+             if getattr(args, a) is not None}
+    merged = {"tp": 1, "pp": 1, "vp": 1, "micro_batch": 1, **defaults, **given}
+    gpus = args.gpus
+    if gpus is None:
+        gpus = merged["tp"] * merged["pp"] * (args.dp or merged.pop("dp", 1))
+    merged.pop("dp", None)
+    layout = Layout(gpus=gpus, sequence_parallel=not args.no_sequence_parallel, **merged)
+    if args.dp is not None and args.dp != layout.dp:
+        raise PlanError(f"--dp {args.dp} disagrees with gpus/(tp*pp) = {layout.dp}")
+    res = plan(shape, layout, mfu=args.mfu, gpu=args.gpu, name=name)
+    return _finish(args, "plan", res, _machine(args, measure=False), format_plan(res))
 
 
 def cmd_all(args: argparse.Namespace) -> int:
     """Every benchmark at a small size; one failing benchmark is recorded, not fatal."""
+    from tessera.bench.data import run_data
+    from tessera.bench.decode import run_decode
+    from tessera.bench.kernels import run_kernels
     from tessera.bench.plan import Layout, format_plan, plan, shape_for_preset
-    from tessera.bench.suites import run_data, run_decode, run_kernels
     from tessera.bench.train import benchmark_train, format_train
     from tessera.bench.vq import benchmark_vq
 
@@ -250,23 +348,27 @@ def cmd_all(args: argparse.Namespace) -> int:
                                      device=args.device, machine=machine),
         "kernels": lambda: run_kernels(batches=(1, 8), vocab=8192, device=args.device),
         "vq": lambda: benchmark_vq(preset="tiny", batch=4, steps=2, device=args.device),
-        "data": lambda: run_data(data=None, seq_length=256, batch=4, steps=20),
+        "data": lambda: run_data(None, seq_length=256, global_batch=4, micro_batch=4, steps=20),
         "plan": lambda: plan(shape_for_preset("chameleon-7b"), Layout(gpus=8, tp=1, pp=1, micro_batch=1), name="chameleon-7b"),
     }
+    texts = []
     for name, job in jobs.items():
-        emit(f"== {name}")
+        texts.append(f"== {name}")
         try:
             res = job()
         except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
             res = {"error": f"{type(exc).__name__}: {exc}"}
-            emit(f"{name} failed: {res['error']}")
+            texts.append(f"{name} failed: {res['error']}")
         else:
             if name == "train":
-                emit(format_train(res))
+                texts.append(format_train(res))
             elif name == "plan":
-                emit(format_plan(res))
+                texts.append(format_plan(res))
             else:
-                emit(format_table(res.get("rows", []), title=name))
+                texts.append(format_table(res.get("rows", []), title=name))
+        if args.json != "-":
+            emit("\n".join(texts))
+            texts = []
         results[name] = res
-    _finish(args, "all", results, machine)
+    _finish(args, "all", results, machine, "\n".join(texts))
     return 1 if any("error" in r for r in results.values()) else 0

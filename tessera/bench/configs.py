@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from tessera.bench.plan import PlanError
+from tessera.config import yaml_error_line
 
 
 def layout_from_train_config(path: str | Path) -> tuple[str, object, dict]:
@@ -26,7 +27,7 @@ def layout_from_train_config(path: str | Path) -> tuple[str, object, dict]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: invalid YAML: {exc}") from exc
+        raise PlanError(f"{path}: invalid YAML: {yaml_error_line(exc)}") from exc
     model = dict(data.get("model") or {})
     preset = model.pop("preset", None)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from tessera.bench.gpu_check import Part, Skip, rel_err
+from tessera.bench.gpu_check_harness import Part, Skip, rel_err
 
 # The trainer's logging interval in the training part: steps between logged steps are the ones that
 # must make at most one blocking device-to-host transfer (logged steps also fetch the metrics).

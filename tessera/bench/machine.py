@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from tessera.model.flops import GPU_PEAKS
+from tessera.utils import default_device
 
 # Datasheet dense bf16 peaks (TFLOP/s) and memory, for `tessera bench plan --gpu`: the one table is
 # tessera.model.flops.GPU_PEAKS (the trainer's MFU reads it too).
@@ -81,7 +82,7 @@ def measure_matmul_tflops(
     dtype: torch.dtype = torch.float32, size: int | None = None, device: str | torch.device | None = None, seconds: float = 0.5
 ) -> float:
     """Measured dense matmul throughput in TFLOP/s (2*n^3 FLOPs per n x n @ n x n)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device or None)
     n = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -92,7 +93,7 @@ def measure_matmul_tflops(
 
 def measure_copy_gbps(megabytes: int | None = None, device: str | torch.device | None = None, seconds: float = 0.5) -> float:
     """Measured memory bandwidth in GB/s of ``dst.copy_(src)``, counting read + write bytes (STREAM 'copy')."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device or None)
     mb = megabytes or (1024 if device.type == "cuda" else 256)  # far beyond any CPU cache
     n = mb * 2**20 // 4
     src = torch.ones(n, device=device, dtype=torch.float32)
@@ -103,7 +104,7 @@ def measure_copy_gbps(megabytes: int | None = None, device: str | torch.device |
 
 def describe_machine(measure: bool = True, device: str | torch.device | None = None, seconds: float = 0.5) -> dict:
     """CPU model, cores, torch version, GPU name if any and (with ``measure``) the measured peaks."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device or None)
     info: dict = {
         "hostname": platform.node(),
         "cpu_model": cpu_model(),

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from tessera.utils import atomic_write_json
 
 
 def _fmt(v: Any) -> str:
@@ -36,21 +36,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, tit
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    """Write ``payload`` to ``path`` via a temporary name, so a crash never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    return repr(o)
+    """A benchmark's JSON, written atomically (``tessera.utils.atomic_write_json``)."""
+    return atomic_write_json(path, payload, trailing_newline=True)
 
 
 def emit(text: str) -> None:

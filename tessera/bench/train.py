@@ -21,6 +21,7 @@ from tessera.bench.machine import describe_machine, interleaved_best_times, peak
 from tessera.bench.plan import ModelShape, count_parameters
 from tessera.bench.report import format_table
 from tessera.model.flops import flops_per_token
+from tessera.utils import default_device
 
 
 def _autocast(dtype: str, device: torch.device):
@@ -133,7 +134,7 @@ def benchmark_train(
         raise ValueError("tessera bench train runs one process: use --tp 1 --pp 1 (multi-GPU: tessera train)")
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device or None)
     machine = machine or describe_machine(device=dev)
     cfg = bench_config(preset, seq_length, dtype)
     shape = ModelShape.from_config(cfg)

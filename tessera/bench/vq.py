@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from tessera.bench.machine import interleaved_best_times
+from tessera.utils import default_device
 
 
 def bench_vq_config(preset: str):
@@ -55,7 +56,7 @@ def benchmark_vq(
 ) -> dict:
     from tessera.tokenizers.image import ImageTokenizer
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device or None)
     cfg = bench_vq_config(preset)
     torch.manual_seed(seed)
     ours = ImageTokenizer.from_config(cfg, batch_size=batch, device=dev)

@@ -31,7 +31,13 @@ from tessera.convert.hf_tokenizer import (
     HFTextTokenizer,
     copy_tokenizer_files,
 )
-from tessera.convert.hf_vocab import HF_IMAGE, IMPORT_SPECIALS, IdMap, image_token_name, vocab_from_chameleon
+from tessera.convert.hf_vocab import (
+    HF_IMAGE,
+    IMPORT_SPECIALS,
+    IdMap,
+    native_vocabulary_map,
+    vocab_from_chameleon,
+)
 from tessera.convert.io import atomic_output_dir, load_hf_state_dict, read_json, save_hf_state_dict
 from tessera.convert.megatron_map import (
     Shape,
@@ -42,6 +48,7 @@ from tessera.convert.megatron_map import (
 )
 from tessera.convert.model_io import load_tessera_state, model_config, save_tessera_checkpoint
 from tessera.progress import Progress
+from tessera.utils import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +93,10 @@ def _peak_rss_gib() -> float:
 
 def _choose_dtype(state: dict[str, torch.Tensor], dtype: str) -> str:
     if dtype != "auto":
-        if dtype not in ("float32", "bfloat16"):
-            raise ConvertError(f"--dtype {dtype!r}: expected auto, float32 or bfloat16")
-        return dtype
+        name = DTYPE_NAMES.get(str(dtype))
+        if name not in ("float32", "bfloat16"):
+            raise ConvertError(f"--dtype {dtype!r}: expected auto, fp32 or bf16")
+        return name
     w = state.get("lm_head.weight")
     return "bfloat16" if w is not None and w.dtype == torch.bfloat16 else "float32"
 
@@ -269,26 +277,6 @@ def _write_processor_files(directory: Path, cfg: dict) -> None:
 def _native_idmap(vocab: Any, padded_size: int) -> IdMap:
     """A checkpoint trained in Tessera keeps its own ids in transformers (padding rows included)."""
     return IdMap(tuple(range(padded_size)), padded_size)
-
-
-def native_vocabulary_map(vocab: Any, text_pieces: list[str] | None, padded_size: int) -> dict[str, int]:
-    """Names for Tessera ids in transformers' Chameleon conventions: <racm3:break>/<eoss> for boi/eoi,
-    the first reserved special as <image>, IMGIMG..Z for image codes, pieces for text."""
-    names = {"<pad>": "<pad>", "<bos>": "<s>", "<eos>": "</s>", "<boi>": "<racm3:break>", "<eoi>": "<eoss>"}
-    vmap: dict[str, int] = {}
-    image_named = False
-    for i, s in enumerate(vocab.special_tokens):
-        name = names.get(s, s)
-        if not image_named and s.startswith("<reserved"):
-            name, image_named = HF_IMAGE, True
-        vmap[name] = i
-    if not image_named and padded_size > vocab.size:
-        vmap[HF_IMAGE] = vocab.size  # a padding id: embeds, never sampled
-    for p, piece in enumerate(text_pieces or []):
-        vmap.setdefault(piece, vocab.text_offset + p)
-    for c in range(vocab.num_image_codes):
-        vmap[image_token_name(c)] = vocab.image_offset + c
-    return vmap
 
 
 def to_hf(

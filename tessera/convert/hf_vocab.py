@@ -22,6 +22,7 @@ import torch
 
 from tessera.convert.errors import ConvertError
 from tessera.tokenizers.vocab import Vocabulary
+from tessera.utils import atomic_write_json
 
 IMAGE_PREFIX = "IMGIMG"
 HF_BOI = "<racm3:break>"  # Chameleon's begin-of-image token
@@ -83,11 +84,7 @@ class IdMap:
         return {"hf_vocab_size": self.hf_vocab_size, "tessera_to_hf": list(self.tessera_to_hf)}
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / IDMAP_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(Path(directory) / IDMAP_FILE, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, directory: str | Path) -> IdMap | None:
@@ -154,3 +151,23 @@ def vocab_from_chameleon(
     )
     order = specials + text + [codes[c] for c in range(n_codes)]
     return vocab, IdMap(tuple(order), hf_vocab_size)
+
+
+def native_vocabulary_map(vocab: Vocabulary, text_pieces: list[str] | None, padded_size: int) -> dict[str, int]:
+    """Names for Tessera ids in transformers' Chameleon conventions: <racm3:break>/<eoss> for boi/eoi,
+    the first reserved special as <image>, IMGIMG..Z for image codes, pieces for text."""
+    names = {"<pad>": "<pad>", "<bos>": "<s>", "<eos>": "</s>", "<boi>": "<racm3:break>", "<eoi>": "<eoss>"}
+    vmap: dict[str, int] = {}
+    image_named = False
+    for i, s in enumerate(vocab.special_tokens):
+        name = names.get(s, s)
+        if not image_named and s.startswith("<reserved"):
+            name, image_named = HF_IMAGE, True
+        vmap[name] = i
+    if not image_named and padded_size > vocab.size:
+        vmap[HF_IMAGE] = vocab.size  # a padding id: embeds, never sampled
+    for p, piece in enumerate(text_pieces or []):
+        vmap.setdefault(piece, vocab.text_offset + p)
+    for c in range(vocab.num_image_codes):
+        vmap[image_token_name(c)] = vocab.image_offset + c
+    return vmap

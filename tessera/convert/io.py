@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tessera.convert.errors import ConvertError
+from tessera.utils import atomic_dir
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -27,21 +26,8 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConvertError(f"{out_dir}: output directory already exists (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir, create=False) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.replace(old)
-        tmp.replace(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.replace(out_dir)
 
 
 def read_json(path: Path) -> dict:

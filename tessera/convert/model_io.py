@@ -13,8 +13,7 @@ import torch
 from tessera.config import ConfigError, from_dict
 from tessera.convert.errors import ConvertError
 from tessera.model.layer_names import match_names, to_local_names
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from tessera.utils import torch_dtype
 
 
 def model_config(fields: dict[str, Any]):
@@ -52,7 +51,7 @@ def save_tessera_checkpoint(
     from tessera.model.checkpoint import save_model_checkpoint
 
     _ensure_parallel()
-    dtype = DTYPES[cfg.params_dtype]
+    dtype = torch_dtype(cfg.params_dtype)
     # CPU initialisation even on a CUDA machine: under the meta device no weights are allocated at all,
     # and the converted tensors are adopted as they are (assign=True) instead of copied.
     try:
@@ -89,7 +88,7 @@ def load_tessera_state(ckpt: str | Path, dtype: str | None = None) -> tuple[Any,
     from tessera.model.checkpoint import resolve_checkpoint
 
     path = resolve_checkpoint(ckpt)
-    loaded = tm.load(path, device="cpu", dtype=DTYPES[dtype] if dtype else None)
+    loaded = tm.load(path, device="cpu", dtype=torch_dtype(dtype) if dtype else None)
     # No copies: the returned tensors are the module's own; once the caller drops the module they are
     # freed one by one as the export consumes them.
     state = {k: v.detach() for k, v in loaded.module.state_dict().items() if not k.endswith("_extra_state")}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.convert.errors import ConvertError
+from tessera.convert.hf_vocab import native_vocabulary_map
 
 META = "\u2581"
 
@@ -44,8 +45,6 @@ def _merges(pieces: list[str]) -> list[tuple[str, str]]:
 
 def write_native_tokenizer(sp_model: Path, vocab: Any, padded_size: int, out_dir: Path) -> list[str]:
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-
-    from tessera.convert.hf import native_vocabulary_map
 
     pieces = sentencepiece_pieces(sp_model)
     if len(pieces) != vocab.num_text_tokens:

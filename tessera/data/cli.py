@@ -1,18 +1,20 @@
-"""``tessera data ...``: synth, curate, pretokenize, report, bench (docs/data.md)."""
+"""``tessera data ...``: synth, curate, pretokenize, report (docs/data.md); ``bench`` is a deprecated spelling
+of ``tessera bench data``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 
+from tessera.cli_common import expected_errors, fail
 from tessera.config import ConfigError
+
+PROG = "tessera data"
 
 
 def _fail(msg: str) -> int:
-    print(f"tessera data: error: {msg}", file=sys.stderr)
-    return 2
+    return fail(PROG, msg)
 
 
 def _logging() -> None:
@@ -136,38 +138,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    _logging()
-    from tessera.data.batches import PackingConfig
-    from tessera.data.bench import benchmark_batches
-    from tessera.data.config import load_data_config
+def _bench_deprecated(args: argparse.Namespace) -> int:
+    from tessera.bench.cli import cmd_data
+    from tessera.cli_common import warn
 
-    if args.curate:
-        from tessera.data.bench import benchmark_curation
-
-        r = benchmark_curation(args.docs, args.image_size, args.workers)
-        print(json.dumps(r, indent=2) if args.json else
-              f"curate: {r['documents_per_s_per_core']:,.1f} documents/s/core, {r['documents_per_cpu_s']:,.1f} per CPU "
-              f"second ({r['documents_read']} documents of "
-              f"{r['image_size']} px JPEG, {r['workers']} worker(s), {r['seconds']:.1f} s; kept {r['documents']})")
-        return 0
-    try:
-        if args.config:
-            cfg = load_data_config(args.config)
-            r = benchmark_batches(cfg.sources, cfg.schedule(), cfg.seq_length, cfg.global_batch, cfg.micro_batch,
-                                  args.steps, seed=cfg.seed, packing=cfg.packing())
-        else:
-            dirs = _named_dirs(args.dirs)
-            if not dirs:
-                return _fail("give pretokenized directories or --config DATA.yaml")
-            r = benchmark_batches(dirs, None, args.seq_length, args.global_batch, args.micro_batch, args.steps,
-                                  packing=PackingConfig(args.seq_length, document_mask=args.document_mask))
-    except (ConfigError, ValueError) as exc:
-        return _fail(str(exc))
-    print(json.dumps(r, indent=2) if args.json else
-          f"{r['tokens_per_s_per_core']:,.0f} tokens/s/core ({r['tokens']:,} tokens in {r['seconds']:.3f} s, "
-          f"seq {r['seq_length']}, micro {r['micro_batch']}, global {r['global_batch']})")
-    return 0
+    warn("tessera data bench", "deprecated and will be removed: use `tessera bench data` (same flags)")
+    return cmd_data(args)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -180,7 +156,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--heldout-docs", type=int, default=None, help="default: docs // 10 (at least 1)")
-    p.set_defaults(func=_synth)
+    p.set_defaults(func=expected_errors(PROG)(_synth))
 
     p = sub.add_parser("pretokenize", help="raw shards -> megatron indexed dataset of unified-vocabulary ids")
     p.add_argument("--input", required=True, nargs="+",
@@ -202,7 +178,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         "end marker, all, image codes only, text only (default auto: assistant for conversations, "
                         "all for other documents; docs/finetuning.md)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete output directory")
-    p.set_defaults(func=_pretokenize)
+    p.set_defaults(func=expected_errors(PROG)(_pretokenize))
 
     p = sub.add_parser("curate", help="filter and deduplicate raw shards (any format) into segments-layout shards")
     p.add_argument("--input", required=True, nargs="+", help="shards, image folders, folders of shards, brace patterns")
@@ -231,7 +207,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-dedup-images", action="store_true", help="keep documents whose image pixels were seen before")
     g.add_argument("--near-dup-hamming", type=int, default=4, help="perceptual-hash bits (-1: off)")
     p.add_argument("--shard-size", type=int, default=1000, help="documents per output shard")
-    p.set_defaults(func=_curate)
+    p.set_defaults(func=expected_errors(PROG)(_curate))
 
     p = sub.add_parser("report", help="modality balance per source and in the woven stream")
     p.add_argument("dirs", nargs="*", help="pretokenized directories (NAME=DIR or DIR)")
@@ -239,21 +215,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="woven steps to measure (with --config)")
     p.add_argument("--start-step", type=int, default=0)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_report)
+    p.set_defaults(func=expected_errors(PROG)(_report))
 
-    p = sub.add_parser("bench", help="tokens/s/core of the packed, woven batch stream")
-    p.add_argument("dirs", nargs="*", help="pretokenized directories (NAME=DIR or DIR)")
-    p.add_argument("--config", default=None)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seq-length", type=int, default=2048)
-    p.add_argument("--global-batch", type=int, default=64)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--document-mask", action="store_true",
-                   help="packing with document boundaries (cu_seqlens, restarted positions; docs/finetuning.md)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--curate", action="store_true",
-                   help="instead: documents/s/core of `tessera data curate` on generated img2dataset shards")
-    p.add_argument("--docs", type=int, default=2000, help="--curate: documents to generate")
-    p.add_argument("--image-size", type=int, default=256, help="--curate: picture side (JPEG)")
-    p.add_argument("--workers", type=int, default=1, help="--curate: processes")
-    p.set_defaults(func=_bench)
+    # the benchmark lives in tessera.bench; this spelling stays for one release
+    from tessera.bench.cli import add_data_arguments
+
+    p = sub.add_parser("bench", help="deprecated: use `tessera bench data`")
+    add_data_arguments(p)
+    p.set_defaults(func=_bench_deprecated)

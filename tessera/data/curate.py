@@ -51,6 +51,7 @@ from tessera.data.formats import (
 from tessera.data.raw import expand_urls, explain_empty, resolve_format, to_document
 from tessera.progress import Progress
 from tessera.tokenizers.preprocess import fit_image, pixels
+from tessera.utils import atomic_write_json
 
 STATS_FILE = "stats.json"
 REPORT_FILE = "report.md"
@@ -321,9 +322,7 @@ def curate_shard(url: str, index: int, part_prefix: str, cfg: CurateConfig, read
     write_tar(Path(part_prefix + ".tar"), members)
     result = {"shard": url, "read": read, "passed": len(sigs), "scored": scored, "skipped": stats.as_dict(),
               "filtered": dict(filtered), "signatures": sigs, "cpu_seconds": time.process_time() - cpu0}
-    tmp = Path(part_prefix + ".json.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, part_prefix + ".json")
+    atomic_write_json(part_prefix + ".json", result, indent=None)
     return result
 
 

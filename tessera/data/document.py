@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from tessera.utils import atomic_path
+
 
 @dataclass
 class Message:
@@ -107,13 +109,10 @@ def conversation_to_tar_members(key: str, messages: list[Message], source: str, 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     """Byte-deterministic tar (fixed mtime/owner), written to a temp name and renamed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = 0
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
-    tmp.replace(path)

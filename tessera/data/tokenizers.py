@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from tessera.tokenizers.vocab import Vocabulary, VocabularyError
+from tessera.utils import default_device
 
 
 @runtime_checkable
@@ -47,7 +48,7 @@ def load_image_tokenizer(path: str, device: str | None = None) -> ImageTokenizer
     """The VQ tokenizer on ``device`` (default: cuda when present, else cpu)."""
     from tessera.tokenizers.image import ImageTokenizer
 
-    return ImageTokenizer.load(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return ImageTokenizer.load(path, device=default_device(device))
 
 
 def vocabulary_for(text: TextTokenizerLike, image: ImageTokenizerLike) -> Vocabulary:

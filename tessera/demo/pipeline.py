@@ -91,7 +91,7 @@ def stage_synth(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
 
 
 def stage_text_tokenizer(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
-    from tessera.tokenizers.text import train_text_tokenizer
+    from tessera.tokenizers.text_train import train_text_tokenizer
 
     tok = train_text_tokenizer(paths.shards("train"), d / "text", vocab_size=cfg.text_vocab_size, seed=cfg.seed)
     return {"model": str(paths.text_model), "vocab_size": tok.vocab_size}

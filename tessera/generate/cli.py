@@ -13,9 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from tessera.config import ConfigError, load_config, parse_overrides
+from tessera.cli_common import add_dtype, expected_errors
+from tessera.config import load_config, parse_overrides
 from tessera.generate.config import GenerationConfig
 from tessera.progress import Progress
+from tessera.utils import default_device, dtype_name
 
 
 class _Ordered(argparse.Action):
@@ -43,7 +45,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--image-top-p", type=float, default=None)
     p.add_argument("--image-top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None)
+    add_dtype(p, choices=("auto", "fp32", "bf16", "fp16"), default=None,
+              help="decoding precision (default: auto = bf16); float32 / bfloat16 / float16 are deprecated spellings")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (small models on a busy CPU decode faster with 1)")
@@ -60,7 +63,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> GenerationConfig:
     flags = {
         "mode": args.mode, "max_new_tokens": args.max_new_tokens, "cfg_scale": args.cfg_scale,
-        "cfg_image_scale": args.cfg_image_scale, "seed": args.seed, "dtype": args.dtype, "device": args.device,
+        "cfg_image_scale": args.cfg_image_scale, "seed": args.seed, "device": args.device,
+        "dtype": args.dtype if args.dtype in (None, "auto") else dtype_name(args.dtype),
         "text.temperature": args.temperature, "text.top_p": args.top_p, "text.top_k": args.top_k,
         "image.temperature": args.image_temperature, "image.top_p": args.image_top_p,
         "image.top_k": args.image_top_k,
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> Path:
         raise GenerationError("give a prompt: --prompt TEXT and/or --image FILE")
     # Read every image before loading the model, so a bad file fails fast and is named.
     parts: list = [load_image(v) if kind == "image" else v for kind, v in parts_in]
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.device or default_device().type
     cfg.device = device
     model = tessera.model.load(args.checkpoint, device=device)
     if getattr(model, "vocab", None) is None:
@@ -156,11 +160,10 @@ def main(args: argparse.Namespace) -> int:
     from tessera.tokenizers.text import TextTokenizerError
     from tessera.tokenizers.vocab import VocabularyError
 
-    errors = (GenerationError, ConfigError, VocabularyError, CheckpointError, ImageTokenizerError, TextTokenizerError,
-              ConvertError)
-    try:
-        run(args)
-    except errors as exc:
-        print(f"tessera generate: error: {exc}", file=sys.stderr)
-        return 2
+    errors = (GenerationError, VocabularyError, CheckpointError, ImageTokenizerError, TextTokenizerError, ConvertError)
+    return expected_errors("tessera generate", *errors)(run_command)(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    run(args)
     return 0

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.generate.norms import AffineNormCall, RMSNormCall
 from tessera.kernels import cpu_decode as C
 
 if TYPE_CHECKING:
@@ -41,8 +42,6 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 class FusedCPUStep:
     def __init__(self, decoder: KVCacheDecoder, lib: ctypes.CDLL) -> None:
-        from tessera.generate.decoder import _AffineNorm, _RMSNorm
-
         self._lib, self._d = lib, decoder
         self._keep: list[torch.Tensor] = []  # every tensor whose pointer C holds
         d = decoder
@@ -59,9 +58,9 @@ class FusedCPUStep:
         def norm(n: object, where: str) -> C.Norm:
             if n is None:
                 return C.Norm(C.NORM_NONE, 0.0, None, None)
-            if isinstance(n, _RMSNorm):
+            if isinstance(n, RMSNormCall):
                 kind, w, b, eps = "RMSNorm", n.weight, None, n.eps
-            elif isinstance(n, _AffineNorm):
+            elif isinstance(n, AffineNormCall):
                 kind, w, b, eps = n.kind, n.weight, n.bias, n.eps
             elif type(n) is nn.LayerNorm:
                 kind, w, b, eps = "LayerNorm", n.weight, n.bias, n.eps

@@ -15,7 +15,7 @@ architecture's maths written from a paper:
 With Transformer Engine layers (the GPU spec) the pre-attention / pre-MLP norms are fused into
 ``linear_qkv`` / ``linear_fc1`` (``layer_norm_weight``, ``layer_norm_bias``, ``normalization``, ``eps``,
 ``zero_centered_gamma``) and ``input_layernorm`` / ``pre_mlp_layernorm`` are IdentityOp: the decoder
-reads the fused tables then (``_fused_norm``), and TE's standalone ``TENorm`` from its tables too.
+reads the fused tables then (``norms.fused_norm``), and TE's standalone ``TENorm`` from its tables too.
 
 The cache is one preallocated tensor ``[layers, 2, batch, kv_heads, capacity, head_dim]`` (the requested
 length rounded up to whole attention windows). Prompts are LEFT-padded so every row writes the same
@@ -35,7 +35,6 @@ float32 inside torch's kernels.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,15 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.generate.cuda_graph import DecodeGraphs, graphs_unavailable
-
-
-class DecoderError(RuntimeError):
-    pass
-
+from tessera.generate.norms import DecoderError, cast_module, fused_norm, is_identity, norm_callable
 
 # Above this many rows a step is a real matmul, where oneDNN's blocked GEMM (the PyTorch path) catches up
-# with the fused C step's GEMV loops: equal at 64 rows, 20% ahead at 256 (demo model, bf16, 2 threads;
-# docs/generation.md). CFG doubles or triples the rows.
+# with the fused C step's GEMV loops (the crossover is measured in docs/generation.md). CFG doubles or
+# triples the rows.
 FUSED_STEP_MAX_BATCH = 32
 
 # A decode step attends to the first columns of the cache in whole windows of this many columns
@@ -83,89 +78,6 @@ class _Layer:
     qk_eps: float = 0.0
 
 
-def _is_identity(module: nn.Module | None) -> bool:
-    return module is None or type(module).__name__ in ("IdentityOp", "IdentityFuncOp", "Identity")
-
-
-def _cast_module(module: nn.Module | None, dtype: torch.dtype, device: torch.device) -> nn.Module | None:
-    """A private copy of a (small) norm module in the decoding dtype; the model is left untouched."""
-    if _is_identity(module):
-        return None
-    return copy.deepcopy(module).to(device=device, dtype=dtype).eval()
-
-
-class _RMSNorm:
-    """torch's RMSNorm as a direct ``F.rms_norm`` call (no nn.Module dispatch: 13 calls a step)."""
-
-    def __init__(self, module: nn.RMSNorm, dtype: torch.dtype, device: torch.device) -> None:
-        self.weight = module.weight.detach().to(device=device, dtype=dtype, copy=True)  # private copy
-        self.shape, self.eps = tuple(module.normalized_shape), module.eps
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.shape, self.weight, self.eps)
-
-
-class _AffineNorm:
-    """RMSNorm / LayerNorm from raw tables (weight, optional bias, eps): Transformer Engine's norms, fused
-    into ``linear_qkv`` / ``linear_fc1`` (``layer_norm_weight`` / ``layer_norm_bias``) or standalone
-    (``TENorm``). ``zero_centered_gamma`` stores gamma - 1, so the applied weight is 1 + stored."""
-
-    def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-                 zero_centered: bool, dtype: torch.dtype, device: torch.device, where: str) -> None:
-        if kind not in ("RMSNorm", "LayerNorm"):
-            raise DecoderError(f"{where}: unsupported normalization {kind!r} (expected RMSNorm or LayerNorm)")
-        w = weight.detach().to(device=device, dtype=torch.float32)
-        self.weight = ((w + 1) if zero_centered else w).to(dtype)  # private copy either way
-        self.bias = None if bias is None or not bias.numel() else bias.detach().to(device=device, dtype=dtype, copy=True)
-        if kind == "RMSNorm" and self.bias is not None:
-            raise DecoderError(f"{where}: RMSNorm with a bias is not supported")
-        self.kind, self.shape, self.eps = kind, (weight.shape[-1],), float(eps)
-
-    @classmethod
-    def from_te(cls, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                device: torch.device, where: str) -> _AffineNorm:
-        """A Transformer Engine norm's tables: ``module`` carries ``normalization`` (or is named by its
-        class), ``eps`` and ``zero_centered_gamma``; ``weight`` / ``bias`` are its (fused or own) tables."""
-        eps = getattr(module, "eps", None)
-        if eps is None:
-            raise DecoderError(f"{where}: Transformer Engine norm without an eps attribute ({type(module).__name__})")
-        return cls(_te_kind(module), weight, bias, eps, bool(getattr(module, "zero_centered_gamma", False)),
-                   dtype, device, where)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "RMSNorm":
-            return F.rms_norm(x, self.shape, self.weight, self.eps)
-        return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
-
-
-def _te_kind(module: nn.Module) -> str:
-    """TE modules say ``normalization``; a standalone TE norm is named by its class."""
-    return str(getattr(module, "normalization", None) or type(module).__name__)
-
-
-def _fused_norm(linear: nn.Module, dtype: torch.dtype, device: torch.device, where: str) -> _AffineNorm | None:
-    """The pre-norm that Transformer Engine fused into a LayerNorm+Linear (``TELayerNormColumnParallelLinear``:
-    its ``layer_norm_weight``, ``layer_norm_bias``, ``normalization``, ``eps``, ``zero_centered_gamma``),
-    or None for a plain linear."""
-    w = getattr(linear, "layer_norm_weight", None)
-    if w is None:
-        return None
-    return _AffineNorm.from_te(linear, w, getattr(linear, "layer_norm_bias", None), dtype, device, where)
-
-
-def _norm(module: nn.Module | None, dtype: torch.dtype, device: torch.device) -> Callable | None:
-    """A norm as a callable in ``dtype`` (the model's module is left untouched)."""
-    if _is_identity(module):
-        return None
-    if type(module) is nn.RMSNorm and module.weight is not None:
-        return _RMSNorm(module, dtype, device)
-    if type(module).__module__.startswith("transformer_engine") and _te_kind(module) in ("RMSNorm", "LayerNorm"):
-        # TENorm returns TE's own RMSNorm/LayerNorm (CUDA-only kernels): the same maths from its tables.
-        return _AffineNorm.from_te(module, module.weight, getattr(module, "bias", None), dtype, device,
-                                   type(module).__name__)
-    return _cast_module(module, dtype, device)
-
-
 def _layer_norm_affine(module: nn.Module | None, heads: int, head_dim: int) -> tuple | None:
     """(weight [heads, hd], bias [heads, hd], eps) of a LayerNorm over the head dimension: Chameleon's
     ``PerHeadLayerNorm`` or a torch ``LayerNorm((hd,))`` shared by the heads (megatron's qk_layernorm);
@@ -187,8 +99,8 @@ def _mkldnn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
     """oneDNN's prepacked linear (what inductor's CPU freezing uses): for bf16/fp16 on the CPU, F.linear
-    re-lays the weight out on every call, which dominates small decode matmuls (~1.7x measured at M=1-8
-    on the demo shapes, bit-identical results). fp32 keeps MKL's F.linear (exact-equivalence tests)."""
+    re-lays the weight out on every call, which dominates small decode matmuls (docs/generation.md;
+    bit-identical results). fp32 keeps MKL's F.linear (exact-equivalence tests)."""
     return (
         device.type == "cpu"
         and dtype in (torch.bfloat16, torch.float16)
@@ -270,42 +182,42 @@ class KVCacheDecoder:
         self.activation = cfg.activation_func
         self.vocab_size = out_w.shape[0]
         # Everything but the weight matmuls (residual stream, norms, QK-norm, RoPE, the cache,
-        # attention) runs in fp32 on the CPU: batched bf16 matmuls there go through oneDNN, ~2.5x
-        # slower than MKL's fp32 ones at one query, bf16 norms upcast internally (measured), and these
+        # attention) runs in fp32 on the CPU: batched bf16 matmuls there go through oneDNN, slower than
+        # MKL's fp32 ones at one query (docs/generation.md), bf16 norms upcast internally anyway, and these
         # tensors are tiny next to the weights. On a GPU it all stays in the decoding dtype.
         self.attn_dtype = torch.float32 if dev.type == "cpu" else dt
         wt = self.attn_dtype
 
         self.embedding = first.detach().to(device=dev, dtype=wt)  # gathered, never multiplied
         self.output = out_w.detach().to(device=dev, dtype=dt)
-        self.final_norm = _norm(gpt.decoder.final_layernorm, wt, dev)
+        self.final_norm = norm_callable(gpt.decoder.final_layernorm, wt, dev)
         self.layers: list[_Layer] = []
         for i, layer in enumerate(gpt.decoder.layers):
             attn = layer.self_attention
             pre_attn, pre_mlp = layer.input_layernorm, layer.pre_mlp_layernorm
             post_attn = getattr(layer, "post_self_attn_layernorm", None)
             post_mlp = getattr(layer, "post_mlp_layernorm", None)
-            if self.swin_norm and _is_identity(post_attn):
+            if self.swin_norm and is_identity(post_attn):
                 # Swin ordering expressed with the usual names: the two norms move to the branch outputs.
                 pre_attn, pre_mlp, post_attn, post_mlp = None, None, pre_attn, pre_mlp
             # Transformer Engine's spec fuses the pre-norms into linear_qkv / linear_fc1 and leaves
             # input_layernorm / pre_mlp_layernorm as IdentityOp: read the fused tables then.
-            ln_attn = _fused_norm(attn.linear_qkv, wt, dev, f"layer {i} linear_qkv")
-            ln_mlp = _fused_norm(layer.mlp.linear_fc1, wt, dev, f"layer {i} linear_fc1")
+            ln_attn = fused_norm(attn.linear_qkv, wt, dev, f"layer {i} linear_qkv")
+            ln_mlp = fused_norm(layer.mlp.linear_fc1, wt, dev, f"layer {i} linear_fc1")
             for fused, sep, name in ((ln_attn, pre_attn, "input_layernorm"), (ln_mlp, pre_mlp, "pre_mlp_layernorm")):
-                if fused is not None and not _is_identity(sep):
+                if fused is not None and not is_identity(sep):
                     raise DecoderError(f"layer {i}: both a fused layer_norm_weight and a separate {name}; "
                                        "the model would normalise twice, which no Tessera spec builds")
             self.layers.append(
                 _Layer(
-                    ln_attn=ln_attn if ln_attn is not None else _norm(pre_attn, wt, dev),
-                    post_attn=_norm(post_attn, wt, dev),
+                    ln_attn=ln_attn if ln_attn is not None else norm_callable(pre_attn, wt, dev),
+                    post_attn=norm_callable(post_attn, wt, dev),
                     qkv=_weight(attn.linear_qkv, f"layer {i} linear_qkv", dt, dev),
-                    q_norm=_cast_module(getattr(attn, "q_layernorm", None), self.attn_dtype, dev),
-                    k_norm=_cast_module(getattr(attn, "k_layernorm", None), self.attn_dtype, dev),
+                    q_norm=cast_module(getattr(attn, "q_layernorm", None), self.attn_dtype, dev),
+                    k_norm=cast_module(getattr(attn, "k_layernorm", None), self.attn_dtype, dev),
                     proj=_weight(attn.linear_proj, f"layer {i} linear_proj", dt, dev),
-                    ln_mlp=ln_mlp if ln_mlp is not None else _norm(pre_mlp, wt, dev),
-                    post_mlp=_norm(post_mlp, wt, dev),
+                    ln_mlp=ln_mlp if ln_mlp is not None else norm_callable(pre_mlp, wt, dev),
+                    post_mlp=norm_callable(post_mlp, wt, dev),
                     fc1=_weight(layer.mlp.linear_fc1, f"layer {i} linear_fc1", dt, dev),
                     fc2=_weight(layer.mlp.linear_fc2, f"layer {i} linear_fc2", dt, dev),
                 )
@@ -412,10 +324,10 @@ class KVCacheDecoder:
         rot = cos.shape[-1]
         half = rot // 2
         if rot == t.shape[-1]:
-            # roll(t, rot/2) as one cat of the two halves: aten's roll is ~10x a cat at these sizes (profiled);
-            # bit-identical to the roll (data movement only)
+            # roll(t, rot/2) as one cat of the two halves: aten's roll costs far more than a cat at these
+            # sizes (docs/generation.md); bit-identical to the roll (data movement only)
             swapped = torch.cat((t[..., half:], t[..., :half]), dim=-1)
-            return t * cos + swapped * sin  # same rounding as before (no fused multiply-add)
+            return t * cos + swapped * sin  # megatron's expression (no fused multiply-add): its rounding
         t_rot, t_pass = t[..., :rot], t[..., rot:]
         swapped = torch.cat((t_rot[..., half:], t_rot[..., :half]), dim=-1)
         return torch.cat((t_rot * cos + swapped * sin, t_pass), dim=-1)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from tessera.generate.config import GenerationConfig
 from tessera.generate.engine import GenerationEngine, GenerationError, GenerationStats, TokenCallback
 from tessera.generate.tokenizers import Tokenizers
 from tessera.tokenizers.vocab import ImageSegment, Segment, TextSegment, Vocabulary
+from tessera.utils import atomic_dir
 
 # What a prompt may hold: text, a PIL image (goes through the VQ encoder), or ready segments.
 PromptPart = str | TextSegment | ImageSegment | Image.Image
@@ -111,22 +110,12 @@ class GeneratedDocument:
         Written into a temporary sibling directory and renamed at the end, so an interrupted save never
         leaves a directory that looks complete (an older result at ``out_dir`` is replaced whole)."""
         out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        names = [f"{k}.png" for k in range(len(self.images))]
-        for name, im in zip(names, self.images, strict=True):
-            im.save(tmp / name, format="PNG")
-        (tmp / "document.json").write_text(json.dumps(self.to_json(names, extra), indent=2, ensure_ascii=False))
-        (tmp / "document.html").write_text(self.to_html(names))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        with atomic_dir(out_dir) as tmp:
+            names = [f"{k}.png" for k in range(len(self.images))]
+            for name, im in zip(names, self.images, strict=True):
+                im.save(tmp / name, format="PNG")
+            (tmp / "document.json").write_text(json.dumps(self.to_json(names, extra), indent=2, ensure_ascii=False))
+            (tmp / "document.html").write_text(self.to_html(names))
         return out_dir
 
 

@@ -25,11 +25,11 @@ from tessera.generate.config import GenerationConfig
 from tessera.generate.decoder import KVCacheDecoder
 from tessera.kernels.sampling import DecodeState, ModalitySampling, SamplingParams, TokenRules, sample_step
 from tessera.tokenizers.vocab import Vocabulary
+from tessera.utils import torch_dtype
 
 # on_token(sequence_index, token_id): called once per generated token of each prompt, in order.
 TokenCallback = Callable[[int, int], None]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class GenerationError(ValueError):
@@ -87,9 +87,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16
     try:
-        return _DTYPES[name]
-    except KeyError:
-        raise GenerationError(f"unknown dtype {name!r}; use auto|float32|bfloat16|float16") from None
+        return torch_dtype(name)
+    except ValueError:
+        raise GenerationError(f"unknown dtype {name!r}; use auto|fp32|bf16|fp16") from None
 
 
 class GenerationEngine:

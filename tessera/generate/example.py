@@ -18,7 +18,8 @@ DEFAULT_RUN = "demo_out/train/run"
 DEFAULT_OUT = "docs/generation_example"
 # the first held-out caption of the demo corpus (seed 0), in the corpus grammar (no final period)
 PROMPT = "a large red square on the right"
-# One thread: the example's tokens do not depend on it, its reported tokens/s on a shared 2-core machine do.
+# One thread: the example's tokens do not depend on it, but its reported tokens/s does, and one thread is the
+# steadiest on a shared machine.
 # interleaved: the model itself decides to open an image after the text, draws it, and ends the document;
 # image sampling as in the demo's evaluation (temperature 0.5, guidance 3)
 SETTINGS = ("--mode", "interleaved", "--image-temperature", "0.5", "--cfg-scale", "3", "--seed", "0", "--threads", "1",

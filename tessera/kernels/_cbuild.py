@@ -14,11 +14,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from tessera.utils import atomic_path
 
 DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
 
@@ -54,16 +55,10 @@ def library_path(source: Path, flags: Sequence[str], cc: str, cpu: str) -> Path:
 def build(cc: str, source: Path, flags: Sequence[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a private name and rename: concurrent processes never load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True)
+    with atomic_path(target) as tmp:
+        proc = subprocess.run([cc, *flags, "-o", str(tmp), str(source), "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed on {source}:\n{proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_library(source: Path, flags: Sequence[str], *, disable_env: str, fallback: str,

@@ -613,9 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     kernels = tuple(k for k in a.kernels.split(",") if k) if a.kernels else None
     report = compile_all(archs, a.strength, a.cache_dir, log=None if a.quiet else print, kernels=kernels)
     if a.json:
-        from tessera.bench.report import write_json
+        from tessera.utils import atomic_write_json
 
-        write_json(a.json, report)
+        atomic_write_json(a.json, report, trailing_newline=True)
     print(format_summary(report))
     return 0 if report["summary"]["failed"] == 0 else 1
 

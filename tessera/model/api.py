@@ -18,6 +18,7 @@ from tessera.model.checkpoint import (
     resolve_checkpoint,
 )
 from tessera.model.config import ModelConfig
+from tessera.utils import default_device
 
 
 @dataclass
@@ -84,7 +85,7 @@ def load(checkpoint_dir: str | Path, device: str | torch.device | None = None, d
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"{path / DIST_DIR}: cannot load the model weights: {exc}") from exc
     model.load_state_dict(state["model"])
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
     model.eval()
     return TesseraModel(config=cfg, vocab=vocab, module=model, device=device, step=int(meta.get("step", 0)), path=path)

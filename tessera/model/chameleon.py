@@ -19,12 +19,7 @@ from tessera.model.implementations import report_once
 from tessera.model.rope import patch_rope_without_copies
 from tessera.model.spec import chameleon_block_spec, te_status
 from tessera.model.swiglu import SwiGLU
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
+from tessera.utils import torch_dtype
 
 
 def recompute_settings(cfg: ModelConfig, layers_per_chunk: int) -> dict:

@@ -28,6 +28,7 @@ import yaml
 
 from tessera.config import to_dict
 from tessera.model.config import ModelConfig
+from tessera.utils import atomic_write_text, rank, swap_in_dir
 
 FORMAT = 1
 META_FILE = "tessera.json"
@@ -86,10 +87,6 @@ def localize_norm_extra_states(sharded_state_dict: dict) -> dict:
     return dict_list_map_inplace(localize, sharded_state_dict)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _shared_tmp_name(ckpt_dir: Path) -> Path:
     """Every rank must write into the same temporary directory: rank 0's pid names it."""
     pid = [os.getpid()]
@@ -100,8 +97,8 @@ def _shared_tmp_name(ckpt_dir: Path) -> Path:
 
 def _use_in_process_results_queue() -> None:
     """megatron's checkpoint writer collects write results through a queue made by a *spawned*
-    ``multiprocessing.Manager``: one more Python process per trainer (2-4 s at the first save on 2 busy
-    cores, vs ~0.1 s) that outlives a SIGKILLed trainer and keeps its stdout open. Our saves are synchronous
+    ``multiprocessing.Manager``: one more Python process per trainer (slow to start at the first save:
+    docs/benchmarks.md) that outlives a SIGKILLed trainer and keeps its stdout open. Our saves are synchronous
     (``execute_sync``): the results are put and read by this very process, so a plain thread-safe queue
     does the same job. (An mp.Queue would not: its put is asynchronous and megatron reads with
     get_nowait. megatron's async save, which ships the queue to a spawned worker, is unused here.)"""
@@ -138,7 +135,7 @@ def save_model_checkpoint(
 
     ckpt_dir = Path(ckpt_dir)
     tmp = _shared_tmp_name(ckpt_dir)
-    if _rank() == 0:
+    if rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / DIST_DIR).mkdir(parents=True)
@@ -152,7 +149,7 @@ def save_model_checkpoint(
         state.update(extra_state)
     _use_in_process_results_queue()
     dist_checkpointing.save(state, str(tmp / DIST_DIR), save_strategy)
-    if _rank() == 0:
+    if rank() == 0:
         run_cfg = extra_config
         if dataclasses.is_dataclass(run_cfg) and not isinstance(run_cfg, type):
             run_cfg = to_dict(run_cfg)
@@ -166,13 +163,7 @@ def save_model_checkpoint(
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks the save complete
         if before_commit is not None:
             before_commit(tmp)
-        if ckpt_dir.exists():
-            old = ckpt_dir.with_name(f"{ckpt_dir.name}.old-{os.getpid()}")
-            ckpt_dir.rename(old)
-            tmp.rename(ckpt_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(ckpt_dir)
+        swap_in_dir(tmp, ckpt_dir)
     if dist.is_initialized():
         dist.barrier()
     return ckpt_dir
@@ -180,10 +171,7 @@ def save_model_checkpoint(
 
 def write_latest(checkpoints_dir: str | Path, ckpt_name: str) -> None:
     """Point ``checkpoints_dir/latest`` at ``ckpt_name`` (atomic replace)."""
-    checkpoints_dir = Path(checkpoints_dir)
-    tmp = checkpoints_dir / f"{LATEST_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(ckpt_name + "\n")
-    tmp.replace(checkpoints_dir / LATEST_FILE)
+    atomic_write_text(Path(checkpoints_dir) / LATEST_FILE, ckpt_name + "\n")
 
 
 def _is_checkpoint(path: Path) -> bool:

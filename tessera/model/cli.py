@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tessera.config import ConfigError
+from tessera.cli_common import expected_errors
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -14,14 +14,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_info)
 
 
+@expected_errors("tessera model info")
 def _info(args: argparse.Namespace) -> int:
     from tessera.model.config import get_preset
     from tessera.model.params import count_parameters, parameter_breakdown
 
-    try:
-        cfg = get_preset(args.preset)
-    except ConfigError as exc:
-        raise SystemExit(f"tessera model info: {exc}") from None
+    cfg = get_preset(args.preset)
     total = count_parameters(cfg)
     parts = parameter_breakdown(cfg)
     print(f"preset            {args.preset}")

@@ -119,8 +119,8 @@ PRESETS: dict[str, ModelConfig] = {
         num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,
         vocab_size=256, seq_length=64,
     ),
-    # The 2-core CPU demo (`tessera demo`, docs/benchmarks.md): 4.27M params with the demo's 2048-entry (padded)
-    # vocabulary (32 px images = 64 codes); the demo trains it in fp32, ~1M tokens in ~7 minutes on 2 cores.
+    # The CPU demo's model (`tessera demo`; its training time: docs/benchmarks.md, "The demo"): 4.27M params
+    # with the demo's 2048-entry (padded) vocabulary (32 px images = 64 codes); the demo trains it in fp32.
     "demo": ModelConfig(
         num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4, num_query_groups=None,
         vocab_size=2048, seq_length=512, params_dtype="bfloat16",

@@ -14,6 +14,8 @@ from typing import TextIO
 
 import torch
 
+from tessera.utils import rank, short_dtype_name
+
 _reported = False
 
 
@@ -43,7 +45,7 @@ def _cpu_attention(dtype: torch.dtype) -> str:
     unavailable = cpu_attention.unavailable_reason() or (None if _cbuild.compiler() else "no C compiler")
     if unavailable:
         return f"SDPA (cpu_attention.c unavailable: {unavailable})"
-    kernel = [name for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)) if prefer_cpu_kernel(dt)]
+    kernel = [short_dtype_name(dt) for dt in (torch.float32, torch.bfloat16) if prefer_cpu_kernel(dt)]
     sdpa = [name for name in ("fp32", "bf16") if name not in kernel]
     parts = []
     if kernel:
@@ -107,7 +109,7 @@ def report_once(model: torch.nn.Module, why: str, stream: TextIO | None = None) 
     global _reported
     if _reported:
         return False
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if rank() != 0:
         return False
     _reported = True
     print("\n".join(describe(model, why).lines()), file=stream or sys.stderr, flush=True)

@@ -58,7 +58,7 @@ def language_model_loss(
     tp_group = None
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
         tp_group = parallel_state.get_tensor_model_parallel_group()
-    # every label counts for the kernel (no ignore_index): loss_mask does the masking, as before
+    # every label counts for the kernel (no ignore_index): loss_mask does the masking
     fused = cross_entropy_z(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), 0.0, ignore_index=torch.iinfo(torch.int64).min,
         tp_group=tp_group, inplace_backward=inplace_backward, backend=backend,

@@ -5,24 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
+from tessera.cli_common import expected_errors, fail
 from tessera.config import ConfigError
+from tessera.utils import atomic_path, atomic_write_json, launch_env
 
 
 class CLIError(Exception):
     pass
 
 
+PROG = "tessera tokenizer"
+
+
 def _fail(msg: str) -> int:
-    print(f"tessera tokenizer: error: {msg}", file=sys.stderr)
-    return 2
+    return fail(PROG, msg)
 
 
 def _train_text(args: argparse.Namespace) -> int:
-    from tessera.tokenizers.text import TextTokenizerError, train_text_tokenizer
+    from tessera.tokenizers.text import TextTokenizerError
+    from tessera.tokenizers.text_train import train_text_tokenizer
 
     try:
         tok = train_text_tokenizer(
@@ -51,7 +54,7 @@ def _train_image(args: argparse.Namespace) -> int:
         result = train_image_tokenizer(cfg)
     except (ConfigError, ImageTokenizerError) as exc:
         return _fail(str(exc))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_env()[0] == 0:
         print(
             f"wrote {result.out} after {result.steps} steps in {result.seconds:.0f} s: "
             f"PSNR {result.psnr:.2f} dB, codebook usage {result.codebook_usage:.0%}, "
@@ -74,11 +77,7 @@ def _encode(args: argparse.Namespace) -> int:
         "num_codes": tok.num_codes,
         "images": [{"source": str(p), "codes": c} for p, c in zip(args.images, codes.tolist(), strict=True)],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, out)
+    out = atomic_write_json(args.out, doc, indent=None)
     print(f"wrote {out}: {len(args.images)} image(s) x {tok.tokens_per_image} codes")
     return 0
 
@@ -122,9 +121,8 @@ def _decode(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     for img, p in zip(images, paths, strict=True):
-        tmp = p.with_name(f".{p.stem}.tmp{p.suffix}")
-        img.save(tmp)
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:
+            img.save(tmp)
     print(f"wrote {', '.join(map(str, paths))}")
     return 0
 
@@ -141,7 +139,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sentences", type=int, default=0, help="sample this many lines (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=_train_text)
+    p.set_defaults(func=expected_errors(PROG)(_train_text))
 
     p = sub.add_parser("train-image", help="train the VQ image tokenizer (accepts --section.key value overrides)")
     g = p.add_mutually_exclusive_group()
@@ -149,16 +147,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="demo | tiny | chameleon")
     p.add_argument("--data", nargs="+", help="image folders, image files, .tar shards (any layout), folders of shards")
     p.add_argument("--out", help="output directory (tokenizer, checkpoints, TensorBoard logs)")
-    p.set_defaults(func=_train_image, accepts_overrides=True)
+    p.set_defaults(func=expected_errors(PROG)(_train_image), accepts_overrides=True)
 
     p = sub.add_parser("encode", help="image file(s) -> codes JSON")
     p.add_argument("--tokenizer", required=True, help="directory written by train-image")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True, help="codes.json")
-    p.set_defaults(func=_encode)
+    p.set_defaults(func=expected_errors(PROG)(_encode))
 
     p = sub.add_parser("decode", help="codes JSON -> PNG reconstruction(s)")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("codes", help="codes.json from `tessera tokenizer encode`")
     p.add_argument("--out", required=True, help="recon.png (recon_0.png, recon_1.png ... for several images)")
-    p.set_defaults(func=_decode)
+    p.set_defaults(func=expected_errors(PROG)(_decode))

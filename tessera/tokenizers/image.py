@@ -10,8 +10,6 @@ k-means init, dead-code replacement). ``VQConfig.preset("demo"|"tiny")`` are CPU
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from vector_quantize_pytorch import VectorQuantize
 
 from tessera.config import ConfigError, from_dict, to_dict
 from tessera.tokenizers.preprocess import fit_image, open_image, pixels, to_rgb  # noqa: F401 (to_rgb re-exported)
+from tessera.utils import atomic_dir, atomic_path, atomic_write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -95,8 +94,8 @@ class VQConfig:
 VQ_PRESETS: dict[str, dict] = {
     "chameleon": {},
     # CPU demo (`tessera demo`): 32 px -> 8 x 8 = 64 codes from a 512-code codebook. Small and without the
-    # middle attention block so it trains in a few minutes on 2 cores; the synthetic corpus' detector reads
-    # shapes and colours back at 32 px as well as at 64 px (docs/benchmarks.md, "The demo").
+    # middle attention block so the CPU demo can train it (its time: docs/benchmarks.md, "The demo"); the
+    # synthetic corpus' detector reads shapes and colours back at 32 px as well as at 64 px.
     "demo": dict(
         image_size=32, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=1, num_groups=8,
         mid_attention=False, z_channels=32, embed_dim=32, codebook_size=512,
@@ -389,21 +388,19 @@ class ImageTokenizer:
     def save(self, directory: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors``; a half-written save never replaces a good one."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(to_dict(self.config), indent=2))
+
+        def write(into: Path) -> None:
+            # weights first, so config.json (which marks the directory valid) lands last
+            with atomic_path(into / WEIGHTS_FILE) as tmp:
+                save_file(state, str(tmp))
+            atomic_write_json(into / CONFIG_FILE, to_dict(self.config))
+
         if directory.exists():
-            # Keep files that are not ours (e.g. training checkpoints) by replacing file by file,
-            # weights first so config.json (which marks the directory valid) lands last.
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                os.replace(tmp / name, directory / name)
-            tmp.rmdir()
+            write(directory)  # file by file: files that are not ours (e.g. training checkpoints) stay
         else:
-            os.replace(tmp, directory)
+            with atomic_dir(directory) as tmp:
+                write(tmp)
         return directory
 
     @classmethod

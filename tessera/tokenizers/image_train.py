@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -52,6 +51,7 @@ from tessera.tokenizers.image import (
     VQModel,
     preprocess,
 )
+from tessera.utils import atomic_path, atomic_write_text, launch_env
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ class ImageTokenizerTrainConfig:
 
 TRAIN_PRESETS: dict[str, dict] = {
     "chameleon": {"vq": VQ_PRESETS["chameleon"], "train": {"batch_size": 8, "steps": 500_000, "lr": 1e-4}},
-    # A few minutes on 2 CPU cores. fp32 (bf16 autocast convolutions are ~3x slower on this CPU), no GAN
-    # (it needs far more steps to pay off), foreground-weighted loss so the palette colours survive.
+    # Sized for the CPU demo. fp32: bf16 autocast convolutions measured slower (docs/benchmarks.md, "vq"); no
+    # GAN (it needs far more steps to pay off); foreground-weighted loss so the palette colours survive.
     "demo": {
         "vq": VQ_PRESETS["demo"],
         "train": {"batch_size": 16, "steps": 800, "lr": 1e-3, "fg_weight": 8.0, "bf16": False,
@@ -300,15 +300,9 @@ class TrainResult:
     corrupt: int
 
 
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rng_state() -> dict:
@@ -342,7 +336,7 @@ def train_image_tokenizer(cfg: ImageTokenizerTrainConfig) -> TrainResult:
     """Train (or resume) a VQ tokenizer into ``cfg.out``; returns final metrics (rank 0's view)."""
     tc, vc = cfg.train, cfg.vq
     out = Path(cfg.out)
-    rank, world, local_rank = _dist_info()
+    rank, world, local_rank = launch_env()
     distributed = world > 1
     if tc.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -517,9 +511,8 @@ def train_image_tokenizer(cfg: ImageTokenizerTrainConfig) -> TrainResult:
         result.psnr, result.codebook_usage = evaluate(tok, imgs_t)
         grid = image_grid(imgs_t, tok.decode_tensor(tok.encode(imgs_t)))
         arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        tmp = out / ".reconstructions.tmp.png"
-        Image.fromarray(arr).save(tmp)
-        os.replace(tmp, out / "reconstructions.png")
+        with atomic_path(out / "reconstructions.png") as tmp:
+            Image.fromarray(arr).save(tmp)
         if corrupt:
             log.warning("skipped %d unreadable image(s)", corrupt)
     if distributed:
@@ -544,9 +537,7 @@ def _checkpoint(
          "opt_d": opt_d.state_dict(), "rng": rng, "vq_config": to_dict(model.cfg)},
         ckpt_dir / name,
     )
-    tmp = ckpt_dir / ".latest.tmp"
-    tmp.write_text(name)
-    os.replace(tmp, ckpt_dir / "latest")
+    atomic_write_text(ckpt_dir / "latest", name)
     old = sorted(ckpt_dir.glob("step_*.pt"))[:-keep] if keep > 0 else []
     for p in old:
         p.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Measure conversion cost (peak host RSS, time, disk) on a synthetic Chameleon of any shape.
 
-    python -m tessera.convert.measure --hidden 2048 --layers 8 --workdir /tmp/conv-measure
+    python -m tessera.bench.convert --hidden 2048 --layers 8 --workdir /tmp/conv-measure
 
 writes a bf16 transformers-format checkpoint with random weights (no transformers model is built,
 so this scales to shapes the test suite never touches), then runs ``from-hf`` and ``to-hf`` each in
@@ -89,8 +89,8 @@ def write_synthetic_meta(hf_dir: Path, meta_dir: Path, num_shards: int) -> None:
     """The same weights in Meta's release layout (plus a small random VQGAN with 8192 codes, decoder included)."""
     from safetensors.torch import load_file
 
-    from tessera.convert.testing import write_meta_from_state
     from tessera.convert.vq import hf_vq_config, tessera_to_taming
+    from tessera.testing.checkpoints import write_meta_from_state
     from tessera.tokenizers.image import VQConfig, VQModel
 
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         res = {"params": n, "weights_gib_bf16": round(gib, 3)}
         write_synthetic_meta(w / "hf", w / "meta", a.meta_shards)
         for step, dst in (("from-hf", w / "tessera"), ("to-hf", w / "back"), ("from-meta", w / "from-meta")):
-            cmd = [sys.executable, "-m", "tessera.convert.measure", "--workdir", str(w), "--step", step]
+            cmd = [sys.executable, "-m", "tessera.bench.convert", "--workdir", str(w), "--step", step]
             secs, peak = _child(cmd)
             res[step] = {"seconds": round(secs, 1), "peak_rss_gib": round(peak, 3),
                          "peak_over_weights": round(peak / gib, 2), "out_disk_gib": round(_du(dst) / 2**30, 3)}

@@ -28,10 +28,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import cpu_attention
-from ._backend import triton_importable
-from .cross_entropy import cross_entropy_z_reference, cross_entropy_z_triton
-from .sampling import (
+from tessera.kernels import cpu_attention
+from tessera.kernels._backend import triton_importable
+from tessera.kernels.cross_entropy import cross_entropy_z_reference, cross_entropy_z_triton
+from tessera.kernels.sampling import (
     DecodeState,
     ModalitySampling,
     SamplingParams,
@@ -39,6 +39,7 @@ from .sampling import (
     sample_step_reference,
     sample_step_triton,
 )
+from tessera.utils import default_device, short_dtype_name
 
 Z_LOSS_WEIGHT = 1e-5  # Chameleon-7B's
 
@@ -207,7 +208,7 @@ def _attention_rows(shape: tuple[int, int, int, int], dtype: torch.dtype, device
     }
     why = ("not run: a CPU kernel (on a GPU attention is SDPA / Transformer Engine)" if device.type != "cpu"
            else f"not run: {cpu_attention.unavailable_reason() or 'shape not covered'}")
-    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    name = short_dtype_name(dtype)
     return _rows("attention fwd+bwd (causal)", b, f"[{b}, {h}, {s}, {d}] {name}", impls,
                  {"C (cpu_attention.c)": "" if ours_ok else why}, device, repeats, "SDPA (eager)")
 
@@ -227,7 +228,7 @@ def benchmark_kernels(batches: tuple[int, ...] = (1, 8, 64), vocab: int = 65536,
     unknown = set(kernels) - set(KERNELS)
     if unknown:
         raise ValueError(f"benchmark_kernels: unknown kernels {sorted(unknown)}; choose from {KERNELS}")
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     on_gpu = dev.type == "cuda"
     run_triton = on_gpu and triton_importable()
     triton_note = ("not run: Triton needs a CUDA device (its CPU interpreter is for tests, not timing)" if not on_gpu
@@ -246,3 +247,15 @@ def benchmark_kernels(batches: tuple[int, ...] = (1, 8, 64), vocab: int = 65536,
             for dtype in (torch.float32, torch.bfloat16):
                 rows += _attention_rows(shape, dtype, dev, reps)
     return rows
+
+
+def run_kernels(batches: tuple[int, ...] = (1, 8, 64), vocab: int = 65536, device: str | None = None,
+                compile: bool = True, attn_shapes: tuple[tuple[int, int, int, int], ...] | None = None) -> dict:
+    """``tessera bench kernels``: the rows of ``benchmark_kernels`` and a note on what was timed where."""
+    rows = benchmark_kernels(batches=batches, vocab=vocab, device=device, compile=compile,
+                             attn_shapes=attn_shapes or ATTN_SHAPES)
+    on_gpu = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    note = ("kernels: Triton vs PyTorch reference" if on_gpu else
+            "kernels on CPU: Triton cannot run natively here, so these time the PyTorch references only, "
+            "and the CPU attention kernel against SDPA")
+    return {"batches": list(batches), "vocab": vocab, "note": note, "rows": rows}

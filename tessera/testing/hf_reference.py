@@ -74,11 +74,11 @@ def hf_state_dict_from_gpt(gpt: nn.Module, swin_norm: bool = False) -> dict[str,
 
 def _layer_norms(layer: nn.Module, swin_norm: bool) -> tuple[nn.Module, nn.Module]:
     """(attention-branch norm, MLP-branch norm) wherever the layer spec put them."""
-    from tessera.generate.decoder import _is_identity
+    from tessera.generate.norms import is_identity
 
     post_attn = getattr(layer, "post_self_attn_layernorm", None)
     post_mlp = getattr(layer, "post_mlp_layernorm", None)
-    if swin_norm and post_attn is not None and not _is_identity(post_attn):
+    if swin_norm and post_attn is not None and not is_identity(post_attn):
         return post_attn, post_mlp
     return layer.input_layernorm, layer.pre_mlp_layernorm
 

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from tessera.bench.machine import cpu_model, measure_copy_gbps
 from tessera.generate.config import GenerationConfig, SamplingParams
 from tessera.generate.engine import GenerationEngine, GenerationStats
 from tessera.tokenizers.vocab import Modality, Vocabulary
+from tessera.utils import dtype_name
 
 
 def _vocab_for(vocab_size: int) -> Vocabulary:
@@ -34,23 +36,7 @@ def _vocab_for(vocab_size: int) -> Vocabulary:
 
 def _copy_gbps(device: torch.device | str | None = None) -> float:
     """Measured copy bandwidth of ``device`` (GB/s, read + write bytes counted, as STREAM does)."""
-    device = torch.device(device or "cpu")
-    try:
-        from tessera.bench.machine import measure_copy_gbps
-
-        return float(measure_copy_gbps(device=device))
-    except ImportError:  # the bench harness is optional here: the same STREAM-copy measurement
-        n = (256 if device.type == "cuda" else 64) * 2**20
-        src = torch.ones(n, device=device)
-        dst = torch.empty_like(src)
-        best = float("inf")
-        for _ in range(5):
-            _sync(device)
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-        return 2.0 * n * 4 / best / 1e9
+    return float(measure_copy_gbps(device=torch.device(device or "cpu")))
 
 
 def _sync(device: torch.device) -> None:
@@ -113,7 +99,7 @@ def benchmark_decode(
 
 def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes, repeats, model_overrides,
                       check_greedy, seed, verbose, compare_torch_step) -> dict[str, Any]:  # noqa: ANN001
-    from tessera.generate.hf import build_hf_chameleon
+    from tessera.testing.hf_reference import build_hf_chameleon
 
     cfg, model = _random_model(preset, model_overrides, seed)
     device = next(model.parameters()).device
@@ -364,12 +350,7 @@ def benchmark_decode_latency(
 
 
 def _cpu_name() -> str:
-    try:
-        from tessera.bench.machine import cpu_model
-
-        return cpu_model()
-    except ImportError:
-        return "cpu"
+    return cpu_model()
 
 
 def format_latency_table(result: dict) -> str:
@@ -408,9 +389,9 @@ def benchmark_decode_step(
 
     from transformers import DynamicCache
 
-    from tessera.generate.hf import build_hf_chameleon
     from tessera.model import build_model, get_preset
     from tessera.model.parallel import ensure_single_process
+    from tessera.testing.hf_reference import build_hf_chameleon
 
     old_threads = torch.get_num_threads()
     if threads:
@@ -458,3 +439,16 @@ def benchmark_decode_step(
         return {k: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3} for k, v in times.items()}
     finally:
         torch.set_num_threads(old_threads)
+
+
+def run_decode(preset: str = "tiny", batches: tuple[int, ...] = (1, 8), prompt_len: int = 32, new_tokens: int = 32,
+               dtype: str | None = None, device: str | None = None, machine: dict | None = None,
+               repeats: int = 2) -> dict:
+    """``tessera bench decode``: ours (bf16 and fp32 unless ``dtype`` picks one) vs transformers (fp32, bf16)
+    on the same weights. The engine runs where the model is (CUDA when present); ``device`` is recorded,
+    not forced."""
+    dtypes = (dtype_name(dtype),) if dtype is not None else ("bfloat16", "float32")
+    res = benchmark_decode(preset=preset, batches=tuple(batches), prompt_len=prompt_len, new_tokens=new_tokens,
+                           dtypes=dtypes, repeats=repeats, verbose=False)
+    res.setdefault("rows", [])
+    return res

@@ -1,12 +1,20 @@
-"""Throughput of the data pipeline: the batch stream from pretokenized data (``benchmark_batches``) and
-curation of raw shards (``benchmark_curation``, documents/s per core)."""
+"""``tessera bench data``: throughput of the data pipeline.
+
+* ``benchmark_batches``: tokens/s/core of the packed, woven batch stream from pretokenized data;
+  ``run_data`` sets it against a floor in the same run: the same number of tokens read as plain
+  contiguous windows from the same memory-mapped .bin (no packing, shuffling, weaving, masks or position
+  ids) -- what the pipeline costs on top of reading its tokens;
+* ``benchmark_curation``: documents/s/core of ``tessera data curate`` on generated img2dataset shards.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tessera.data.batches import PackingConfig, WovenBatchIterator, open_sources
@@ -125,3 +133,83 @@ def benchmark_curation(docs: int = 2000, image_size: int = 256, workers: int = 1
             "documents_read": st["documents_read"],
             "documents": st["documents"], "seconds": st["seconds"], "workers": st["workers"],
             "image_size": image_size, "filtered": {k: v for k, v in st["filtered"].items() if v}}
+
+
+def build_small_dataset(out: Path, docs: int = 200, seed: int = 0) -> Path:
+    """A pretokenized dataset made on the spot (synthetic corpus, tiny BPE, random-weight tiny VQ):
+    the batch pipeline's speed depends on token counts, not on what the tokens mean."""
+    from tessera.data.pretokenize import pretokenize
+    from tessera.data.synth import write_synth
+    from tessera.tokenizers.image import ImageTokenizer, VQConfig
+    from tessera.tokenizers.text_train import train_text_tokenizer
+
+    raw = out / "raw"
+    m = write_synth(raw, docs=docs, image_size=32, seed=seed, shard_size=docs, heldout_docs=0, progress=False)
+    shards = [str(raw / s) for s in m["train_shards"]]
+    text = train_text_tokenizer(shards, out / "text", vocab_size=300, seed=seed)
+    torch.manual_seed(seed)
+    image = ImageTokenizer.from_config(VQConfig.preset("tiny"))
+    pretokenize(shards, out / "pretok", text, image, progress=False)
+    return out / "pretok"
+
+
+def raw_read_floor(path: Path, seq_length: int, batch: int, steps: int) -> dict:
+    """Tokens/s of slicing contiguous [batch, seq+1] windows out of the memory-mapped token file."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dtype = IndexedDataset(str(path / "data"), multimodal=False, mmap=True).index.dtype
+    tokens = np.memmap(path / "data.bin", dtype=dtype, mode="r")
+    span = batch * (seq_length + 1)
+    reps = max(1, -(-span // tokens.size))
+    tokens = np.concatenate([tokens] * reps) if reps > 1 else tokens
+    t0 = time.perf_counter()
+    n = 0
+    off = 0
+    for _ in range(steps):
+        if off + span > tokens.size:
+            off = 0
+        win = torch.from_numpy(tokens[off : off + span].astype(np.int64)).view(batch, seq_length + 1)
+        _x, _y = win[:, :-1].contiguous(), win[:, 1:].contiguous()
+        n += batch * seq_length
+        off += span
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": n / dt, "tokens_per_s_per_core": n / dt, "tokens": n, "seconds": dt}
+
+
+def run_data(sources: Mapping[str, str | Path] | None = None, seq_length: int = 1024, global_batch: int = 8,
+             micro_batch: int = 8, steps: int = 50, config: str | Path | None = None,
+             document_mask: bool = False) -> dict:
+    """``tessera bench data``: the woven batch stream of ``sources`` (name -> pretokenized directory), of a
+    DataConfig YAML (``config``: its sources, weave, packing and batch sizes win), or of a small dataset
+    built on the spot, and the floor of its first source."""
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="tessera-bench-data-") as tmp:
+        schedule, packing, seed, what = None, None, 0, None
+        if config is not None:
+            from tessera.data.config import load_data_config
+
+            cfg = load_data_config(config)
+            sources, schedule, packing, seed = cfg.sources, cfg.schedule(), cfg.packing(), cfg.seed
+            seq_length, global_batch, micro_batch = cfg.seq_length, cfg.global_batch, cfg.micro_batch
+            what = str(config)
+        elif not sources:
+            sources = {"corpus": build_small_dataset(Path(tmp))}
+            what = "(built on the spot: 200 synthetic documents)"
+        if packing is None and document_mask:
+            packing = PackingConfig(seq_length, document_mask=True)
+        try:
+            ours = benchmark_batches(sources, schedule, seq_length=seq_length, global_batch=global_batch,
+                                     micro_batch=micro_batch, steps=steps, seed=seed, packing=packing, threads=1)
+        finally:
+            torch.set_num_threads(threads)  # benchmark_batches pins one thread; give the rest of the run its cores back
+        first = next(iter(sources))
+        floor = raw_read_floor(Path(sources[first]), seq_length, global_batch, steps)
+    rows = [
+        {"pipeline": "tessera woven batches (packed, shuffled, masks)", "tokens_per_s_per_core": ours["tokens_per_s_per_core"],
+         "tokens": ours["tokens"], "seconds": ours["seconds"], "setup_s": ours["setup_s"]},
+        {"pipeline": f"floor: contiguous windows of {first}'s .bin", "tokens_per_s_per_core": floor["tokens_per_s_per_core"],
+         "tokens": floor["tokens"], "seconds": floor["seconds"], "setup_s": None},
+    ]
+    return {"data": what or {n: str(p) for n, p in sources.items()}, "seq_length": seq_length,
+            "global_batch": global_batch, "micro_batch": micro_batch, "steps": steps,
+            "goal_tokens_per_s_per_core": 1e6, "rows": rows, "tessera": ours}

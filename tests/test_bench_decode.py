@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tessera.generate.bench import benchmark_decode, benchmark_decode_step, format_decode_table
+from tessera.bench.decode import benchmark_decode, benchmark_decode_step, format_decode_table
 
 
 def test_benchmark_decode_tiny():
@@ -31,7 +31,7 @@ def test_benchmark_decode_step_tiny():
 
 def test_benchmark_decode_latency_tiny():
     """The GPU check's generation numbers, here on the CPU (no CUDA graphs: said so, rows without them)."""
-    from tessera.generate.bench import benchmark_decode_latency, format_latency_table
+    from tessera.bench.decode import benchmark_decode_latency, format_latency_table
 
     r = benchmark_decode_latency("tiny", batches=(1, 2), prompt_len=4, new_tokens=5, repeats=1, dtype="float32")
     assert r["cuda_graphs_off"] == "device cpu" and r["device"] == "cpu"
@@ -45,11 +45,11 @@ def test_benchmark_decode_latency_tiny():
 
 
 def test_bench_import_is_light():
-    """tessera.generate.bench is imported by the GPU check: no megatron, no CUDA initialisation on import."""
+    """tessera.bench.decode is imported by the GPU check: no megatron, no CUDA initialisation on import."""
     import subprocess
     import sys
 
-    code = ("import sys, torch, tessera.generate.bench as b; "
+    code = ("import sys, torch, tessera.bench.decode as b; "
             "assert callable(b.benchmark_decode_latency); "
             "assert not any(m.startswith('megatron') for m in sys.modules), 'megatron imported'; "
             "assert not torch.cuda.is_initialized()")
