@@ -52,7 +52,10 @@ MODULES = _modules()
 def _type_checking_nodes(tree: ast.AST) -> set[int]:
     skip: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        # type-only imports, and a module's `if __name__ == "__main__":` block (a command entry point, the
+        # commands' layer by definition)
+        if isinstance(node, ast.If) and ("TYPE_CHECKING" in ast.unparse(node.test)
+                                         or ast.unparse(node.test).replace("'", '"') == '__name__ == "__main__"'):
             for child in node.body:
                 skip.update(id(n) for n in ast.walk(child))
     return skip
