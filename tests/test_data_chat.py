@@ -184,7 +184,7 @@ def test_chat_template_layout_and_round_trip():
 def test_markers_of_an_imported_chameleon_and_the_text_fallback(tmp_path):
     from tessera.convert.hf_tokenizer import HFTextTokenizer
     from tessera.convert.hf_vocab import vocab_from_chameleon
-    from tessera.convert.testing import make_chameleon_tokenizer
+    from tessera.testing.checkpoints import make_chameleon_tokenizer
 
     hf_vocab = make_chameleon_tokenizer(tmp_path, num_image_codes=16)
     vocab, idmap = vocab_from_chameleon(hf_vocab, len(hf_vocab), 4)
