@@ -148,7 +148,8 @@ def plan_terms(cfg: Any, layout: ParallelLayout, stage: int, first: bool, last: 
             "activations_peak": stage_activation_bytes(m, lay, mode, kernels)[stage]["total"]}
 
 
-COMPARED = ("params", "weights", "grads", "optimizer", "activations_per_layer", "activations_outside_layers")
+COMPARED = ("params", "weights", "grads", "optimizer", "activations_per_layer", "activations_outside_layers",
+            "activations_peak")
 
 
 def compare(cfg: Any, ranks: list[dict]) -> dict:

@@ -187,8 +187,8 @@ def activation_terms(m: ModelShape, layout: Layout, recompute: Recompute | None 
     * dropout masks /r: ``2 x h`` mask bytes, when hidden dropout > 0;
     * qkv /t: the whole QKV output ``d x (hq + 2 kv)``: V (and with QK-norm K's norm input) are views
       of it, so it stays alive as one block;
-    * query copy /t: with QK-norm and GQA, megatron's reshape of the query out of the grouped QKV layout
-      copies it (``d x hq``); the norm keeps the copy;
+    * query copy /t: with QK-norm, GQA and more than one KV group per TP rank, megatron's reshape of the
+      query out of the grouped QKV layout copies it (``d x hq``); the norm keeps the copy;
     * qk_norm /t: the per-head LayerNorm outputs (kept by the weight multiply) ``d x (hq + kv)`` and their
       mean and 1/std per (token, head);
     * rope: the rotated q and k ``d x (hq + kv) / t`` and megatron's cos / sin tables, made per call
@@ -220,7 +220,7 @@ def activation_terms(m: ModelShape, layout: Layout, recompute: Recompute | None 
         terms["dropout_masks"] = 2 * mask * x * h / rep
     terms["qkv"] = d * x * (hq + 2 * kv) / t
     if m.qk_norm:
-        if g < a:
+        if g < a and g // t > 1:
             terms["query_copy"] = d * x * hq / t
         terms["qk_norm"] = (d * x * (hq + kv) + 2 * stats * x * (a + g)) / t
     if m.rope:
