@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from tessera.config import ConfigError
 from tessera.bench.plan import (
     CPU_KERNELS,
     Kernels,
@@ -25,6 +24,7 @@ from tessera.bench.plan import (
     stage_layer_bytes,
     stage_parameters,
 )
+from tessera.config import ConfigError
 
 
 @pytest.mark.parametrize("preset", ["tiny", "demo", "chameleon-7b", "chameleon-34b"])
@@ -78,8 +78,11 @@ def test_activations_reduce_to_korthikanti_table_2(t):
     # selective recomputation: 34 sbh / t ; full recomputation: 2 sbh / t
     assert activation_bytes_per_layer(m, sp, "selective", UNFUSED) == pytest.approx(34 * sbh / t + 8 * sb / t)
     assert activation_bytes_per_layer(m, sp, "full", UNFUSED) == pytest.approx(2 * sbh / t)
-    # on the flash path (the configs' GPU kernels) the s x s terms are gone: the fp32 log-sum-exp remains
-    assert activation_bytes_per_layer(m, sp, "none") == pytest.approx(34 * sbh / t + 8 * sb / t + 4 * a * sb / t)
+    # on the flash path (the configs' GPU kernels) the s x s terms are gone: the fp32 log-sum-exp remains, and
+    # Transformer Engine's contiguous copy of V
+    assert activation_bytes_per_layer(m, sp, "none") == pytest.approx(36 * sbh / t + 8 * sb / t + 4 * a * sb / t)
+    assert activation_bytes_per_layer(m, sp, "none", Kernels(v_copy=False)) == pytest.approx(
+        34 * sbh / t + 8 * sb / t + 4 * a * sb / t)
 
 
 def test_swiglu_gqa_qknorm_rope_terms_by_hand():
@@ -97,7 +100,7 @@ def test_swiglu_gqa_qknorm_rope_terms_by_hand():
         "qk_norm": (2 * x * (h + kv) + 2 * 4 * x * (a + g)) / t,  # LayerNorm outputs + fp32 mean, 1/std
         "rope": 2 * x * (h + kv) / t + 4 * 2 * s * hd,  # rotated q, k + megatron's cos / sin per call
         "attention_output": 2 * x * h / t,
-        "core_attention": 4 * x * a / t,  # flash: fp32 log-sum-exp
+        "core_attention": (4 * x * a + 2 * x * kv) / t,  # flash: fp32 log-sum-exp; TE's copy of V
         "mlp": 3 * 2 * x * f / t,  # [gate; up] and their SwiGLU product
     })
     assert "core_attention" not in activation_terms(m, lay, "selective")
@@ -125,7 +128,8 @@ def test_memory_per_gpu_by_hand():
     # with TP, its out-of-vocabulary-slice mask), and a recomputation's working set in the backward
     x = 4096
     layer = activation_bytes_per_layer(m, lay, "selective")
-    working = 4 * x * 32 / 4 + 2 * x * h / 4  # selective: the recomputed attention's log-sum-exp and output
+    # selective: the recomputed attention's log-sum-exp, TE's V copy and output
+    working = 4 * x * 32 / 4 + 2 * x * h / 4 + 2 * x * h / 4
     act0 = 2 * (16 * layer + 9 * x) + working
     # the last stage: final norm, output-layer input, bf16 logits, the loss's per-token vectors; its backward
     # frees them before any layer's recomputation runs

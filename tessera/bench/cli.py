@@ -38,7 +38,7 @@ def _layout_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--no-distributed-optimizer", action="store_true")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default=None,
-                   help="the total's recomputation (default: the config's; selective for a preset)")
+                   help="the total's recomputation (default: the config's; none for a preset)")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -258,7 +258,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             layout = Layout.for_gpus(
                 gpus, tp=tp, pp=pp, vp=args.vp if (args.vp or 1) > 1 else None, micro_batch=args.micro_batch or 1,
                 global_batch=args.global_batch, seq_length=args.seq, sequence_parallel=tp > 1 and not args.no_sequence_parallel,
-                distributed_optimizer=not args.no_distributed_optimizer, recompute=args.recompute or "selective")
+                distributed_optimizer=not args.no_distributed_optimizer, recompute=args.recompute or "none")
             res = plan(shape, layout, mfu=args.mfu, gpu=args.gpu, name=args.preset)
         if args.dp is not None and args.dp != res["layout"]["dp"]:
             raise PlanError(f"--dp {args.dp} disagrees with gpus/(tp*pp) = {res['layout']['dp']}")
@@ -293,7 +293,7 @@ def cmd_all(args: argparse.Namespace) -> int:
         "vq": lambda: benchmark_vq(preset="tiny", batch=4, steps=2, device=args.device),
         "data": lambda: run_data(data=None, seq_length=256, batch=4, steps=20),
         "plan": lambda: plan(shape_for_preset("chameleon-7b"), Layout.for_gpus(8, distributed_optimizer=True,
-                                                                               recompute="selective"), name="chameleon-7b"),
+                                                                               recompute="none"), name="chameleon-7b"),
     }
     for name, job in jobs.items():
         emit(f"== {name}")

@@ -160,17 +160,21 @@ class Kernels:
     * ``attention``: ``flash`` (TE / cuDNN fused attention, FlashAttention through SDPA, and the CPU's
       cpu_attention.c keep q, k, v, the output and an fp32 log-sum-exp per (token, head)) or ``unfused``
       (megatron's DotProductAttention: the s x s softmax, Korthikanti et al.'s 2as^2b, 5as^2b with
-      attention dropout).
+      attention dropout);
+    * ``v_copy``: Transformer Engine's attention checks the q / k / v memory layout and copies V, a strided
+      view into the QKV output, to a contiguous tensor that it keeps (``d x kv``); SDPA and cpu_attention.c
+      read the view. Under selective recomputation the copy is made inside the recomputed region.
     """
 
     norm: Literal["fused", "composite"] = "fused"
     dropout_mask_bytes: int | None = 1
     stats_bytes: int | None = 4
     attention: Literal["flash", "unfused"] = "flash"
+    v_copy: bool = True
 
 
-GPU_KERNELS = Kernels()
-CPU_KERNELS = Kernels(norm="composite", dropout_mask_bytes=None, stats_bytes=None)  # what tessera bench memory measures
+GPU_KERNELS = Kernels()  # Transformer Engine on CUDA, the shipped configs' path
+CPU_KERNELS = Kernels(norm="composite", dropout_mask_bytes=None, stats_bytes=None, v_copy=False)  # measured on the CPU
 
 
 def activation_terms(m: ModelShape, layout: Layout, recompute: Recompute | None = None,
@@ -194,8 +198,8 @@ def activation_terms(m: ModelShape, layout: Layout, recompute: Recompute | None 
     * rope: the rotated q and k ``d x (hq + kv) / t`` and megatron's cos / sin tables, made per call
       ([s, 1, 1, head_dim] for q and for k, ``4 d s head_dim``, any TP);
     * attention output /t ``d x hq`` (the projection's input);
-    * core attention /t, none only (selective recomputes it): flash: the fp32 log-sum-exp ``4 x a``;
-      unfused: ``d a s x`` (+ ``(1 + d) a s x`` with attention dropout);
+    * core attention /t, none only (selective recomputes it): flash: the fp32 log-sum-exp ``4 x a`` (+ TE's
+      copy of V, ``d x kv``); unfused: ``d a s x`` (+ ``(1 + d) a s x`` with attention dropout);
     * mlp /t: SwiGLU keeps [gate; up] ``2 d x f`` (GeLU: its input ``d x f``), fc2 its input ``d x f``.
 
     ``full`` keeps only the layer's input (``d x h`` /r), per checkpointed layer (``stage_layer_bytes``
@@ -228,7 +232,7 @@ def activation_terms(m: ModelShape, layout: Layout, recompute: Recompute | None 
     terms["attention_output"] = d * x * hq / t
     if r == "none":
         if kernels.attention == "flash":
-            terms["core_attention"] = 4 * x * a / t
+            terms["core_attention"] = (4 * x * a + (d * x * kv if kernels.v_copy else 0)) / t
         else:
             terms["core_attention"] = (d + (1 + d if m.attention_dropout > 0 else 0)) * a * s * x / t
     terms["mlp"] = ((2 if m.gated_mlp else 1) + 1) * d * x * f / t
