@@ -3,8 +3,8 @@
 Fast: the meter on a hand-made graph; the reduced model; one-process measurements of both shipped configs
 reduced (GQA + swin norm in bf16 with the distributed optimizer; MHA + dropout in fp32 with Adam), every
 recompute mode; a 2-process TP=2 + sequence-parallel measurement through the command and its JSON.
-Slow: the shipped configs' own (capped) layouts with 4 processes (TP 2 x DP 2; TP 2 x PP 2) and DP=2
-without the distributed optimizer.
+Slow: the shipped configs' own (capped) layouts with 4 processes (TP 2 x DP 2; TP 2 x PP 2), DP=2
+without the distributed optimizer, and PP 2 with virtual stages (the interleaved schedule).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _check(res: dict, modes=RECOMPUTE_MODES) -> dict:
 def test_plan_matches_measured_bytes_in_one_process(megatron_1proc, config, overrides, bf16):
     cfg = reduced_train_config(load_train_config(config, overrides), hidden=256, layers_per_stage=2, seq=64,
                                tp=1, pp=1, dp=1)
-    res = compare(cfg, run_ranks(cfg, RECOMPUTE_MODES))
+    res = compare(cfg, run_ranks(cfg, 1, RECOMPUTE_MODES))
     rows = _check(res)
     d = 2 if bf16 else 4
     x, h = 64, 256
@@ -145,6 +145,9 @@ def test_bad_memory_arguments_fail_clearly(capsys):
     ("configs/chameleon-34b.yaml", ["--tp", "1", "--pp", "1", "--parallel.distributed_optimizer", "false",
                                     "--parallel.overlap_param_gather", "false", "--parallel.sequence_parallel",
                                     "false"]),  # DP 2, plain Adam
+    # PP 2 with the interleaved schedule (2 virtual chunks) and 4 micro-batches: its warm-up and steady state
+    ("configs/chameleon-34b.yaml", ["--tp", "1", "--dp", "1", "--layers-per-stage", "1", "--parallel.vp", "2",
+                                    "--microbatches", "4"]),
 ])
 def test_shipped_configs_measured(tmp_path, config, args):
     res = _memory_cli(tmp_path, "--config", config, *args)["results"]

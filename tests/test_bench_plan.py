@@ -148,6 +148,25 @@ def test_memory_per_gpu_by_hand():
     assert (fp32["weights"], fp32["grads"], fp32["optimizer"]) == (4 * n, 4 * n, 8 * n)
 
 
+def test_pipeline_chunks_in_flight_follow_megatrons_schedules():
+    from tessera.bench.plan import chunks_in_flight
+
+    # 1F1B: stage i runs p - i - 1 warm-up forwards, then one more before each backward
+    lay = Layout(pp=4, dp=1, global_batch=8)
+    assert [chunks_in_flight(lay, i) for i in range(4)] == [(4, False), (3, False), (2, False), (1, False)]
+    # fewer micro-batches than that: every forward first
+    assert chunks_in_flight(Layout(pp=4, dp=1, global_batch=2), 0) == (2, True)
+    # interleaved (v chunks): (p - i - 1) x 2 + (v - 1) x p warm-up chunk forwards (megatron's
+    # get_pp_rank_microbatches); stage 0's 11 chunks of 4 layers are Korthikanti's L (1 + (p - 1)/(p v)) = 44
+    vp = Layout(pp=4, vp=2, dp=1, global_batch=16)
+    assert [chunks_in_flight(vp, i)[0] for i in range(4)] == [11, 9, 7, 5]
+    m = shape_for_preset("chameleon-7b")  # 32 layers: 4 per chunk
+    assert chunks_in_flight(Layout(pp=2, vp=2, dp=1, global_batch=2), 0) == (4, True)
+    acts = memory_per_gpu(m, dataclasses.replace(vp, seq_length=4096, distributed_optimizer=True))["activations_by_stage"]
+    layer = activation_bytes_per_layer(m, dataclasses.replace(vp, seq_length=4096))
+    assert acts["none"][1] == pytest.approx(9 * 4 * layer)
+
+
 def test_full_recompute_methods():
     m = shape_for_preset("chameleon-7b")
     lay = Layout(tp=2, pp=2, dp=1, seq_length=4096, sequence_parallel=True, recompute="full")  # 16 layers a stage

@@ -52,6 +52,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=None, help="measured TP (default: the config's, at most 2)")
     p.add_argument("--pp", type=int, default=None, help="measured PP (default: the config's, at most 2)")
     p.add_argument("--dp", type=int, default=2, help="measured data-parallel size")
+    p.add_argument("--microbatches", type=int, default=None, help="micro-batches per step (default: PP)")
     p.add_argument("--modes", default=",".join(RECOMPUTE_MODES), help="recompute modes to measure")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for the measuring processes")
 
@@ -77,10 +78,11 @@ def reduced_model(model: Any, *, hidden: int, layers: int, seq: int, tp: int) ->
 
 
 def reduced_train_config(cfg: Any, *, hidden: int = 512, layers_per_stage: int = 2, seq: int = 256,
-                         tp: int | None = None, pp: int | None = None, dp: int = 2) -> Any:
+                         tp: int | None = None, pp: int | None = None, dp: int = 2,
+                         microbatches: int | None = None) -> Any:
     """The run ``tessera bench memory`` measures: ``cfg``'s model reduced (``reduced_model``) under its layout
-    with TP / PP capped at 2 (or as given), ``dp`` replicas, one micro-batch per pipeline stage (the
-    pipeline full), random tokens, one step."""
+    with TP / PP capped at 2 (or as given), ``dp`` replicas, ``microbatches`` per step (default one per
+    pipeline stage: the pipeline full), random tokens, one step."""
     p = cfg.parallel
     tp = min(p.tp, 2) if tp is None else tp
     pp = min(p.pp, 2) if pp is None else pp
@@ -88,9 +90,8 @@ def reduced_train_config(cfg: Any, *, hidden: int = 512, layers_per_stage: int =
     stages = pp * (vp or 1)
     model = reduced_model(cfg.model, hidden=hidden, layers=layers_per_stage * stages, seq=seq, tp=tp)
     micro = p.micro_batch_size
-    parallel = dataclasses.replace(p, tp=tp, pp=pp, vp=vp, global_batch_size=micro * dp * pp,
-                                   sequence_parallel=p.sequence_parallel and tp > 1,
-                                   ddp_bucket_size=p.ddp_bucket_size)
+    parallel = dataclasses.replace(p, tp=tp, pp=pp, vp=vp, global_batch_size=micro * dp * (microbatches or pp),
+                                   sequence_parallel=p.sequence_parallel and tp > 1)
     precision = "bf16" if cfg.precision == "auto" else cfg.precision  # auto: a GPU run
     return dataclasses.replace(
         cfg, model=model, parallel=parallel, precision=precision,
@@ -99,20 +100,18 @@ def reduced_train_config(cfg: Any, *, hidden: int = 512, layers_per_stage: int =
         train=dataclasses.replace(cfg.train, steps=1, eval_interval=0, run_dir=""))
 
 
-def measured_layout(cfg: Any) -> ParallelLayout:
-    """The layout of a ``reduced_train_config`` run (its world size follows from its global batch)."""
-    p = cfg.parallel
-    dp = p.global_batch_size // (p.micro_batch_size * p.pp)
-    return ParallelLayout.from_train_config(cfg, p.tp * p.pp * dp)
+def measured_layout(cfg: Any, world_size: int) -> ParallelLayout:
+    """The layout of a ``reduced_train_config`` run on ``world_size`` processes (the trainer's checks)."""
+    return ParallelLayout.from_train_config(cfg, world_size)
 
 
 # ---- running it -----------------------------------------------------------------------------------
-def run_ranks(cfg: Any, modes: tuple[str, ...], timeout: float = 900.0) -> list[dict]:
-    """Every rank's measurement (memory_measure.measure) of the run ``cfg``: torchrun processes on gloo, or
-    this process when the layout has one rank."""
+def run_ranks(cfg: Any, world: int, modes: tuple[str, ...], timeout: float = 900.0) -> list[dict]:
+    """Every rank's measurement (memory_measure.measure) of the run ``cfg`` on ``world`` ranks: torchrun
+    processes on gloo, or this process for one rank."""
     from tessera.config import save_config
 
-    world = measured_layout(cfg).world_size
+    measured_layout(cfg, world)
     if world == 1:
         from tessera.bench.memory_measure import measure
 
@@ -154,7 +153,7 @@ COMPARED = ("params", "weights", "grads", "optimizer", "activations_per_layer", 
 
 def compare(cfg: Any, ranks: list[dict]) -> dict:
     """Every (rank, mode, term): plan (CPU kernels), plan on the GPU path, measured, relative error."""
-    layout = measured_layout(cfg)
+    layout = measured_layout(cfg, len(ranks))
     rows = []
     for r in ranks:
         for mode, got in r["modes"].items():
@@ -227,11 +226,12 @@ def run_memory_command(args: argparse.Namespace, finish, machine) -> int:
             raise ConfigError(f"--modes {args.modes!r}: expected a comma-separated subset of {','.join(RECOMPUTE_MODES)}")
         cfg = load_train_config(args.config, getattr(args, "overrides", []) or [])
         small = reduced_train_config(cfg, hidden=args.hidden, layers_per_stage=args.layers_per_stage, seq=args.seq,
-                                     tp=args.tp, pp=args.pp, dp=args.dp)
-        measured_layout(small)  # the trainer's checks, before any process starts
+                                     tp=args.tp, pp=args.pp, dp=args.dp, microbatches=args.microbatches)
+        world = small.parallel.tp * small.parallel.pp * args.dp
+        measured_layout(small, world)  # the trainer's checks, before any process starts
     except ConfigError as exc:
         raise SystemExit(f"tessera bench memory: {exc}") from None
-    ranks = run_ranks(small, modes, timeout=args.timeout)
+    ranks = run_ranks(small, world, modes, timeout=args.timeout)
     res = compare(small, ranks)
     res["config"] = str(args.config)
     res["overrides"] = list(getattr(args, "overrides", []) or [])

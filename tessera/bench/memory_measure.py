@@ -10,8 +10,8 @@ chunks, megatron DDP, optimizer, schedule, forward step) and the bytes it holds,
   while it is alive, with where it was saved (a decoder layer, the decoder outside its layers: megatron's
   full-recompute checkpoints, or outside the decoder: embedding, final norm, output layer, loss) and
   when (a micro-batch's forward, or the backward: recomputation). A storage saved from two places (RoPE
-  frequencies kept across layers and micro-batches) is reported as shared, not per layer. The peak of the
-  live saved bytes over the whole step is kept too.
+  frequencies cached across layers and micro-batches, saved by each full-recompute checkpoint) is
+  reported as shared, not per layer. The peak of the live saved bytes over the whole step is kept too.
 
 The step runs the kernels the GPU runs where the CPU can: megatron's unfused RoPE (the CPU otherwise
 patches in a copy-free one) and ``cpu_attention.c`` for core attention (q, k, v, output, log-sum-exp:
@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,6 +90,7 @@ class _Record:
     site: str  # micro-batch / chunk / layer: a storage saved at two sites is shared
     forward: bool
     key: int = 0  # the storage's data pointer (unique while the storage is alive)
+    tensor: Any = None  # a weak reference to the first tensor saved: alive = the storage is the same one
     refs: int = 0
     shared: bool = False
     kept: bool = False  # still alive when its micro-batch's forward ended (not a no-grad transient)
@@ -116,6 +118,7 @@ class SavedTensorMeter:
         self.exclude = exclude
         self.records: list[_Record] = []
         self.live: dict[int, _Record] = {}
+        self.released: dict[int, _Record] = {}
         self.live_bytes = 0
         self.peak_bytes = 0
         self.forward = False
@@ -152,9 +155,16 @@ class SavedTensorMeter:
         site = f"mb{self.micro}/{site()}"  # at save time: a checkpoint's site is the layer it starts at
         rec = self.live.get(s[0])
         if rec is None:
-            rec = _Record(s[1], where, site, self.forward, key=s[0])
+            old = self.released.pop(s[0], None)
+            if old is not None and old.tensor() is not None:
+                # saved again after autograd let it go, while its first tensor lives on: a persistent tensor
+                # (megatron's cached RoPE frequencies), not a new one at a reused address
+                rec = old
+                rec.shared = rec.shared or (rec.site != site and self.forward)
+            else:
+                rec = _Record(s[1], where, site, self.forward, key=s[0], tensor=weakref.ref(t))
+                self.records.append(rec)
             self.live[s[0]] = rec
-            self.records.append(rec)
             self.live_bytes += s[1]
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         elif rec.site != site and self.forward:
@@ -169,6 +179,7 @@ class SavedTensorMeter:
         rec.refs -= 1
         if rec.refs == 0 and self.live.get(rec.key) is rec:
             del self.live[rec.key]
+            self.released[rec.key] = rec
             self.live_bytes -= rec.nbytes
 
     def __enter__(self) -> SavedTensorMeter:

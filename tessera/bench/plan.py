@@ -296,31 +296,43 @@ def last_stage_extra_bytes(m: ModelShape, layout: Layout, kernels: Kernels = GPU
     return (norm + d * x * h) / rep + d * x * m.vocab_size / t + 32 * x
 
 
+def chunks_in_flight(layout: Layout, stage: int) -> tuple[int, bool]:
+    """(model-chunk forwards whose activations one GPU of ``stage`` holds at once, whether every forward of the
+    step runs before the first backward), as megatron's schedules order them (``get_pp_rank_microbatches``):
+    1F1B runs p - i - 1 warm-up forwards, the interleaved schedule (p - i - 1) x 2 + (v - 1) x p chunk
+    forwards; then one more forward before each backward. Fewer micro-batches than that: all forwards first."""
+    p, v, m = layout.pp, layout.virtual_stages, layout.microbatches
+    total = m * v
+    warmup = (p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1
+    if warmup >= total:
+        return total, True
+    return warmup + 1, False
+
+
 def stage_activation_bytes(m: ModelShape, layout: Layout, recompute: Recompute | None = None,
                            kernels: Kernels = GPU_KERNELS) -> list[dict[str, float]]:
     """Activation bytes on one GPU of each pipeline stage at the peak of a step, by part.
 
-    1F1B: stage i holds min(m, p - i) micro-batches in flight (stage 0: p micro-batches of its L/p layers,
-    L layers' worth, Korthikanti's observation); the interleaved schedule multiplies stage 0 by
-    (1 + (p-1)/(p v)) (their equation; used as a bound for every stage). Each micro-batch in flight holds
-    its layers' saved bytes and the stage's extras (``first_stage_extra_bytes``, ``last_stage_extra_bytes``).
-    The peak is the larger of the end of a forward (everything in flight) and a recomputation's working
-    set on top of the layers in flight, when the backward has already freed the current micro-batch's
-    loss and output-layer tensors."""
-    p = layout.pp
-    n_micro = layout.microbatches
-    layers = stage_layer_bytes(m, layout, recompute, kernels)
+    Each model-chunk forward in flight (``chunks_in_flight``: 1F1B's stage 0 holds p micro-batches of its
+    L/p layers, L layers' worth, Korthikanti's observation) holds its layers' saved bytes; the first stage's
+    chunk-0 forwards hold the embedding's extras and the last stage's final-chunk forwards the loss's
+    (``first_stage_extra_bytes``, ``last_stage_extra_bytes``: one at a time in 1F1B's steady state, where
+    each such forward is followed by its backward). The peak is the larger of the end of the forwards and
+    a recomputation's working set on top of the layers in flight, when the backward has already freed the
+    current micro-batch's loss tensors."""
+    p, v = layout.pp, layout.virtual_stages
+    chunk = stage_layer_bytes(m, layout, recompute, kernels) / v
     working = recompute_working_bytes(m, layout, recompute, kernels)
     out = []
     for i in range(p):
-        in_flight = min(n_micro, p - i)
-        if layout.virtual_stages > 1:
-            in_flight = min(n_micro, p) * (1 + (p - 1) / (p * layout.virtual_stages))
-        first = first_stage_extra_bytes(m, layout) if i == 0 else 0.0
-        extra = first + (last_stage_extra_bytes(m, layout, kernels) if i == p - 1 else 0.0)
-        saved = in_flight * (layers + extra)
-        in_backward = in_flight * layers + (in_flight - 1) * extra + first + working
-        out.append({"saved": saved, "recompute_working": working, "total": max(saved, in_backward)})
+        chunks, all_forwards_first = chunks_in_flight(layout, i)
+        n_first = min(layout.microbatches, chunks) if i == 0 else 0
+        n_last = (layout.microbatches if all_forwards_first else 1) if i == p - 1 else 0
+        last = last_stage_extra_bytes(m, layout, kernels)
+        saved = chunks * chunk + n_first * first_stage_extra_bytes(m, layout) + n_last * last
+        in_backward = saved - (last if n_last else 0.0) + working
+        out.append({"saved": saved, "recompute_working": working, "total": max(saved, in_backward),
+                    "chunks_in_flight": chunks})
     return out
 
 
