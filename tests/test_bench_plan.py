@@ -283,3 +283,25 @@ def test_shipped_configs_fit_72_gb(config, tmp_path):
     assert lay["gpus"] % 8 == 0 and lay["distributed_optimizer"] and lay["sequence_parallel"]
     assert lay["precision"] == "bf16"
     assert res["memory"]["config_total"] < 72e9
+
+
+def test_layout_from_train_config_is_the_trainers():
+    """The trainer's layout object from a config: its checks (one-line errors naming the keys) and what the
+    plan reads from it."""
+    from tessera.pretrain.config import load_train_config
+    from tessera.pretrain.layout import ParallelLayout
+
+    cfg = load_train_config("configs/chameleon-7b.yaml")
+    lay = ParallelLayout.from_train_config(cfg, 16)
+    assert (lay.tp, lay.pp, lay.dp, lay.world_size, lay.microbatches, lay.seq_length) == (2, 1, 8, 16, 128, 4096)
+    assert lay.sequence_parallel and lay.distributed_optimizer and lay.recompute == "none" and lay.precision == "bf16"
+    assert ParallelLayout.from_train_config(cfg, 16, precision="fp32").param_bytes == 4
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.tp x parallel.pp = 2"):
+        ParallelLayout.from_train_config(cfg, 3)
+    sp1 = load_train_config("configs/chameleon-7b.yaml", ["--parallel.tp", "1"])
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel needs tensor parallelism"):
+        ParallelLayout.from_train_config(sp1, 8)
+    full = load_train_config("configs/chameleon-7b.yaml", ["--model.recompute", "full", "--model.recompute_method",
+                                                           "block", "--model.recompute_num_layers", "40"])
+    with pytest.raises(ConfigError, match="recompute_num_layers 40"):
+        ParallelLayout.from_train_config(full, 8)

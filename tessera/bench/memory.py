@@ -122,7 +122,11 @@ def run_ranks(cfg: Any, world: int, modes: tuple[str, ...], timeout: float = 900
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                "-m", "tessera.bench.memory_measure", str(cfg_path), str(out), ",".join(modes)]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"tessera bench memory: the {world} measuring processes took over {timeout:.0f} s "
+                               "(--timeout)") from None
         if r.returncode != 0 or not out.is_file():
             raise RuntimeError(f"tessera bench memory: the {world} measuring processes failed "
                                f"(exit {r.returncode}):\n{r.stderr[-4000:]}")
