@@ -1,4 +1,4 @@
-"""``tessera bench {train,decode,kernels,vq,data,plan,all} [--json out.json]`` and ``tessera bench gpu-check``.
+"""``tessera bench {train,decode,kernels,vq,data,plan,memory,all} [--json out.json]`` and ``tessera bench gpu-check``.
 
 Each benchmark prints a table and (with ``--json FILE``) writes one JSON file holding the command, the
 machine (CPU model, cores, torch, GPU, measured matmul peaks and copy bandwidth) and the results;
@@ -18,7 +18,7 @@ from pathlib import Path
 from tessera.bench.report import emit, format_table, write_json
 from tessera.cli_common import add_deprecated_alias, add_dtype, expected_errors
 
-BENCHMARKS = ("train", "decode", "kernels", "vq", "data", "plan")
+BENCHMARKS = ("train", "decode", "kernels", "vq", "data", "plan", "memory")
 PROG = "tessera bench"
 
 
@@ -54,6 +54,23 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=256, help="--curate: picture side (JPEG)")
     p.add_argument("--workers", type=int, default=1, help="--curate: processes")
     p.set_defaults(func=cmd_data)
+
+
+def _layout_flags(p: argparse.ArgumentParser) -> None:
+    """The plan's layout flags; with --config they override the config's settings."""
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs in the job (default: the smallest whole 8-GPU nodes the layout fills)")
+    p.add_argument("--tp", type=int, default=None)
+    p.add_argument("--pp", type=int, default=None)
+    p.add_argument("--vp", type=int, default=None)
+    p.add_argument("--dp", type=int, default=None, help="checked against gpus / (tp*pp)")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--global-batch", type=int, default=None)
+    _seq_length(p, None)
+    p.add_argument("--no-sequence-parallel", action="store_true")
+    p.add_argument("--no-distributed-optimizer", action="store_true")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default=None,
+                   help="the total's recomputation (default: the config's; none for a preset)")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -102,23 +119,24 @@ def register(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(sub.add_parser(
         "data", help="tokens/s/core of the packed, woven batch stream against reading its .bin; --curate: curation"))
 
-    p = sub.add_parser("plan", help="memory per GPU, tokens/s and GPU-days for a preset under a TP/PP/DP layout")
+    p = sub.add_parser("plan", help="memory per GPU, tokens/s and GPU-days for a preset or a training config")
     _common(p)
     p.add_argument("--preset", default="chameleon-7b", help="model preset (tessera model info PRESET)")
     p.add_argument("--config", type=Path, default=None,
-                   help="take the model and layout from a training config (configs/chameleon-7b.yaml)")
-    p.add_argument("--gpus", type=int, default=None)
-    p.add_argument("--tp", type=int, default=None)
-    p.add_argument("--pp", type=int, default=None)
-    p.add_argument("--vp", type=int, default=None)
-    p.add_argument("--dp", type=int, default=None, help="checked against gpus / (tp*pp)")
-    p.add_argument("--micro-batch", type=int, default=None)
-    p.add_argument("--global-batch", type=int, default=None)
-    _seq_length(p, None)
-    p.add_argument("--no-sequence-parallel", action="store_true")
+                   help="a training config (configs/chameleon-7b.yaml): its model, layout and memory settings, read "
+                        "as the trainer reads them; --section.key overrides as for tessera train")
+    _layout_flags(p)
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--gpu", default="h100")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, accepts_overrides=True)
+
+    p = sub.add_parser("memory", help="measured bytes per rank (parameters, gradients, optimizer state, saved "
+                       "activations) of a reduced model under a config's layout, beside the plan's formulas")
+    _common(p)
+    from tessera.bench.memory import register as register_memory
+
+    register_memory(p)
+    p.set_defaults(func=cmd_memory, accepts_overrides=True)
 
     p = sub.add_parser("gpu-check", help="validate a GPU: versions, compiled kernels, TE layers, checkpoints, "
                        "training, generation (docs/training.md, Validating a GPU)")
@@ -299,35 +317,54 @@ def _data(args: argparse.Namespace) -> int:
     return _finish(args, "data", res, machine, text)
 
 
+def _config_overrides(args: argparse.Namespace) -> list[str]:
+    """The layout flags as the trainer's --section.key overrides (with --config), then the user's own."""
+    flags = {"tp": "parallel.tp", "pp": "parallel.pp", "vp": "parallel.vp", "micro_batch": "parallel.micro_batch_size",
+             "global_batch": "parallel.global_batch_size", "seq_length": "data.seq_length", "recompute": "model.recompute"}
+    out = [x for k, key in flags.items() if getattr(args, k) is not None for x in (f"--{key}", str(getattr(args, k)))]
+    if args.no_sequence_parallel:
+        out += ["--parallel.sequence_parallel", "false"]
+    if args.no_distributed_optimizer:
+        out += ["--parallel.distributed_optimizer", "false"]
+    return out + list(getattr(args, "overrides", []) or [])
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     return _guard(_plan)(args)
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from tessera.bench.plan import Layout, ModelShape, PlanError, format_plan, plan, shape_for_preset
+    from tessera.bench.plan import Layout, PlanError, default_gpus, format_plan, plan, plan_for_train_config, shape_for_preset
 
-    name = args.preset
-    defaults: dict = {}
     if args.config is not None:
-        from tessera.bench.configs import layout_from_train_config
-
-        name, cfg_model, defaults = layout_from_train_config(args.config)
-        shape = ModelShape.from_config(cfg_model)
+        res = plan_for_train_config(str(args.config), _config_overrides(args), gpus=args.gpus, mfu=args.mfu,
+                                    gpu=args.gpu)
     else:
+        if getattr(args, "overrides", None):
+            raise PlanError(f"{' '.join(args.overrides)}: config overrides need --config")
         shape = shape_for_preset(args.preset)
-    given = {k: getattr(args, a) for k, a in (("tp", "tp"), ("pp", "pp"), ("vp", "vp"), ("micro_batch", "micro_batch"),
-                                             ("global_batch", "global_batch"), ("seq_length", "seq_length"))
-             if getattr(args, a) is not None}
-    merged = {"tp": 1, "pp": 1, "vp": 1, "micro_batch": 1, **defaults, **given}
-    gpus = args.gpus
-    if gpus is None:
-        gpus = merged["tp"] * merged["pp"] * (args.dp or merged.pop("dp", 1))
-    merged.pop("dp", None)
-    layout = Layout(gpus=gpus, sequence_parallel=not args.no_sequence_parallel, **merged)
-    if args.dp is not None and args.dp != layout.dp:
-        raise PlanError(f"--dp {args.dp} disagrees with gpus/(tp*pp) = {layout.dp}")
-    res = plan(shape, layout, mfu=args.mfu, gpu=args.gpu, name=name)
+        tp, pp = args.tp or 1, args.pp or 1
+        gpus = args.gpus or (tp * pp * args.dp if args.dp else default_gpus(tp, pp))
+        layout = Layout.for_gpus(
+            gpus, tp=tp, pp=pp, vp=args.vp if (args.vp or 1) > 1 else None, micro_batch=args.micro_batch or 1,
+            global_batch=args.global_batch, seq_length=args.seq_length,
+            sequence_parallel=tp > 1 and not args.no_sequence_parallel,
+            distributed_optimizer=not args.no_distributed_optimizer, recompute=args.recompute or "none")
+        res = plan(shape, layout, mfu=args.mfu, gpu=args.gpu, name=args.preset)
+    if args.dp is not None and args.dp != res["layout"]["dp"]:
+        raise PlanError(f"--dp {args.dp} disagrees with gpus/(tp*pp) = {res['layout']['dp']}")
     return _finish(args, "plan", res, _machine(args, measure=False), format_plan(res))
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    return _guard(_memory)(args)
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from tessera.bench.memory import run_memory_command
+
+    return run_memory_command(args, finish=lambda res, machine, text: _finish(args, "memory", res, machine, text),
+                              machine=lambda: _machine(args, measure=False))
 
 
 def cmd_all(args: argparse.Namespace) -> int:
@@ -349,7 +386,8 @@ def cmd_all(args: argparse.Namespace) -> int:
         "kernels": lambda: run_kernels(batches=(1, 8), vocab=8192, device=args.device),
         "vq": lambda: benchmark_vq(preset="tiny", batch=4, steps=2, device=args.device),
         "data": lambda: run_data(None, seq_length=256, global_batch=4, micro_batch=4, steps=20),
-        "plan": lambda: plan(shape_for_preset("chameleon-7b"), Layout(gpus=8, tp=1, pp=1, micro_batch=1), name="chameleon-7b"),
+        "plan": lambda: plan(shape_for_preset("chameleon-7b"), Layout.for_gpus(8, distributed_optimizer=True,
+                                                                               recompute="none"), name="chameleon-7b"),
     }
     texts = []
     for name, job in jobs.items():

@@ -1,28 +1,31 @@
-"""Scaling arithmetic for a model preset under a TP x PP x DP layout (``tessera bench plan``).
+"""Scaling arithmetic for a model under a TP x PP x DP layout (``tessera bench plan``).
 
 Everything here is closed-form and exact for the model's shape, so it runs for a 34B model on a laptop:
 
 * parameters: per component, equal to the model's exact count (tested against ``count_parameters``);
 * FLOPs per token: ``tessera.model.flops.flops_per_token`` (model FLOPs of one training step, the
   numerator of MFU; the trainer uses the same function);
-* memory per GPU: bf16 weights, fp32 gradients (megatron's main_grad), fp32 master weights + Adam
-  moments, sharded over DP by the distributed optimizer (megatron's 18 vs 6 + 12/DP bytes/parameter);
-* activations: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-  Models" (arXiv:2205.05198), section 4, generalised from their GeLU MLP with ffn = 4h and multi-head
-  attention to SwiGLU, GQA and QK-norm; with ``gated_mlp=False``, ``kv = h`` and no QK-norm it reduces
-  exactly to their sbh(34 + 5as/h) (tested).
+* memory per GPU, under the run's ``ParallelLayout`` (the object the trainer runs under): weights in the
+  parameter dtype, fp32 gradients (megatron's main_grad buffer), the optimizer's fp32 state (bf16: master
+  weights + Adam moments, 12 B/param; fp32: the moments, 8 B/param), sharded over DP by the distributed
+  optimizer; activations saved for the backward, term by term for the kernels the GPU runs
+  (``activation_terms``), checked against measured bytes by ``tessera bench memory``
+  (tessera/bench/memory.py, docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from tessera.bench.machine import GPU_MEMORY_GB, GPU_PEAK_BF16_TFLOPS
+from tessera.config import ConfigError
 from tessera.model.flops import flops_per_token, matmul_parameters  # noqa: F401 - re-exported for bench users
+from tessera.pretrain.layout import RECOMPUTE_MODES, ParallelLayout
 
+Layout = ParallelLayout  # the trainer's layout object (tessera.pretrain.layout)
 Recompute = Literal["none", "selective", "full"]
-RECOMPUTE_MODES: tuple[Recompute, ...] = ("none", "selective", "full")
 
 # Chameleon pre-training budget. arXiv:2405.09818 (Chameleon Team, 2024): Table 1 lists 4.4T tokens per
 # epoch for both 7B and 34B and 2.1 epochs; section 2.3 says 34B saw 9.2T tokens in total; Table 2 gives
@@ -31,9 +34,10 @@ CHAMELEON_TOKENS_PER_EPOCH = 4.4e12
 CHAMELEON_EPOCHS = 2.1
 CHAMELEON_A100_GPU_HOURS = {"chameleon-7b": 856_481, "chameleon-34b": 4_282_407}
 CHAMELEON_CONCURRENT_GPUS = {"chameleon-7b": 1024, "chameleon-34b": 3072}
+GPUS_PER_NODE = 8
 
 
-class PlanError(ValueError):
+class PlanError(ConfigError):
     pass
 
 
@@ -53,6 +57,8 @@ class ModelShape:
     gated_mlp: bool = True  # SwiGLU: fc1 produces gate and up
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    swin_norm: bool = False  # norms on the branch outputs (34B): the same activation count
+    rope: bool = True  # rotary embeddings (False: Korthikanti et al.'s GPT, for the reduction test)
 
     @staticmethod
     def from_config(cfg: Any) -> ModelShape:
@@ -70,6 +76,7 @@ class ModelShape:
             qk_norm=bool(getattr(cfg, "qk_norm", True)),
             hidden_dropout=float(getattr(cfg, "hidden_dropout", 0.0) or 0.0),
             attention_dropout=float(getattr(cfg, "attention_dropout", 0.0) or 0.0),
+            swin_norm=bool(getattr(cfg, "swin_norm", False)),
         )
 
     @property
@@ -137,99 +144,195 @@ def stage_parameters(m: ModelShape, tp: int, pp: int) -> list[int]:
 # FLOPs per token: tessera.model.flops (the trainer's MFU uses the same functions)
 
 
-# ---- activations (Korthikanti et al.) -------------------------------------------------------------
-def activation_bytes_per_layer(
-    m: ModelShape, seq: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = True, recompute: Recompute = "none"
-) -> float:
-    """Bytes one transformer layer keeps for backward for one micro-batch (bf16 activations, 1-byte masks).
-
-    Korthikanti et al. (section 4.1) count, per layer: attention 11sbh + 5as^2b, MLP 19sbh, norms 4sbh.
-    Generalised term by term (kv = query_groups * head_dim, f = ffn):
-      replicated unless sequence-parallel: two norm inputs 4sbh, QKV-linear input 2sbh, fc1 input 2sbh,
-        two dropout masks 2sbh (only when hidden dropout > 0);
-      split by TP: Q 2sbh, K and V 4sb*kv, QK-norm inputs 2sbh + 2sb*kv, attention output 2sbh,
-        MLP: SwiGLU keeps gate+up 4sbf and their product 2sbf (GeLU: its input and output, 4sbf);
-      core attention (split by TP): softmax output 2as^2b, plus dropout mask as^2b and dropout output
-        2as^2b when attention dropout > 0. Selective recomputation (and FlashAttention) keeps none of it.
-    Full recomputation keeps only the layer input, 2sbh (/t under sequence parallelism).
-    """
-    s, b, h, a = seq, micro_batch, m.hidden_size, m.num_attention_heads
-    sp = sequence_parallel and tp > 1
-    if recompute == "full":
-        return 2 * s * b * h / (tp if sp else 1)
-    hq, kv, f = m.q_width, m.kv_width, m.ffn_hidden_size
-    masks = 2 * s * b * h if m.hidden_dropout > 0 else 0
-    replicated = 4 * s * b * h + 2 * s * b * h + 2 * s * b * h + masks
-    split = 2 * s * b * hq + 4 * s * b * kv + 2 * s * b * hq
-    if m.qk_norm:
-        split += 2 * s * b * hq + 2 * s * b * kv
-    split += (6 if m.gated_mlp else 4) * s * b * f
-    if recompute == "none":
-        split += (5 if m.attention_dropout > 0 else 2) * a * s * s * b
-    elif recompute != "selective":
-        raise PlanError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
-    return replicated / (tp if sp else 1) + split / tp
-
-
+# ---- activations ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Layout:
-    gpus: int
-    tp: int = 1
-    pp: int = 1
-    vp: int = 1  # virtual pipeline stages per GPU (interleaved 1F1B)
-    micro_batch: int = 1
-    global_batch: int | None = None  # sequences; default: micro_batch * dp * pp (enough to fill the pipeline)
-    seq_length: int | None = None
-    sequence_parallel: bool = True
+class Kernels:
+    """What the training kernels save for the backward, where implementations differ. The defaults are the
+    GPU path the shipped configs run (Transformer Engine, or the local spec on CUDA):
 
-    @property
-    def dp(self) -> int:
-        return self.gpus // (self.tp * self.pp)
+    * ``norm``: ``fused`` (TE's LayerNormLinear / TENorm, torch's CUDA RMSNorm) saves the input and an fp32
+      1/rms per token; ``composite`` (torch's RMSNorm on the CPU) saves an fp32 copy of the input and the
+      fp32 normalised tensor instead (8 B per element in any dtype);
+    * ``dropout_mask_bytes``: CUDA's dropout keeps a bool mask (1 B); torch's CPU dropout a scaled mask in
+      the activation dtype (None: that dtype's size);
+    * ``stats_bytes``: the QK-norm LayerNorm's mean and 1/std per (token, head): fp32 on CUDA, the
+      activation dtype on the CPU (None);
+    * ``attention``: ``flash`` (TE / cuDNN fused attention, FlashAttention through SDPA, and the CPU's
+      cpu_attention.c keep q, k, v, the output and an fp32 log-sum-exp per (token, head)) or ``unfused``
+      (megatron's DotProductAttention: the s x s softmax, Korthikanti et al.'s 2as^2b, 5as^2b with
+      attention dropout);
+    * ``v_copy``: Transformer Engine's attention checks the q / k / v memory layout and copies V, a strided
+      view into the QKV output, to a contiguous tensor that it keeps (``d x kv``); SDPA and cpu_attention.c
+      read the view. Under selective recomputation the copy is made inside the recomputed region.
+    """
 
-    def validate(self, m: ModelShape) -> None:
-        if self.gpus % (self.tp * self.pp):
-            raise PlanError(f"--gpus {self.gpus} is not divisible by tp*pp = {self.tp * self.pp}")
-        if m.num_attention_heads % self.tp or m.num_query_groups % self.tp:
-            raise PlanError(
-                f"heads {m.num_attention_heads} / query groups {m.num_query_groups} not divisible by tp={self.tp}"
-            )
-        if m.num_layers % (self.pp * self.vp):
-            raise PlanError(f"num_layers {m.num_layers} is not divisible by pp*vp = {self.pp * self.vp}")
-        if self.vp > 1 and self.pp == 1:
-            raise PlanError("virtual pipeline stages need pp > 1")
-        gb = self.resolved_global_batch()
-        if gb % (self.micro_batch * self.dp):
-            raise PlanError(f"global batch {gb} is not divisible by micro_batch*dp = {self.micro_batch * self.dp}")
-
-    def resolved_global_batch(self) -> int:
-        return self.global_batch or self.micro_batch * self.dp * self.pp
-
-    def microbatches(self) -> int:
-        return self.resolved_global_batch() // (self.micro_batch * self.dp)
+    norm: Literal["fused", "composite"] = "fused"
+    dropout_mask_bytes: int | None = 1
+    stats_bytes: int | None = 4
+    attention: Literal["flash", "unfused"] = "flash"
+    v_copy: bool = True
 
 
-def stage_activation_bytes(m: ModelShape, layout: Layout, recompute: Recompute) -> list[float]:
-    """Activation bytes on one GPU of each stage under 1F1B: stage i holds min(m, p - i) micro-batches
-    of its L/p layers (so stage 0 holds L layers' worth, Korthikanti's observation); interleaving multiplies
-    stage 0 by (1 + (p-1)/(p*v)) (their eq. for the interleaved schedule; used as a bound for every stage).
-    Extras: the embedding's dropout mask on stage 0 (sbh/t per micro-batch in flight, with dropout) and the
-    fp32 logits of the cross-entropy on the last stage (4sbV/t)."""
-    s = layout.seq_length or m.seq_length
-    b, p, t = layout.micro_batch, layout.pp, layout.tp
-    per_layer = activation_bytes_per_layer(m, s, b, t, layout.sequence_parallel, recompute)
-    layers = m.num_layers // p
-    n_micro = layout.microbatches()
+GPU_KERNELS = Kernels()  # Transformer Engine on CUDA, the shipped configs' path
+CPU_KERNELS = Kernels(norm="composite", dropout_mask_bytes=None, stats_bytes=None, v_copy=False)  # measured on the CPU
+
+
+def activation_terms(m: ModelShape, layout: Layout, recompute: Recompute | None = None,
+                     kernels: Kernels = GPU_KERNELS) -> dict[str, float]:
+    """Bytes one transformer layer saves for the backward, for one micro-batch on one GPU, term by term.
+
+    Korthikanti et al. 2022 (arXiv:2205.05198, section 4) generalised term by term to this model and its
+    kernels; ``x = s * b`` tokens, ``d`` bytes per activation (2 bf16, 4 fp32), ``t`` = TP; terms marked
+    "/r" are divided by TP only under sequence parallelism, the others always:
+
+    * norms /r: 2 x (the saved input, ``d x h``, or ``8 x h`` for the composite CPU norm, + fp32 1/rms ``4x``);
+    * linear inputs /r: the QKV and fc1 inputs, ``2 d x h`` (megatron's linears save their local shard
+      under sequence parallelism and all-gather it again in the backward);
+    * dropout masks /r: ``2 x h`` mask bytes, when hidden dropout > 0;
+    * qkv /t: the whole QKV output ``d x (hq + 2 kv)``: V (and with QK-norm K's norm input) are views
+      of it, so it stays alive as one block;
+    * query copy /t: with QK-norm, GQA and more than one KV group per TP rank, megatron's reshape of the
+      query out of the grouped QKV layout copies it (``d x hq``); the norm keeps the copy;
+    * qk_norm /t: the per-head LayerNorm outputs (kept by the weight multiply) ``d x (hq + kv)`` and their
+      mean and 1/std per (token, head);
+    * rope: the rotated q and k ``d x (hq + kv) / t`` and megatron's cos / sin tables, made per call
+      ([s, 1, 1, head_dim] for q and for k, ``4 d s head_dim``, any TP);
+    * attention output /t ``d x hq`` (the projection's input);
+    * core attention /t, none only (selective recomputes it): flash: the fp32 log-sum-exp ``4 x a`` (+ TE's
+      copy of V, ``d x kv``); unfused: ``d a s x`` (+ ``(1 + d) a s x`` with attention dropout);
+    * mlp /t: SwiGLU keeps [gate; up] ``2 d x f`` (GeLU: its input ``d x f``), fc2 its input ``d x f``.
+
+    ``full`` keeps only the layer's input (``d x h`` /r), per checkpointed layer (``stage_layer_bytes``
+    applies megatron's method and group size). Swin norm placement moves the norms onto the branch
+    outputs and the linears onto the un-normed inputs: the same count.
+    """
+    r = layout.recompute if recompute is None else recompute
+    if r not in RECOMPUTE_MODES:
+        raise PlanError(f"recompute must be one of {RECOMPUTE_MODES}, got {r!r}")
+    s, b, t, d = layout.seq(m), layout.micro_batch, layout.tp, layout.param_bytes
+    x = s * b
+    rep = t if layout.sequence_parallel and t > 1 else 1
+    h, hq, kv, f = m.hidden_size, m.q_width, m.kv_width, m.ffn_hidden_size
+    a, g = m.num_attention_heads, m.num_query_groups
+    if r == "full":
+        return {"layer_input": d * x * h / rep}
+    mask = kernels.dropout_mask_bytes or d
+    stats = kernels.stats_bytes or d
+    norm = (8 * x * h if kernels.norm == "composite" else d * x * h) + 4 * x
+    terms = {"norms": 2 * norm / rep, "linear_inputs": 2 * d * x * h / rep}
+    if m.hidden_dropout > 0:
+        terms["dropout_masks"] = 2 * mask * x * h / rep
+    terms["qkv"] = d * x * (hq + 2 * kv) / t
+    if m.qk_norm:
+        if g < a and g // t > 1:
+            terms["query_copy"] = d * x * hq / t
+        terms["qk_norm"] = (d * x * (hq + kv) + 2 * stats * x * (a + g)) / t
+    if m.rope:
+        terms["rope"] = d * x * (hq + kv) / t + 4 * d * s * m.head_dim
+    terms["attention_output"] = d * x * hq / t
+    if r == "none":
+        if kernels.attention == "flash":
+            terms["core_attention"] = (4 * x * a + (d * x * kv if kernels.v_copy else 0)) / t
+        else:
+            terms["core_attention"] = (d + (1 + d if m.attention_dropout > 0 else 0)) * a * s * x / t
+    terms["mlp"] = ((2 if m.gated_mlp else 1) + 1) * d * x * f / t
+    return terms
+
+
+def activation_bytes_per_layer(m: ModelShape, layout: Layout, recompute: Recompute | None = None,
+                               kernels: Kernels = GPU_KERNELS) -> float:
+    return sum(activation_terms(m, layout, recompute, kernels).values())
+
+
+def stage_layer_bytes(m: ModelShape, layout: Layout, recompute: Recompute | None = None,
+                      kernels: Kernels = GPU_KERNELS) -> float:
+    """Bytes the layers of one GPU's pipeline stage (all its virtual chunks) save for one micro-batch.
+    Full recomputation, as megatron runs it: ``uniform`` checkpoints groups of n layers (one saved input
+    per group), ``block`` the first n layers of each chunk and keeps every activation of the others."""
+    r = layout.recompute if recompute is None else recompute
+    per_chunk = layout.layers_per_stage(m)
+    chunks = layout.virtual_stages
+    if r != "full":
+        return chunks * per_chunk * activation_bytes_per_layer(m, layout, r, kernels)
+    n = layout.recompute_group(m)
+    checkpoint = activation_bytes_per_layer(m, layout, "full", kernels)
+    if layout.recompute_method == "uniform":
+        return chunks * math.ceil(per_chunk / n) * checkpoint
+    return chunks * (n * checkpoint + (per_chunk - n) * activation_bytes_per_layer(m, layout, "none", kernels))
+
+
+def recompute_working_bytes(m: ModelShape, layout: Layout, recompute: Recompute | None = None,
+                            kernels: Kernels = GPU_KERNELS) -> float:
+    """What a recomputation holds while its backward runs (not saved in the forward, so not in the saved
+    terms): full: one checkpointed group's activations (uniform: n layers; block: one layer); selective:
+    one layer's core attention (flash: its output and log-sum-exp)."""
+    r = layout.recompute if recompute is None else recompute
+    if r == "none":
+        return 0.0
+    if r == "selective":
+        core = activation_terms(m, layout, "none", kernels)
+        return core["core_attention"] + core["attention_output"]
+    group = layout.recompute_group(m) if layout.recompute_method == "uniform" else 1
+    return group * activation_bytes_per_layer(m, layout, "none", kernels)
+
+
+def first_stage_extra_bytes(m: ModelShape, layout: Layout) -> float:
+    """Outside the layers, first stage: the embedding keeps its token ids (int64; with TP > 1 megatron's
+    vocab-parallel embedding keeps its shifted ids and out-of-range mask instead). Its dropout is off."""
+    x = layout.seq(m) * layout.micro_batch
+    return 8 * x + (x if layout.tp > 1 else 0)
+
+
+def last_stage_extra_bytes(m: ModelShape, layout: Layout, kernels: Kernels = GPU_KERNELS) -> float:
+    """Outside the layers, last stage: the final norm (as a layer's norm), the output layer's input
+    (``d x h`` /r), the logits the fused cross-entropy keeps in the activation dtype (``d x V / t``: no
+    fp32 copy, its backward overwrites them with their gradient) and its per-token vectors (labels int64,
+    fp32 log-sum-exp, loss-mask products: ~32 B per token)."""
+    s, b, t, d = layout.seq(m), layout.micro_batch, layout.tp, layout.param_bytes
+    x = s * b
+    rep = t if layout.sequence_parallel and t > 1 else 1
+    h = m.hidden_size
+    norm = (8 * x * h if kernels.norm == "composite" else d * x * h) + 4 * x
+    return (norm + d * x * h) / rep + d * x * m.vocab_size / t + 32 * x
+
+
+def chunks_in_flight(layout: Layout, stage: int) -> tuple[int, bool]:
+    """(model-chunk forwards whose activations one GPU of ``stage`` holds at once, whether every forward of the
+    step runs before the first backward), as megatron's schedules order them (``get_pp_rank_microbatches``):
+    1F1B runs p - i - 1 warm-up forwards, the interleaved schedule (p - i - 1) x 2 + (v - 1) x p chunk
+    forwards; then one more forward before each backward. Fewer micro-batches than that: all forwards first."""
+    p, v, m = layout.pp, layout.virtual_stages, layout.microbatches
+    total = m * v
+    warmup = (p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1
+    if warmup >= total:
+        return total, True
+    return warmup + 1, False
+
+
+def stage_activation_bytes(m: ModelShape, layout: Layout, recompute: Recompute | None = None,
+                           kernels: Kernels = GPU_KERNELS) -> list[dict[str, float]]:
+    """Activation bytes on one GPU of each pipeline stage at the peak of a step, by part.
+
+    Each model-chunk forward in flight (``chunks_in_flight``: 1F1B's stage 0 holds p micro-batches of its
+    L/p layers, L layers' worth, Korthikanti's observation) holds its layers' saved bytes; the first stage's
+    chunk-0 forwards hold the embedding's extras and the last stage's final-chunk forwards the loss's
+    (``first_stage_extra_bytes``, ``last_stage_extra_bytes``: one at a time in 1F1B's steady state, where
+    each such forward is followed by its backward). The peak is the larger of the end of the forwards and
+    a recomputation's working set on top of the layers in flight, when the backward has already freed the
+    current micro-batch's loss tensors."""
+    p, v = layout.pp, layout.virtual_stages
+    chunk = stage_layer_bytes(m, layout, recompute, kernels) / v
+    working = recompute_working_bytes(m, layout, recompute, kernels)
     out = []
     for i in range(p):
-        in_flight = min(n_micro, p - i)
-        act = layers * in_flight * per_layer
-        if layout.vp > 1:
-            act = layers * min(n_micro, p) * per_layer * (1 + (p - 1) / (p * layout.vp))
-        if i == 0 and m.hidden_dropout > 0:
-            act += in_flight * s * b * m.hidden_size / t
-        if i == p - 1:
-            act += 4 * s * b * m.vocab_size / t
-        out.append(act)
+        chunks, all_forwards_first = chunks_in_flight(layout, i)
+        n_first = min(layout.microbatches, chunks) if i == 0 else 0
+        n_last = (layout.microbatches if all_forwards_first else 1) if i == p - 1 else 0
+        last = last_stage_extra_bytes(m, layout, kernels)
+        saved = chunks * chunk + n_first * first_stage_extra_bytes(m, layout) + n_last * last
+        in_backward = saved - (last if n_last else 0.0) + working
+        out.append({"saved": saved, "recompute_working": working, "total": max(saved, in_backward),
+                    "chunks_in_flight": chunks})
     return out
 
 
@@ -237,28 +340,65 @@ def stage_activation_bytes(m: ModelShape, layout: Layout, recompute: Recompute) 
 GiB = 2**30
 
 
-def memory_per_gpu(m: ModelShape, layout: Layout) -> dict:
-    """Bytes per GPU on the busiest pipeline stage, each term separately (see module docstring)."""
-    layout.validate(m)
+def state_bytes_per_param(layout: Layout, distributed: bool | None = None) -> dict[str, float]:
+    """Bytes per parameter on one GPU: weights in the parameter dtype, fp32 gradients (megatron's main_grad
+    buffer: the trainer reduces gradients in fp32), and the optimizer's state: bf16 keeps fp32 master
+    weights + Adam m + v (12 B), fp32 only m + v (8 B: the master weights are the model's), both divided
+    by DP under the distributed optimizer (megatron's 18 vs 6 + 12/DP for bf16)."""
+    dist = layout.distributed_optimizer if distributed is None else distributed
+    opt = 12 if layout.precision == "bf16" else 8
+    return {"weights": layout.param_bytes, "grads": 4, "optimizer": opt / (layout.dp if dist else 1)}
+
+
+def memory_per_gpu(m: ModelShape, layout: Layout, kernels: Kernels = GPU_KERNELS) -> dict:
+    """Bytes per GPU, each term separately and per pipeline stage; ``config_total`` is the busiest stage's
+    total under exactly the layout's settings (optimizer, recomputation, precision)."""
+    _validate(m, layout)
     params = stage_parameters(m, layout.tp, layout.pp)
     out: dict = {"params_per_gpu_by_stage": params}
-    worst = max(range(layout.pp), key=lambda i: params[i])
-    n = params[worst]
+    per = state_bytes_per_param(layout)
+    acts = {r: stage_activation_bytes(m, layout, r, kernels) for r in RECOMPUTE_MODES}
+    out["activations_per_layer"] = {r: activation_bytes_per_layer(m, layout, r, kernels) for r in RECOMPUTE_MODES}
+    out["activation_terms_per_layer"] = {r: activation_terms(m, layout, r, kernels) for r in RECOMPUTE_MODES}
+    out["activations_by_stage"] = {r: [a["total"] for a in v] for r, v in acts.items()}
+    out["activations"] = {r: max(v) for r, v in out["activations_by_stage"].items()}
+    stages = []
+    for i, n in enumerate(params):
+        st = {"params": n, "weights": per["weights"] * n, "grads": per["grads"] * n, "optimizer": per["optimizer"] * n,
+              "activations": acts[layout.recompute][i]["total"]}
+        st["total"] = st["weights"] + st["grads"] + st["optimizer"] + st["activations"]
+        stages.append(st)
+    busiest = max(range(layout.pp), key=lambda i: stages[i]["total"])
+    n = params[busiest]
+    out["stages"] = stages
+    out["busiest_stage"] = busiest
     out["params_per_gpu"] = n
-    out["weights_bf16"] = 2 * n
-    out["grads_fp32"] = 4 * n
-    out["optimizer_fp32"] = 12 * n  # master weights + Adam m + v
-    out["optimizer_fp32_distributed"] = 12 * n / layout.dp
-    acts = {r: stage_activation_bytes(m, layout, r) for r in RECOMPUTE_MODES}
-    out["activations"] = {r: max(v) for r, v in acts.items()}
-    out["activations_by_stage"] = acts
-    static = out["weights_bf16"] + out["grads_fp32"]
-    out["total"] = {
-        f"{opt}_{r}": static + out[f"optimizer_fp32{suffix}"] + out["activations"][r]
-        for opt, suffix in (("adam", ""), ("distopt", "_distributed"))
-        for r in RECOMPUTE_MODES
-    }
+    out["weights"], out["grads"] = per["weights"] * n, per["grads"] * n
+    out["optimizer_adam"] = state_bytes_per_param(layout, distributed=False)["optimizer"] * n
+    out["optimizer_distributed"] = state_bytes_per_param(layout, distributed=True)["optimizer"] * n
+    out["optimizer"] = per["optimizer"] * n
+    out["total"] = {}
+    for opt, dist in (("adam", False), ("distopt", True)):
+        opt_per = state_bytes_per_param(layout, distributed=dist)
+        for r in RECOMPUTE_MODES:
+            out["total"][f"{opt}_{r}"] = max(
+                (opt_per["weights"] + opt_per["grads"] + opt_per["optimizer"]) * params[i] + out["activations_by_stage"][r][i]
+                for i in range(layout.pp))
+    out["config_total"] = stages[busiest]["total"]
+    out["config_total_gib"] = out["config_total"] / GiB
     return out
+
+
+def _validate(m: ModelShape, layout: Layout) -> None:
+    try:
+        layout.validate(m)
+    except ConfigError as exc:
+        raise PlanError(str(exc)) from None
+
+
+def layout_summary(layout: Layout, m: ModelShape) -> dict:
+    return {**asdict(layout), "gpus": layout.world_size, "dp": layout.dp, "global_batch": layout.resolved_global_batch,
+            "microbatches": layout.microbatches, "seq_length": layout.seq(m)}
 
 
 def plan(
@@ -274,11 +414,11 @@ def plan(
         raise PlanError(f"unknown --gpu {gpu!r}; known: {sorted(GPU_PEAK_BF16_TFLOPS)}")
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1], got {mfu}")
-    layout.validate(m)
-    s = layout.seq_length or m.seq_length
+    _validate(m, layout)
+    s = layout.seq(m)
     fpt = flops_per_token(m, s)
     peak = GPU_PEAK_BF16_TFLOPS[gpu] * 1e12
-    tokens_per_s = mfu * peak * layout.gpus / fpt
+    tokens_per_s = mfu * peak * layout.world_size / fpt
     budgets = token_budgets or {
         "4.4T (one epoch, Chameleon Table 1)": CHAMELEON_TOKENS_PER_EPOCH,
         "9.2T (2.1 epochs, as trained)": CHAMELEON_TOKENS_PER_EPOCH * CHAMELEON_EPOCHS,
@@ -287,8 +427,7 @@ def plan(
     return {
         "model": name,
         "shape": asdict(m),
-        "layout": {**asdict(layout), "dp": layout.dp, "global_batch": layout.resolved_global_batch(),
-                   "microbatches": layout.microbatches(), "seq_length": s},
+        "layout": layout_summary(layout, m),
         "parameters": count_parameters(m),
         "parameter_breakdown": parameter_breakdown(m),
         "flops_per_token": fpt,
@@ -297,14 +436,46 @@ def plan(
         "gpu_peak_bf16_tflops": GPU_PEAK_BF16_TFLOPS[gpu],
         "mfu": mfu,
         "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_gpu": tokens_per_s / layout.gpus,
-        "step_time_s": layout.resolved_global_batch() * s / tokens_per_s,
+        "tokens_per_s_per_gpu": tokens_per_s / layout.world_size,
+        "step_time_s": layout.resolved_global_batch * s / tokens_per_s,
         "memory": mem,
         "budgets": {
-            k: {"tokens": v, "days": v / tokens_per_s / 86400, "gpu_days": v / tokens_per_s / 86400 * layout.gpus}
+            k: {"tokens": v, "days": v / tokens_per_s / 86400, "gpu_days": v / tokens_per_s / 86400 * layout.world_size}
             for k, v in budgets.items()
         },
     }
+
+
+def default_gpus(tp: int, pp: int, cp: int = 1) -> int:
+    """The smallest job of whole 8-GPU nodes that a TP x PP (x CP) layout fills: the plan's GPU count when
+    none is given (the distributed optimizer's share only shrinks with more GPUs)."""
+    mp = tp * pp * cp
+    return math.lcm(GPUS_PER_NODE, mp)
+
+
+def plan_for_train_config(path: str, overrides: list[str] | None = None, gpus: int | None = None, **kw: Any) -> dict:
+    """``plan`` for a ``tessera train`` config as the trainer reads it (``load_train_config``, the same checks,
+    the same ``ParallelLayout``) on ``gpus`` GPUs (default ``default_gpus``); precision ``auto`` is a GPU run
+    (bf16)."""
+    from tessera.pretrain.config import load_train_config
+
+    cfg = load_train_config(path, overrides)
+    p = cfg.parallel
+    world = gpus or default_gpus(p.tp, p.pp, p.context_parallel)
+    layout = ParallelLayout.from_train_config(cfg, world)
+    name = next((k for k, v in _presets().items() if _same_shape(v, cfg.model)), str(path))
+    return plan(ModelShape.from_config(cfg.model), layout, name=name, **kw)
+
+
+def _presets() -> dict:
+    from tessera.model.config import PRESETS
+
+    return PRESETS
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
 def paper_implied_mfu(m: ModelShape, name: str, gpu_peak_tflops: float = 312.0) -> float | None:
@@ -319,18 +490,23 @@ def paper_implied_mfu(m: ModelShape, name: str, gpu_peak_tflops: float = 312.0) 
 def format_plan(p: dict) -> str:
     """The human-readable table printed by ``tessera bench plan``."""
     lay, mem = p["layout"], p["memory"]
+    prec = lay["precision"]
+    opt_what = "fp32 master + m + v" if prec == "bf16" else "m + v"
+    settings = (f"{'distributed optimizer' if lay['distributed_optimizer'] else 'Adam (not distributed)'}, "
+                f"sequence parallel {'on' if lay['sequence_parallel'] else 'off'}, recompute={lay['recompute']}, {prec}")
     rows = [
         ("model", p["model"]),
         ("parameters", f"{p['parameters']:,}"),
-        ("layout", f"{lay['gpus']} GPUs = TP {lay['tp']} x PP {lay['pp']} (VP {lay['vp']}) x DP {lay['dp']}"),
+        ("layout", f"{lay['gpus']} GPUs = TP {lay['tp']} x PP {lay['pp']} (VP {lay['vp'] or 1}) x DP {lay['dp']}"),
         ("batch", f"micro {lay['micro_batch']} x {lay['microbatches']} micro-batches x DP {lay['dp']} = "
                   f"{lay['global_batch']} sequences of {lay['seq_length']} = {lay['global_batch'] * lay['seq_length']:,} tokens"),
+        ("settings", settings),
         ("FLOPs / token (train, model)", f"{p['flops_per_token']:.4g}"),
         ("params / GPU (busiest stage)", f"{mem['params_per_gpu']:,}"),
-        ("weights bf16", _gib(mem["weights_bf16"])),
-        ("grads fp32", _gib(mem["grads_fp32"])),
-        ("optimizer fp32 (master+m+v)", _gib(mem["optimizer_fp32"])),
-        ("  with distributed optimizer", _gib(mem["optimizer_fp32_distributed"])),
+        (f"weights {prec}", _gib(mem["weights"])),
+        ("grads fp32 (main_grad)", _gib(mem["grads"])),
+        (f"optimizer ({opt_what})", _gib(mem["optimizer_adam"])),
+        ("  with distributed optimizer", _gib(mem["optimizer_distributed"])),
     ]
     for r in RECOMPUTE_MODES:
         rows.append((f"activations, recompute={r}", _gib(mem["activations"][r])))
@@ -338,6 +514,9 @@ def format_plan(p: dict) -> str:
         opt, r = k.split("_")
         rows.append((f"total ({'dist. optimizer' if opt == 'distopt' else 'Adam'}, recompute={r})",
                      _gib(v) + ("" if v <= p["gpu_memory_gb"] * 1e9 else "  > GPU memory")))
+    total = mem["config_total"]
+    rows.append(("TOTAL under these settings", f"{_gib(total)} = {total / 1e9:.1f} GB of {p['gpu_memory_gb']:.0f} GB "
+                 f"(stage {mem['busiest_stage']}; + CUDA context, NCCL, allocator: docs/scaling.md)"))
     rows.append((f"tokens/s at MFU {p['mfu']:.0%} on {p['gpu']} ({p['gpu_peak_bf16_tflops']:.0f} TFLOP/s bf16)",
                  f"{p['tokens_per_s']:,.0f} ({p['tokens_per_s_per_gpu']:,.0f} per GPU), step {p['step_time_s']:.2f} s"))
     for k, v in p["budgets"].items():

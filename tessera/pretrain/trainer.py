@@ -30,10 +30,11 @@ from tessera.config import to_dict
 from tessera.model.config import ModelConfig
 from tessera.pretrain import faults
 from tessera.pretrain.checkpointing import resume, save_checkpoint
-from tessera.pretrain.config import ResolvedRun, TrainConfig, validate_layout
+from tessera.pretrain.config import ResolvedRun, TrainConfig
 from tessera.pretrain.determinism import apply_determinism, resolve_deterministic
 from tessera.pretrain.device import require_requested_gpus, training_device
 from tessera.pretrain.evaluate import Evaluator
+from tessera.pretrain.layout import ParallelLayout
 from tessera.pretrain.metrics import TrainLogger, peak_flops_per_device
 from tessera.pretrain.mock import train_mock_batch
 from tessera.pretrain.monitors import AttentionLogitProbe
@@ -43,7 +44,6 @@ from tessera.pretrain.scale import (
     ParamGather,
     ddp_config,
     transformer_overrides,
-    validate_scale,
     wire_schedule,
 )
 from tessera.pretrain.step import BatchMover, ForwardStep, model_kwargs, reduce_step, stage_roles
@@ -133,9 +133,10 @@ def train(cfg: TrainConfig) -> list[float]:
     # precision decides the parameter dtype
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab.padded_size if vocab else cfg.model.vocab_size,
                                     params_dtype="bfloat16" if bf16 else "float32")
-    dp = validate_layout(cfg, world, model_cfg)
-    validate_scale(cfg, world)
-    initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vp, cfg.train.seed)
+    # the layout tessera bench plan / memory read from the same config (checks: validate_layout, validate_scale)
+    layout = ParallelLayout.from_train_config(cfg, world, model_cfg, precision="bf16" if bf16 else "fp32")
+    dp = layout.dp
+    initialize_parallel(layout.tp, layout.pp, layout.vp, cfg.train.seed)
     data_it = None
     if cfg.data.path:
         data_it, vocab = _open_data(cfg, ps.get_data_parallel_rank(), dp)
@@ -148,8 +149,8 @@ def train(cfg: TrainConfig) -> list[float]:
     wire_schedule(chunks, ddps, opt, cfg)
     param_gather = ParamGather(cfg, chunks, ddps)
     sched = get_scheduler(cfg, opt)
-    gbs = cfg.parallel.global_batch_size
-    n_micro = gbs // (cfg.parallel.micro_batch_size * dp)
+    gbs = layout.resolved_global_batch
+    n_micro = layout.microbatches
     device = training_device()
     peak, peak_basis = peak_flops_per_device(cfg.train.peak_flops, "bf16" if bf16 else "fp32", device)
     resolved = ResolvedRun(model=model_cfg, precision="bf16" if bf16 else "fp32", deterministic=deterministic,
