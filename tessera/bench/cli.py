@@ -67,7 +67,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baseline", action="store_true")
     p.set_defaults(func=cmd_vq)
 
-    p = sub.add_parser("data", help="tokens/s/core of the packed, woven batch pipeline (tessera.data)")
+    p = sub.add_parser("data", help="tokens/s/core of the packed, blended batch pipeline (tessera.data)")
     _common(p)
     p.add_argument("--data", type=Path, default=None, help="a pretokenized directory (default: build a small one)")
     p.add_argument("--seq", type=int, default=1024)

@@ -72,7 +72,7 @@ def run_data(data: Path | None = None, seq_length: int = 1024, batch: int = 8, s
             torch.set_num_threads(threads)  # benchmark_batches pins one thread; give the rest of the run its cores back
         floor = raw_read_floor(path, seq_length, batch, steps)
     rows = [
-        {"pipeline": "tessera woven batches (packed, shuffled, masks)", "tokens_per_s_per_core": ours["tokens_per_s_per_core"],
+        {"pipeline": "tessera blended batches (packed, shuffled, masks)", "tokens_per_s_per_core": ours["tokens_per_s_per_core"],
          "tokens": ours["tokens"], "seconds": ours["seconds"], "setup_s": ours["setup_s"]},
         {"pipeline": "floor: contiguous windows of the .bin", "tokens_per_s_per_core": floor["tokens_per_s_per_core"],
          "tokens": floor["tokens"], "seconds": floor["seconds"], "setup_s": None},

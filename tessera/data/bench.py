@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from tessera.data.batches import PackingConfig, WovenBatchIterator, open_sources
-from tessera.data.weave import WeaveSchedule
+from tessera.data.batches import BlendedBatchIterator, PackingConfig, open_sources
+from tessera.data.blend import BlendSchedule
 
 
 def benchmark_batches(
     sources: Mapping[str, str | Path],
-    schedule: WeaveSchedule | None = None,
+    schedule: BlendSchedule | None = None,
     seq_length: int = 2048,
     global_batch: int = 64,
     micro_batch: int = 8,
@@ -25,7 +25,7 @@ def benchmark_batches(
     packing: PackingConfig | None = None,
     threads: int = 1,
 ) -> dict:
-    """Time ``steps`` global steps of woven micro-batches on one process (dp_size 1, all slots).
+    """Time ``steps`` global steps of blended micro-batches on one process (dp_size 1, all slots).
 
     Returns tokens/s and tokens/s/core (``threads`` torch threads = cores used; default 1, so
     the two agree), plus the settings. Index building (cached on disk after the first call) is
@@ -34,12 +34,12 @@ def benchmark_batches(
     packing = packing or PackingConfig(seq_length=seq_length)
     if packing.seq_length != seq_length:
         raise ValueError(f"packing.seq_length {packing.seq_length} != seq_length {seq_length}")
-    schedule = schedule or WeaveSchedule.constant({n: 1.0 for n in sources})
+    schedule = schedule or BlendSchedule.constant({n: 1.0 for n in sources})
     need = (steps + warmup_steps) * global_batch
     t0 = time.perf_counter()
     srcs = open_sources(sources, packing, {n: need for n in sources})
     setup = time.perf_counter() - t0
-    it = WovenBatchIterator(srcs, schedule, global_batch, micro_batch, seed=seed)
+    it = BlendedBatchIterator(srcs, schedule, global_batch, micro_batch, seed=seed)
     for _ in range(warmup_steps):
         it.next_step()
     t0 = time.perf_counter()

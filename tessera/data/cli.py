@@ -107,21 +107,30 @@ def _named_dirs(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _batch_sizes(args: argparse.Namespace) -> tuple[int, int]:
+    """--global-batch / --micro-batch, else the training config's parallel section, else 64 / 8."""
+    from tessera.data.config import batch_sizes
+
+    gbs, mbs = batch_sizes(args.config)
+    return int(args.global_batch or gbs or 64), int(args.micro_batch or mbs or 8)
+
+
 def _report(args: argparse.Namespace) -> int:
     _logging()
     from tessera.data.config import load_data_config
     from tessera.data.pretokenize import PretokenizeError
-    from tessera.data.report import format_report, source_balance, woven_balance
+    from tessera.data.report import blend_balance, format_report, source_balance
 
     try:
-        woven = weights = None
+        blend = weights = None
         if args.config:
             cfg = load_data_config(args.config)
-            dirs = dict(cfg.sources)
+            dirs = {s.name: s.path for s in cfg.train_sources()}
             if args.steps > 0:
-                it = cfg.iterator(start_step=args.start_step)
+                gbs, mbs = _batch_sizes(args)
+                it = cfg.iterator(gbs, mbs, start_step=args.start_step)
                 weights = it.schedule.weights_dict(args.start_step)
-                woven = woven_balance(it, args.steps)
+                blend = blend_balance(it, args.steps)
         else:
             dirs = _named_dirs(args.dirs)
         if not dirs:
@@ -130,9 +139,9 @@ def _report(args: argparse.Namespace) -> int:
     except (ConfigError, PretokenizeError, ValueError) as exc:
         return _fail(str(exc))
     if args.json:
-        print(json.dumps({"sources": per, "woven": woven}, indent=2))
+        print(json.dumps({"sources": per, "blend": blend}, indent=2))
     else:
-        print(format_report(per, woven, weights))
+        print(format_report(per, blend, weights))
     return 0
 
 
@@ -154,14 +163,15 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         if args.config:
             cfg = load_data_config(args.config)
-            r = benchmark_batches(cfg.sources, cfg.schedule(), cfg.seq_length, cfg.global_batch, cfg.micro_batch,
-                                  args.steps, seed=cfg.seed, packing=cfg.packing())
+            gbs, mbs = _batch_sizes(args)
+            r = benchmark_batches({s.name: s.path for s in cfg.train_sources()}, cfg.schedule(), cfg.seq_length,
+                                  gbs, mbs, args.steps, seed=cfg.seed, packing=cfg.packing())
         else:
             dirs = _named_dirs(args.dirs)
             if not dirs:
                 return _fail("give pretokenized directories or --config DATA.yaml")
-            r = benchmark_batches(dirs, None, args.seq_length, args.global_batch, args.micro_batch, args.steps,
-                                  packing=PackingConfig(args.seq_length, document_mask=args.document_mask))
+            r = benchmark_batches(dirs, None, args.seq_length, args.global_batch or 64, args.micro_batch or 8,
+                                  args.steps, packing=PackingConfig(args.seq_length, document_mask=args.document_mask))
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
     print(json.dumps(r, indent=2) if args.json else
@@ -233,21 +243,24 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="documents per output shard")
     p.set_defaults(func=_curate)
 
-    p = sub.add_parser("report", help="modality balance per source and in the woven stream")
+    p = sub.add_parser("report", help="modality balance per source and in the blended stream")
     p.add_argument("dirs", nargs="*", help="pretokenized directories (NAME=DIR or DIR)")
-    p.add_argument("--config", default=None, help="DataConfig YAML (sources + weave)")
-    p.add_argument("--steps", type=int, default=20, help="woven steps to measure (with --config)")
+    p.add_argument("--config", default=None,
+                   help="a `tessera train` config (its data and parallel sections) or a file with only the data section")
+    p.add_argument("--steps", type=int, default=20, help="blended steps to measure (with --config)")
     p.add_argument("--start-step", type=int, default=0)
+    p.add_argument("--global-batch", type=int, default=None, help="default: the config's parallel section, else 64")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the config's parallel section, else 8")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("bench", help="tokens/s/core of the packed, woven batch stream")
+    p = sub.add_parser("bench", help="tokens/s/core of the packed, blended batch stream")
     p.add_argument("dirs", nargs="*", help="pretokenized directories (NAME=DIR or DIR)")
-    p.add_argument("--config", default=None)
+    p.add_argument("--config", default=None, help="as for report: a training config or a data section")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seq-length", type=int, default=2048)
-    p.add_argument("--global-batch", type=int, default=64)
-    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--global-batch", type=int, default=None, help="default: the config's, else 64")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the config's, else 8")
     p.add_argument("--document-mask", action="store_true",
                    help="packing with document boundaries (cu_seqlens, restarted positions; docs/finetuning.md)")
     p.add_argument("--json", action="store_true")
