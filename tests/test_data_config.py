@@ -3,6 +3,8 @@ earlier spellings read for one release, and one-line errors naming the field."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -94,8 +96,31 @@ def test_a_training_config_is_a_data_config_too(tmp_path):
         load_data_config(run, ["--sources", "[{path: a}, {path: b, weight: -2}]"])
 
 
-def test_open_names_the_missing_directory(tmp_path):
-    cfg = _cfg(sources=[{"path": str(tmp_path)}, {"path": str(tmp_path / "nope"), "name": "b"}])
+def test_open_names_the_missing_directory(tmp_path, tiny_pretok):
+    cfg = _cfg(sources=[{"path": str(tiny_pretok["train"])}, {"path": str(tmp_path / "nope"), "name": "b"}])
     with pytest.raises(ConfigError, match=r"^data.sources\[1\].path: .*nope is not a directory"):
         cfg.open_sources()
     assert DataSource().weight is None
+
+
+def test_opening_bad_sources_fails_in_one_line_naming_the_field(tmp_path, tiny_pretok):
+    from tessera.tokenizers.vocab import Vocabulary
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = _cfg(sources=[{"path": str(tiny_pretok["train"])}, {"path": str(empty), "name": "e"}])
+    with pytest.raises(ConfigError, match=r"^data.sources\[1\].path: .*not a complete pretokenized dataset"):
+        cfg.open_sources()
+    with pytest.raises(ConfigError, match=r"^data.path: .*no vocabulary file"):
+        _cfg(path=str(empty)).vocabulary()
+    # another vocabulary: the iterator refuses to blend them
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in tiny_pretok["train"].iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    v = Vocabulary.load(other)
+    dataclasses.replace(v, num_text_tokens=v.num_text_tokens + 1).save(other)
+    two = _cfg(sources=[{"path": str(tiny_pretok["train"])}, {"path": str(other)}])
+    with pytest.raises(ConfigError, match=r"^data: sources use different vocabularies"):
+        two.iterator(4, 2)

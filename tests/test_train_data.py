@@ -159,6 +159,10 @@ def test_training_refuses_what_it_cannot_use():
                                                   "--data.seq_length", "32"])
     with pytest.raises(ConfigError, match=r"^data.reset_attention_mask: the trainer cannot use it .*data.document_mask: true"):
         validate_layout(cfg, 1, get_preset("tiny"))
+    cfg = load_train_config("configs/demo.yaml", ["--model.preset", "tiny", "--data.document_mask", "true",
+                                                  "--data.seq_length", "32"])
+    with pytest.raises(ConfigError, match=r"^data.document_mask needs data.path or data.sources"):
+        validate_layout(cfg, 1, get_preset("tiny"))
     with pytest.raises(ConfigError, match=r"configs/demo.yaml: data.sources\[1\].name: 'x' is also"):
         load_train_config("configs/demo.yaml", ["--data.sources", "[{path: a/x}, {path: b/x}]"])
 

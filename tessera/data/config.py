@@ -135,6 +135,18 @@ class DataConfig:
                               "data.reset_attention_mask and data.create_attention_mask off")
 
     # ---- opening them -------------------------------------------------------------------------------
+    def vocabulary(self):
+        """The training data's vocabulary: the first source's (the iterator checks that the others share it)."""
+        from tessera.tokenizers.vocab import Vocabulary, VocabularyError
+
+        sources = self.train_sources()
+        if not sources:
+            raise ConfigError("data.sources: no sources (give data.path or data.sources)")
+        try:
+            return Vocabulary.load(sources[0].path)
+        except VocabularyError as exc:
+            raise ConfigError(f"{'data.path' if self.path else 'data.sources[0].path'}: {exc}") from exc
+
     def packing(self) -> PackingConfig:
         from tessera.data.batches import PackingConfig
 
@@ -152,25 +164,35 @@ class DataConfig:
     def open_sources(self, num_samples: int | None = None, held_out: bool = False) -> dict[str, PackedSource]:
         """name -> PackedSource of the blend's (or the held-out) sources. ``num_samples``: samples each
         source indexes (None: one epoch, read again in the same order when used up)."""
-        from tessera.data.batches import open_sources
+        from tessera.data.batches import BatchError, PackedSource
+        from tessera.data.pretokenize import PretokenizeError
+        from tessera.tokenizers.vocab import VocabularyError
 
         field_name = "data.eval_sources" if held_out else "data.sources"
         sources = self.held_out_sources() if held_out else self.train_sources()
+        out = {}
         for i, s in enumerate(sources):
+            where = ("data.eval_path" if self.eval_path else f"{field_name}[{i}].path") if held_out else \
+                ("data.path" if self.path else f"{field_name}[{i}].path")
             if not Path(s.path).is_dir():
-                where = ("data.eval_path" if self.eval_path else f"{field_name}[{i}].path") if held_out else \
-                    ("data.path" if self.path else f"{field_name}[{i}].path")
                 raise ConfigError(f"{where}: {s.path} is not a directory (a `tessera data pretokenize` output)")
-        need = None if num_samples is None else {s.name: num_samples for s in sources}
-        return open_sources({s.name: s.path for s in sources}, self.packing(), need)
+            try:
+                out[s.name] = PackedSource(s.path, self.packing(), num_samples, name=s.name)
+            except (BatchError, PretokenizeError, VocabularyError, FileNotFoundError) as exc:
+                raise ConfigError(f"{where}: {exc}") from exc
+        return out
 
     def iterator(self, global_batch: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1,
                  start_step: int = 0, num_samples: int | None = None) -> BlendedBatchIterator:
         """This rank's micro-batches of the blended stream (``tessera.data.batches``)."""
-        from tessera.data.batches import BlendedBatchIterator
+        from tessera.data.batches import BatchError, BlendedBatchIterator
 
-        return BlendedBatchIterator(self.open_sources(num_samples), self.schedule(), global_batch, micro_batch,
-                                    dp_rank, dp_size, self.seed, start_step)
+        sources = self.open_sources(num_samples)
+        try:
+            return BlendedBatchIterator(sources, self.schedule(), global_batch, micro_batch, dp_rank, dp_size,
+                                        self.seed, start_step)
+        except BatchError as exc:  # e.g. sources pretokenized with different tokenizers
+            raise ConfigError(f"data: {exc}") from exc
 
 
 def held_out_iterator(source: PackedSource, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,

@@ -180,6 +180,8 @@ def validate_layout(cfg: TrainConfig, world_size: int, model: ModelConfig | None
         )
     if cfg.data.seq_length > m.seq_length:
         raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds model.seq_length {m.seq_length}")
+    if cfg.data.document_mask and not cfg.data.train_sources():
+        raise ConfigError("data.document_mask needs data.path or data.sources: the mock dataset has no documents")
     for key in ("reset_position_ids", "reset_attention_mask", "create_attention_mask"):
         if getattr(cfg.data, key):
             # megatron's RoPE follows the row position outside THD batches and the trainer passes no mask

@@ -131,9 +131,7 @@ def train(cfg: TrainConfig) -> list[float]:
     vocab = None
     sources = cfg.data.train_sources()
     if sources:
-        from tessera.tokenizers.vocab import Vocabulary
-
-        vocab = Vocabulary.load(sources[0].path)  # the iterator checks that every source shares it
+        vocab = cfg.data.vocabulary()
     bf16 = resolve_precision(cfg.precision) == "bf16"
     # the model the run builds: the embedding covers the data's vocabulary (padded, divisible by 128 x TP),
     # precision decides the parameter dtype
