@@ -16,7 +16,7 @@ from tessera.deps import DISTRIBUTIONS, MEGATRON_CORE, UnsupportedDependency, in
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("model", "tessera.model.cli", "inspect model presets (shape, exact parameter count)"),
     ("tokenizer", "tessera.tokenizers.cli", "train and use the BPE text and VQ image tokenizers"),
-    ("data", "tessera.data.cli", "synthesise corpora, pretokenize shards, inspect the woven batch stream"),
+    ("data", "tessera.data.cli", "synthesise corpora, pretokenize shards, inspect the blended batch stream"),
     ("train", "tessera.pretrain.cli", "pretrain a model with megatron-core TP/PP/DP (torchrun or Slurm)"),
     ("generate", "tessera.generate.cli", "generate interleaved text-image documents from a checkpoint"),
     ("convert", "tessera.convert.cli", "convert checkpoints to and from Hugging Face / Meta Chameleon formats"),

@@ -1,4 +1,4 @@
-"""Packed samples, weave schedules and the woven, DP-sliced, resumable batch iterator."""
+"""Packed samples, blend schedules and the blended, DP-sliced, resumable batch iterator."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import torch
 from test_data_standins import pretokenized_synth
 
 from tessera.bench.data import benchmark_batches
-from tessera.data.batches import BatchError, PackedSource, PackingConfig, WovenBatchIterator
-from tessera.data.report import source_balance, woven_balance
-from tessera.data.weave import (
-    WeaveError,
-    WeaveKnot,
-    WeaveSchedule,
+from tessera.data.batches import BatchError, BlendedBatchIterator, PackedSource, PackingConfig
+from tessera.data.blend import (
+    BlendError,
+    BlendKnot,
+    BlendSchedule,
     composition,
     consumed_before,
     plan,
 )
+from tessera.data.report import blend_balance, source_balance
 from tessera.tokenizers.vocab import Modality
 
 SEQ = 64
@@ -27,7 +27,7 @@ SEQ = 64
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    return pretokenized_synth(tmp_path_factory.mktemp("woven"), (("web", 1, 40), ("synth", 2, 60)))
+    return pretokenized_synth(tmp_path_factory.mktemp("blend"), (("web", 1, 40), ("synth", 2, 60)))
 
 
 def _sources(datasets, packing=None, num_samples=4000):
@@ -35,37 +35,37 @@ def _sources(datasets, packing=None, num_samples=4000):
     return {n: PackedSource(p, packing, num_samples, name=n) for n, p in datasets.items()}
 
 
-SCHEDULE = WeaveSchedule(
+SCHEDULE = BlendSchedule(
     ["web", "synth"],
-    [WeaveKnot(0, {"web": 1.0}), WeaveKnot(5, {"web": 1.0}), WeaveKnot(25, {"web": 0.2, "synth": 0.8})],
+    [BlendKnot(0, {"web": 1.0}), BlendKnot(5, {"web": 1.0}), BlendKnot(25, {"web": 0.2, "synth": 0.8})],
 )
 
 
 # ---- schedules ---------------------------------------------------------------------------------
 def test_schedule_ramps_are_smooth_and_hit_the_knots():
     for ramp, bound in (("linear", 1 / 20), ("cosine", math.pi / 2 / 20)):
-        s = WeaveSchedule(["a", "b"], [WeaveKnot(100, {"a": 3.0, "b": 1.0}), WeaveKnot(120, {"b": 1.0})], ramp)
+        s = BlendSchedule(["a", "b"], [BlendKnot(100, {"a": 3.0, "b": 1.0}), BlendKnot(120, {"b": 1.0})], ramp)
         assert s.weights(0).tolist() == [0.75, 0.25] == s.weights(100).tolist()
         assert s.weights(120).tolist() == [0.0, 1.0] == s.weights(10_000).tolist()
         w = np.stack([s.weights(t) for t in range(90, 131)])
         assert np.allclose(w.sum(1), 1.0)
         assert np.abs(np.diff(w, axis=0)).max() <= 0.75 * bound + 1e-12  # never a jump
-    assert WeaveSchedule.from_dict(s.to_dict()).weights_dict(110) == s.weights_dict(110)
+    assert BlendSchedule.from_dict(s.to_dict()).weights_dict(110) == s.weights_dict(110)
 
 
 @pytest.mark.parametrize(
     "knots,match",
     [
         ([], "at least one knot"),
-        ([WeaveKnot(0, {"a": 1}), WeaveKnot(0, {"b": 1})], "strictly increase"),
-        ([WeaveKnot(0, {"c": 1})], "unknown source"),
-        ([WeaveKnot(0, {"a": 0, "b": 0})], "not all zero"),
-        ([WeaveKnot(0, {"a": -1, "b": 2})], ">= 0"),
+        ([BlendKnot(0, {"a": 1}), BlendKnot(0, {"b": 1})], "strictly increase"),
+        ([BlendKnot(0, {"c": 1})], "unknown source"),
+        ([BlendKnot(0, {"a": 0, "b": 0})], "not all zero"),
+        ([BlendKnot(0, {"a": -1, "b": 2})], ">= 0"),
     ],
 )
 def test_schedule_validation(knots, match):
-    with pytest.raises(WeaveError, match=match):
-        WeaveSchedule(["a", "b"], knots)
+    with pytest.raises(BlendError, match=match):
+        BlendSchedule(["a", "b"], knots)
 
 
 def test_plan_is_a_pure_function_of_seed_and_step():
@@ -134,7 +134,7 @@ def test_document_boundaries_reset_positions_attention_and_loss(datasets):
     assert seen_boundary
 
 
-# ---- the woven iterator ------------------------------------------------------------------------
+# ---- the blended iterator -----------------------------------------------------------------------
 def _run(it, n_micro):
     return [next(it) for _ in range(n_micro)]
 
@@ -150,27 +150,27 @@ def _same(a, b):
 def test_resume_equals_uninterrupted(datasets):
     srcs = _sources(datasets)
     kw = dict(global_batch=16, micro_batch=4, dp_rank=1, dp_size=2, seed=3)
-    full = _run(WovenBatchIterator(srcs, SCHEDULE, **kw), 2 * 30)  # 30 steps, 2 micro-batches each
+    full = _run(BlendedBatchIterator(srcs, SCHEDULE, **kw), 2 * 30)  # 30 steps, 2 micro-batches each
     # interrupted mid-step, state saved, fresh iterator restored
-    it = WovenBatchIterator(srcs, SCHEDULE, **kw)
+    it = BlendedBatchIterator(srcs, SCHEDULE, **kw)
     head = _run(it, 2 * 17 + 1)
     state = it.state_dict()
     assert state == {"version": 1, "seed": 3, "step": 17, "micro": 1, "global_batch": 16,
                      "consumed": state["consumed"]} and sum(state["consumed"].values()) == 17 * 16
-    it2 = WovenBatchIterator(_sources(datasets), SCHEDULE, **kw)
+    it2 = BlendedBatchIterator(_sources(datasets), SCHEDULE, **kw)
     it2.load_state_dict(state)
     _same(head + _run(it2, 60 - len(head)), full)
     # or from (seed, step) alone
-    _same(_run(WovenBatchIterator(srcs, SCHEDULE, start_step=12, **kw), 2 * 18), full[24:])
+    _same(_run(BlendedBatchIterator(srcs, SCHEDULE, start_step=12, **kw), 2 * 18), full[24:])
     assert consumed_before(SCHEDULE, 3, 17, 16).tolist() == list(state["consumed"].values())
     with pytest.raises(BatchError, match="seed"):
-        WovenBatchIterator(srcs, SCHEDULE, **{**kw, "seed": 4}).load_state_dict(state)
+        BlendedBatchIterator(srcs, SCHEDULE, **{**kw, "seed": 4}).load_state_dict(state)
 
 
 def test_data_parallel_ranks_partition_the_global_batch(datasets):
     srcs = _sources(datasets)
-    one = WovenBatchIterator(srcs, SCHEDULE, 16, 2, 0, 1, seed=5)
-    ranks = [WovenBatchIterator(srcs, SCHEDULE, 16, 2, r, 4, seed=5) for r in range(4)]
+    one = BlendedBatchIterator(srcs, SCHEDULE, 16, 2, 0, 1, seed=5)
+    ranks = [BlendedBatchIterator(srcs, SCHEDULE, 16, 2, r, 4, seed=5) for r in range(4)]
     for _ in range(12):
         whole = one.next_step()
         parts = [b for r in ranks for b in r.next_step()]
@@ -184,23 +184,23 @@ def test_data_parallel_ranks_partition_the_global_batch(datasets):
 def test_iterator_rejects_bad_settings(datasets):
     srcs = _sources(datasets)
     with pytest.raises(BatchError, match="divisible"):
-        WovenBatchIterator(srcs, SCHEDULE, 10, 4, 0, 1)
+        BlendedBatchIterator(srcs, SCHEDULE, 10, 4, 0, 1)
     with pytest.raises(BatchError, match="not given"):
-        WovenBatchIterator({"web": srcs["web"]}, SCHEDULE, 8, 4)
+        BlendedBatchIterator({"web": srcs["web"]}, SCHEDULE, 8, 4)
 
 
-def test_woven_modality_report_counts_exactly(datasets):
+def test_blend_modality_report_counts_exactly(datasets):
     srcs = _sources(datasets)
-    it = WovenBatchIterator(srcs, SCHEDULE, 8, 4, seed=1)
-    rep = woven_balance(it, 10)
-    assert rep["woven"]["tokens"] == 10 * 8 * SEQ
-    assert sum(r["tokens"] for r in rep["per_source"].values()) == rep["woven"]["tokens"]
+    it = BlendedBatchIterator(srcs, SCHEDULE, 8, 4, seed=1)
+    rep = blend_balance(it, 10)
+    assert rep["blend"]["tokens"] == 10 * 8 * SEQ
+    assert sum(r["tokens"] for r in rep["per_source"].values()) == rep["blend"]["tokens"]
     # recount by hand from the same stream
     table = srcs["web"].vocab.modality_table()
-    again = WovenBatchIterator(srcs, SCHEDULE, 8, 4, seed=1)
+    again = BlendedBatchIterator(srcs, SCHEDULE, 8, 4, seed=1)
     toks = torch.cat([b["tokens"] for _ in range(10) for b in again.next_step()]).reshape(-1)
     img = int((table[toks] == int(Modality.IMAGE)).sum())
-    assert rep["woven"]["image"] == pytest.approx(img / toks.numel())
+    assert rep["blend"]["image"] == pytest.approx(img / toks.numel())
     b = source_balance(datasets["web"])
     assert b["text"] + b["image"] + b["special"] == pytest.approx(1.0) and b["image"] > 0.05
 
@@ -232,7 +232,7 @@ def test_attention_mask_equals_megatrons(datasets, reset):
 def test_iterator_writes_the_same_masks_into_its_batch_buffer(datasets):
     pk = PackingConfig(seq_length=SEQ, reset_attention_mask=True, create_attention_mask=True)
     srcs = _sources(datasets, pk)
-    it = WovenBatchIterator(srcs, SCHEDULE, 8, 4, seed=2, start_step=10)
+    it = BlendedBatchIterator(srcs, SCHEDULE, 8, 4, seed=2, start_step=10)
     src, idx = it.step_plan(10, it.consumed)
     b = next(it)
     for k in range(4):

@@ -1,4 +1,4 @@
-"""End to end with the real tokenizers and the CLI: synth -> pretokenize -> report -> woven batches."""
+"""End to end with the real tokenizers and the CLI: synth -> pretokenize -> report -> blended batches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tessera.cli import main
-from tessera.data.batches import WovenBatchIterator
+from tessera.data.batches import BlendedBatchIterator
 from tessera.data.config import load_data_config
 from tessera.data.raw import iter_documents
 from tessera.data.synth import parse_caption
@@ -63,16 +63,17 @@ def test_synth_pretokenize_report_batches_with_real_tokenizers(tmp_path, capsys)
 
     cfg_path = tmp_path / "data.yaml"
     cfg_path.write_text(
-        f"sources: {{a: {out}, b: {out}}}\n"
-        "weave: {ramp: linear, knots: [{step: 0, weights: {a: 1}}, {step: 4, weights: {b: 1}}]}\n"
-        "seq_length: 128\nglobal_batch: 8\nmicro_batch: 2\nseed: 9\nreset_position_ids: true\n"
+        f"sources: [{{name: a, path: {out}}}, {{name: b, path: {out}}}]\n"
+        "blend: {ramp: linear, knots: [{step: 0, weights: {a: 1}}, {step: 4, weights: {b: 1}}]}\n"
+        "seq_length: 128\nseed: 9\nreset_position_ids: true\n"
     )
     cfg = load_data_config(cfg_path)
-    it = cfg.iterator(dp_rank=1, dp_size=2)
-    assert isinstance(it, WovenBatchIterator)
+    it = cfg.iterator(8, 2, dp_rank=1, dp_size=2)
+    assert isinstance(it, BlendedBatchIterator)
     batches = [b for _ in range(6) for b in it.next_step()]
     assert all(b["tokens"].shape == (2, 128) for b in batches)
     assert (batches[0]["source"] == 0).all() and (batches[-1]["source"] == 1).all()
-    assert main(["data", "report", "--config", str(cfg_path), "--steps", "3", "--json"]) == 0
+    assert main(["data", "report", "--config", str(cfg_path), "--steps", "3", "--global-batch", "8",
+                 "--micro-batch", "2", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["woven"]["woven"]["tokens"] == 3 * 8 * 128
+    assert rep["blend"]["blend"]["tokens"] == 3 * 8 * 128

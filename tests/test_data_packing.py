@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from test_data_chat import write_chat_jsonl
 from test_data_standins import ByteTokenizer, PatchColourTokenizer, pretokenized_synth
 
-from tessera.data.batches import BatchError, PackedSource, PackingConfig, WovenBatchIterator, window_parts
+from tessera.data.batches import BatchError, BlendedBatchIterator, PackedSource, PackingConfig, window_parts
+from tessera.data.blend import BlendSchedule
 from tessera.data.pretokenize import PretokenizeOptions, pretokenize
-from tessera.data.weave import WeaveSchedule
 
 SEQ = 64
 
@@ -38,7 +38,7 @@ def _source(path, document_mask=False, num_samples=200, **kw):
 
 def _iterator(path, micro, document_mask=True, global_batch=8):
     src = _source(path, document_mask)
-    return WovenBatchIterator({"s": src}, WeaveSchedule.constant({"s": 1.0}), global_batch, micro)
+    return BlendedBatchIterator({"s": src}, BlendSchedule.constant({"s": 1.0}), global_batch, micro)
 
 
 def test_window_parts_cut_megatrons_windows(data):

@@ -166,7 +166,8 @@ def test_heldout_evaluation_runs_on_the_models_device(megatron_1proc):
     ev = Evaluator(cfg, [model], n_micro=2, dp_rank=0, dp_size=1, modality=_modality(cfg.model.vocab_size),
                    device=META, forward_backward_func=schedule)
     rec = DeviceRecorder()
-    ev._batches = rec.host_side(ev._batches)  # the held-out source builds host batches (data loading)
+    # the held-out source builds host batches (data loading)
+    ev._sets = {name: rec.host_side(batches) for name, batches in ev._sets.items()}
     with rec, pytest.raises(_Stop):
         ev.run()
     assert len(seen) == 2 and set(CE_KEYS) <= set(seen[0])

@@ -39,7 +39,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """``tessera bench data``'s flags (also behind the deprecated ``tessera data bench``)."""
     _common(p)
     p.add_argument("dirs", nargs="*", help="pretokenized directories, NAME=DIR or DIR (default: build a small one)")
-    p.add_argument("--config", default=None, help="a DataConfig YAML: its sources, weave, packing and batch sizes")
+    p.add_argument("--config", default=None, help="a training config or its data section: sources, blend, packing and batch sizes")
     _seq_length(p, 1024)
     p.add_argument("--global-batch", type=int, default=8, help="sequences per step")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch")
@@ -117,7 +117,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_vq)
 
     add_data_arguments(sub.add_parser(
-        "data", help="tokens/s/core of the packed, woven batch stream against reading its .bin; --curate: curation"))
+        "data", help="tokens/s/core of the packed, blended batch stream against reading its .bin; --curate: curation"))
 
     p = sub.add_parser("plan", help="memory per GPU, tokens/s and GPU-days for a preset or a training config")
     _common(p)
@@ -136,6 +136,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     from tessera.bench.memory import register as register_memory
 
     register_memory(p)
+    add_deprecated_alias(p, "--seq", "--seq-length", dest="seq_length", type=int)
     p.set_defaults(func=cmd_memory, accepts_overrides=True)
 
     p = sub.add_parser("gpu-check", help="validate a GPU: versions, compiled kernels, TE layers, checkpoints, "
@@ -334,7 +335,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from tessera.bench.plan import Layout, PlanError, default_gpus, format_plan, plan, plan_for_train_config, shape_for_preset
+    from tessera.bench.plan import (
+        Layout,
+        PlanError,
+        default_gpus,
+        format_plan,
+        plan,
+        plan_for_train_config,
+        shape_for_preset,
+    )
 
     if args.config is not None:
         res = plan_for_train_config(str(args.config), _config_overrides(args), gpus=args.gpus, mfu=args.mfu,

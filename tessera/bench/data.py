@@ -1,6 +1,6 @@
 """``tessera bench data``: throughput of the data pipeline.
 
-* ``benchmark_batches``: tokens/s/core of the packed, woven batch stream from pretokenized data;
+* ``benchmark_batches``: tokens/s/core of the packed, blended batch stream from pretokenized data;
   ``run_data`` sets it against a floor in the same run: the same number of tokens read as plain
   contiguous windows from the same memory-mapped .bin (no packing, shuffling, weaving, masks or position
   ids) -- what the pipeline costs on top of reading its tokens;
@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.data.batches import PackingConfig, WovenBatchIterator, open_sources
-from tessera.data.weave import WeaveSchedule
+from tessera.data.batches import BlendedBatchIterator, PackingConfig, open_sources
+from tessera.data.blend import BlendSchedule
 
 
 def benchmark_batches(
     sources: Mapping[str, str | Path],
-    schedule: WeaveSchedule | None = None,
+    schedule: BlendSchedule | None = None,
     seq_length: int = 2048,
     global_batch: int = 64,
     micro_batch: int = 8,
@@ -33,7 +33,7 @@ def benchmark_batches(
     packing: PackingConfig | None = None,
     threads: int = 1,
 ) -> dict:
-    """Time ``steps`` global steps of woven micro-batches on one process (dp_size 1, all slots).
+    """Time ``steps`` global steps of blended micro-batches on one process (dp_size 1, all slots).
 
     Returns tokens/s and tokens/s/core (``threads`` torch threads = cores used; default 1, so
     the two agree), plus the settings. Index building (cached on disk after the first call) is
@@ -42,12 +42,12 @@ def benchmark_batches(
     packing = packing or PackingConfig(seq_length=seq_length)
     if packing.seq_length != seq_length:
         raise ValueError(f"packing.seq_length {packing.seq_length} != seq_length {seq_length}")
-    schedule = schedule or WeaveSchedule.constant({n: 1.0 for n in sources})
+    schedule = schedule or BlendSchedule.constant({n: 1.0 for n in sources})
     need = (steps + warmup_steps) * global_batch
     t0 = time.perf_counter()
     srcs = open_sources(sources, packing, {n: need for n in sources})
     setup = time.perf_counter() - t0
-    it = WovenBatchIterator(srcs, schedule, global_batch, micro_batch, seed=seed)
+    it = BlendedBatchIterator(srcs, schedule, global_batch, micro_batch, seed=seed)
     for _ in range(warmup_steps):
         it.next_step()
     t0 = time.perf_counter()
@@ -179,18 +179,20 @@ def raw_read_floor(path: Path, seq_length: int, batch: int, steps: int) -> dict:
 def run_data(sources: Mapping[str, str | Path] | None = None, seq_length: int = 1024, global_batch: int = 8,
              micro_batch: int = 8, steps: int = 50, config: str | Path | None = None,
              document_mask: bool = False) -> dict:
-    """``tessera bench data``: the woven batch stream of ``sources`` (name -> pretokenized directory), of a
-    DataConfig YAML (``config``: its sources, weave, packing and batch sizes win), or of a small dataset
+    """``tessera bench data``: the blended batch stream of ``sources`` (name -> pretokenized directory), of a
+    DataConfig YAML (``config``: its sources, blend, packing and batch sizes win), or of a small dataset
     built on the spot, and the floor of its first source."""
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="tessera-bench-data-") as tmp:
         schedule, packing, seed, what = None, None, 0, None
         if config is not None:
-            from tessera.data.config import load_data_config
+            from tessera.data.config import batch_sizes, load_data_config
 
             cfg = load_data_config(config)
-            sources, schedule, packing, seed = cfg.sources, cfg.schedule(), cfg.packing(), cfg.seed
-            seq_length, global_batch, micro_batch = cfg.seq_length, cfg.global_batch, cfg.micro_batch
+            sources = {s.name: s.path for s in cfg.train_sources()}
+            schedule, packing, seed, seq_length = cfg.schedule(), cfg.packing(), cfg.seed, cfg.seq_length
+            gbs, mbs = batch_sizes(config)  # a training config's parallel section wins over the flags
+            global_batch, micro_batch = gbs or global_batch, mbs or micro_batch
             what = str(config)
         elif not sources:
             sources = {"corpus": build_small_dataset(Path(tmp))}
@@ -205,7 +207,7 @@ def run_data(sources: Mapping[str, str | Path] | None = None, seq_length: int = 
         first = next(iter(sources))
         floor = raw_read_floor(Path(sources[first]), seq_length, global_batch, steps)
     rows = [
-        {"pipeline": "tessera woven batches (packed, shuffled, masks)", "tokens_per_s_per_core": ours["tokens_per_s_per_core"],
+        {"pipeline": "tessera blended batches (packed, shuffled, masks)", "tokens_per_s_per_core": ours["tokens_per_s_per_core"],
          "tokens": ours["tokens"], "seconds": ours["seconds"], "setup_s": ours["setup_s"]},
         {"pipeline": f"floor: contiguous windows of {first}'s .bin", "tokens_per_s_per_core": floor["tokens_per_s_per_core"],
          "tokens": floor["tokens"], "seconds": floor["seconds"], "setup_s": None},

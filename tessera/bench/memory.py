@@ -37,7 +37,6 @@ from tessera.bench.plan import (
     stage_parameters,
     state_bytes_per_param,
 )
-from tessera.cli_common import add_deprecated_alias
 from tessera.config import ConfigError
 from tessera.pretrain.layout import RECOMPUTE_MODES, ParallelLayout
 
@@ -50,7 +49,6 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=512, help="reduced hidden size (heads of 32 dims, ratios kept)")
     p.add_argument("--layers-per-stage", type=int, default=2, help="decoder layers per pipeline stage (chunk)")
     p.add_argument("--seq-length", type=int, default=256, help="reduced sequence length")
-    add_deprecated_alias(p, "--seq", "--seq-length", dest="seq_length", type=int)
     p.add_argument("--tp", type=int, default=None, help="measured TP (default: the config's, at most 2)")
     p.add_argument("--pp", type=int, default=None, help="measured PP (default: the config's, at most 2)")
     p.add_argument("--dp", type=int, default=2, help="measured data-parallel size")

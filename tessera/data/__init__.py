@@ -11,7 +11,8 @@
 - ``curate``: filters and exact / near-duplicate removal across shards (``tessera data curate``).
 - ``pretokenize``: shards -> megatron IndexedDataset (+ a loss-mask one) + vocab.json + stats.json, atomic and
   resumable.
-- ``batches`` / ``weave`` / ``config``: packed samples (loss masks, document boundaries), weave schedules,
-  ``WovenBatchIterator``.
+- ``batches`` / ``blend`` / ``config``: packed samples (loss masks, document boundaries), blend schedules
+  (the mixture of sources and how it changes with the step), ``BlendedBatchIterator``, ``DataConfig`` (the
+  ``data:`` section of a training config).
 - ``report``, ``bench``: modality balance and ``benchmark_batches``.
 """

@@ -1,5 +1,5 @@
-"""Training batches: fixed-length packed sequences per source (megatron-core GPTDataset) woven
-across sources by a ``WeaveSchedule``, sliced for data parallelism, resumable exactly.
+"""Training batches: fixed-length packed sequences per source (megatron-core GPTDataset) blended
+across sources by a ``BlendSchedule``, sliced for data parallelism, resumable exactly.
 
 One packed sample is a window of ``seq_length + 1`` ids over the source's shuffled, concatenated
 documents (megatron's document / sample / shuffle indices, cached as .npy beside the dataset) and
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tessera.data.blend import BlendSchedule, consumed_before, plan, slot_indices
 from tessera.data.pretokenize import DATA_PREFIX, MASK_PREFIX, load_stats
-from tessera.data.weave import WeaveSchedule, consumed_before, plan, slot_indices
 from tessera.tokenizers.vocab import Vocabulary
 
 log = logging.getLogger("tessera.data")
@@ -248,10 +248,10 @@ def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-class WovenBatchIterator:
-    """Micro-batches for one data-parallel rank of a woven, packed stream.
+class BlendedBatchIterator:
+    """Micro-batches for one data-parallel rank of a blended, packed stream.
 
-    Global step t has ``global_batch`` slots (composition: ``weave.plan``); rank r owns slots
+    Global step t has ``global_batch`` slots (composition: ``blend.plan``); rank r owns slots
     ``[r * global_batch / dp_size, (r + 1) * global_batch / dp_size)`` and yields them as
     ``global_batch / (dp_size * micro_batch)`` micro-batches, each a dict of
     ``tokens, labels, loss_mask, position_ids [micro, seq]`` (+ ``attention_mask``) plus
@@ -267,7 +267,7 @@ class WovenBatchIterator:
     def __init__(
         self,
         sources: Mapping[str, PackedSource] | Sequence[PackedSource],
-        schedule: WeaveSchedule,
+        schedule: BlendSchedule,
         global_batch: int,
         micro_batch: int,
         dp_rank: int = 0,
@@ -279,7 +279,7 @@ class WovenBatchIterator:
             sources = {s.name: s for s in sources}
         missing = [n for n in schedule.sources if n not in sources]
         if missing:
-            raise BatchError(f"weave names source(s) {missing} that were not given; given: {list(sources)}")
+            raise BatchError(f"the blend names source(s) {missing} that were not given; given: {list(sources)}")
         if global_batch % (dp_size * micro_batch):
             raise BatchError(f"global_batch {global_batch} is not divisible by dp_size {dp_size} x micro_batch {micro_batch}")
         if not 0 <= dp_rank < dp_size:

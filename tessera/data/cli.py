@@ -109,21 +109,30 @@ def _named_dirs(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _batch_sizes(args: argparse.Namespace) -> tuple[int, int]:
+    """--global-batch / --micro-batch, else the training config's parallel section, else 64 / 8."""
+    from tessera.data.config import batch_sizes
+
+    gbs, mbs = batch_sizes(args.config)
+    return int(args.global_batch or gbs or 64), int(args.micro_batch or mbs or 8)
+
+
 def _report(args: argparse.Namespace) -> int:
     _logging()
     from tessera.data.config import load_data_config
     from tessera.data.pretokenize import PretokenizeError
-    from tessera.data.report import format_report, source_balance, woven_balance
+    from tessera.data.report import blend_balance, format_report, source_balance
 
     try:
-        woven = weights = None
+        blend = weights = None
         if args.config:
             cfg = load_data_config(args.config)
-            dirs = dict(cfg.sources)
+            dirs = {s.name: s.path for s in cfg.train_sources()}
             if args.steps > 0:
-                it = cfg.iterator(start_step=args.start_step)
+                gbs, mbs = _batch_sizes(args)
+                it = cfg.iterator(gbs, mbs, start_step=args.start_step)
                 weights = it.schedule.weights_dict(args.start_step)
-                woven = woven_balance(it, args.steps)
+                blend = blend_balance(it, args.steps)
         else:
             dirs = _named_dirs(args.dirs)
         if not dirs:
@@ -132,9 +141,9 @@ def _report(args: argparse.Namespace) -> int:
     except (ConfigError, PretokenizeError, ValueError) as exc:
         return _fail(str(exc))
     if args.json:
-        print(json.dumps({"sources": per, "woven": woven}, indent=2))
+        print(json.dumps({"sources": per, "blend": blend}, indent=2))
     else:
-        print(format_report(per, woven, weights))
+        print(format_report(per, blend, weights))
     return 0
 
 
@@ -209,11 +218,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="documents per output shard")
     p.set_defaults(func=expected_errors(PROG)(_curate))
 
-    p = sub.add_parser("report", help="modality balance per source and in the woven stream")
+    p = sub.add_parser("report", help="modality balance per source and in the blended stream")
     p.add_argument("dirs", nargs="*", help="pretokenized directories (NAME=DIR or DIR)")
-    p.add_argument("--config", default=None, help="DataConfig YAML (sources + weave)")
-    p.add_argument("--steps", type=int, default=20, help="woven steps to measure (with --config)")
+    p.add_argument("--config", default=None,
+                   help="a `tessera train` config (its data and parallel sections) or a file with only the data section")
+    p.add_argument("--steps", type=int, default=20, help="blended steps to measure (with --config)")
     p.add_argument("--start-step", type=int, default=0)
+    p.add_argument("--global-batch", type=int, default=None, help="default: the config's parallel section, else 64")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the config's parallel section, else 8")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=expected_errors(PROG)(_report))
 

@@ -1,4 +1,4 @@
-"""Modality balance: the share of text, image and special tokens per source and in the woven stream."""
+"""Modality balance: the share of text, image and special tokens per source and in the blended stream."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.data.batches import WovenBatchIterator
+from tessera.data.batches import BlendedBatchIterator
 from tessera.data.pretokenize import load_stats
 from tessera.tokenizers.vocab import Modality
 
@@ -28,7 +28,7 @@ def source_balance(path: str | Path) -> dict:
     }
 
 
-def woven_balance(it: WovenBatchIterator, steps: int) -> dict:
+def blend_balance(it: BlendedBatchIterator, steps: int) -> dict:
     """Measured over ``steps`` steps of this iterator's rank: per source and overall, counting the
     input tokens of every packed sample, plus each source's share of slots."""
     table = it.vocab.modality_table()
@@ -52,21 +52,21 @@ def woven_balance(it: WovenBatchIterator, steps: int) -> dict:
         "steps": [first, it.step],
         "per_source": {n: frac(counts[i]) | {"slot_share": float(slots[i] / max(1, slots.sum()))}
                        for i, n in enumerate(it.source_names)},
-        "woven": frac(counts.sum(0)),
+        "blend": frac(counts.sum(0)),
     }
 
 
-def format_report(sources: Mapping[str, dict], woven: dict | None, weights: Mapping[str, float] | None = None) -> str:
+def format_report(sources: Mapping[str, dict], blend: dict | None, weights: Mapping[str, float] | None = None) -> str:
     lines = [f"{'source':<16}{'tokens':>14}{'text':>8}{'image':>8}{'special':>9}"]
     for n, b in sources.items():
         lines.append(f"{n:<16}{b['tokens']:>14,}{b['text']:>8.1%}{b['image']:>8.1%}{b['special']:>9.1%}")
-    if woven:
-        a, b = woven["steps"]
-        lines.append(f"woven stream, steps [{a}, {b}) (measured on packed samples):")
-        for n, r in woven["per_source"].items():
+    if blend:
+        a, b = blend["steps"]
+        lines.append(f"blended stream, steps [{a}, {b}) (measured on packed samples):")
+        for n, r in blend["per_source"].items():
             w = f"  weight@start {weights[n]:.3f}" if weights else ""
             lines.append(f"  {n:<14}{r['tokens']:>14,}{r['text']:>8.1%}{r['image']:>8.1%}{r['special']:>9.1%}"
                          f"  slots {r['slot_share']:.1%}{w}")
-        r = woven["woven"]
+        r = blend["blend"]
         lines.append(f"  {'all':<14}{r['tokens']:>14,}{r['text']:>8.1%}{r['image']:>8.1%}{r['special']:>9.1%}")
     return "\n".join(lines)

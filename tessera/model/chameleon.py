@@ -35,15 +35,27 @@ def recompute_settings(cfg: ModelConfig, layers_per_chunk: int) -> dict:
     return {"recompute_granularity": "full", "recompute_method": cfg.recompute_method, "recompute_num_layers": n}
 
 
+def rope_fusion_available() -> bool:
+    """megatron's ``apply_rope_fusion`` for THD rows: Transformer Engine's fused RoPE kernel, on CUDA."""
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb_thd is not None
+
+
 def transformer_config(cfg: ModelConfig, *, sequence_parallel: bool = False, gradient_accumulation_fusion: bool = False,
-                       deterministic_mode: bool = False, **overrides) -> TransformerConfig:
+                       deterministic_mode: bool = False, packed_sequences: bool = False,
+                       **overrides) -> TransformerConfig:
     """megatron's TransformerConfig for ``cfg`` under the current parallel state.
 
     Training features the run config decides (not the model's shape): ``sequence_parallel`` (needs TP > 1),
     ``gradient_accumulation_fusion`` (the weight-gradient GEMM accumulates into DDP's fp32 main_grad: needs
-    CUDA and apex's ``fused_weight_gradient_mlp_cuda``), ``deterministic_mode`` (megatron's); activation
-    recomputation comes from ``cfg.recompute``. On the CPU: weights initialised on the CPU, no CUDA fusions,
-    fp32 or bf16 as ``cfg.params_dtype`` says.
+    CUDA and apex's ``fused_weight_gradient_mlp_cuda``), ``deterministic_mode`` (megatron's),
+    ``packed_sequences`` (document-masked THD rows: TE's fused RoPE where ``rope_fusion_available``, since
+    megatron's unfused THD RoPE reads ``cu_seqlens`` on the host twice per call); activation recomputation
+    comes from ``cfg.recompute``. On the CPU: weights initialised on the CPU, no CUDA fusions, fp32 or bf16
+    as ``cfg.params_dtype`` says.
     """
     cuda = torch.cuda.is_available()
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -85,7 +97,7 @@ def transformer_config(cfg: ModelConfig, *, sequence_parallel: bool = False, gra
         use_cpu_initialization=not cuda,
         # The fused kernels below are CUDA (jit / apex / TE) paths.
         bias_dropout_fusion=cuda,
-        apply_rope_fusion=False,
+        apply_rope_fusion=packed_sequences and rope_fusion_available(),
         masked_softmax_fusion=cuda,
         gradient_accumulation_fusion=gradient_accumulation_fusion,
         persist_layer_norm=False,

@@ -12,9 +12,10 @@ every document (its THD rotary path), and the core attention masks at the bounda
   per document (``per_document``), exact.
 
 ``forward(model, batch)`` is the training entry point: ``batch`` is what ``tessera.data``'s iterator yields
-with ``document_mask`` on (``tokens``, ``position_ids`` ``[b, s]``, ``cu_seqlens``, ``max_seqlen``); it
-returns logits ``[b, s, V/TP]`` on the last pipeline stage (the THD row reshaped back), hidden states
-``[t, 1, h]`` elsewhere. A batch without ``cu_seqlens`` goes through the plain call unchanged.
+with ``document_mask`` on (``tokens``, ``position_ids`` ``[b, s]``, ``cu_seqlens``, ``max_seqlen``), or the
+trainer's device copy of it (``packed_seq_params`` built on the host, ``cu_seqlens`` moved to the device);
+it returns logits ``[b, s, V/TP]`` on the last pipeline stage (the THD row reshaped back), hidden states
+``[t, 1, h]`` elsewhere. A batch without boundaries goes through the plain call unchanged.
 """
 
 from __future__ import annotations
@@ -89,21 +90,30 @@ def per_document(attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], to
 def forward(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], **kwargs):
     """``model`` (a GPTModel chunk, possibly inside DDP / Float16Module) on one micro-batch.
 
-    Without ``cu_seqlens`` in ``batch``: ``model(tokens, position_ids, None)``, as training calls it. With
-    them: the micro-batch flattened to one THD row ``[1, b * s]`` with ``PackedSeqParams``; logits come
-    back ``[b, s, V/TP]`` on the last stage. Pipeline schedules must then be told the row's shape:
-    ``seq_length = b * s, micro_batch_size = 1`` (what stages exchange is ``[b * s, 1, hidden]``)."""
-    tokens, position_ids = batch["tokens"], batch["position_ids"]
-    if "cu_seqlens" not in batch:
+    Without ``cu_seqlens`` / ``packed_seq_params`` in ``batch``: ``model(tokens, position_ids, None)``, as
+    training calls it. With them: the micro-batch flattened to one THD row ``[1, b * s]`` with
+    ``PackedSeqParams`` (``batch["packed_seq_params"]`` when the caller built them, e.g. with ``cu_seqlens`` on
+    the device and the host copy kept; else built here from ``cu_seqlens`` / ``max_seqlen``); logits come back
+    ``[b, s, V/TP]`` on the last stage. Pipeline stages other than the first may get no ``tokens`` (megatron
+    feeds them the previous stage's output): the last one takes ``b, s`` from ``labels``. Pipeline schedules
+    must be told the row's shape: ``seq_length = b * s, micro_batch_size = 1`` (what stages exchange is
+    ``[b * s, 1, hidden]``)."""
+    tokens, position_ids = batch.get("tokens"), batch.get("position_ids")
+    params = batch.get("packed_seq_params")
+    if params is None and "cu_seqlens" not in batch:
         return model(tokens, position_ids, None, **kwargs)
     from megatron.core.utils import get_attr_wrapped_model
 
-    b, s = tokens.shape
-    device = tokens.device if tokens.device.type != "cpu" else None
-    params = packed_seq_params(batch["cu_seqlens"], batch["max_seqlen"], device)
-    if params.cu_seqlens_host[-1] != b * s:
-        raise ValueError(f"cu_seqlens cover {params.cu_seqlens_host[-1]} tokens, the micro-batch {b} x {s}")
-    out = model(tokens.reshape(1, b * s), position_ids.reshape(1, b * s), None, packed_seq_params=params, **kwargs)
-    if get_attr_wrapped_model(model, "post_process") and out.dim() == 3 and out.shape[:2] == (1, b * s):
-        return out.view(b, s, out.shape[-1])
+    if params is None:
+        device = tokens.device if tokens is not None and tokens.device.type != "cpu" else None
+        params = packed_seq_params(batch["cu_seqlens"], batch["max_seqlen"], device)
+    t = host_boundaries(params)[-1]
+    shape = next((tuple(batch[k].shape) for k in ("tokens", "labels") if batch.get(k) is not None), None)
+    if shape is not None and shape[0] * shape[1] != t:
+        raise ValueError(f"cu_seqlens cover {t} tokens, the micro-batch {shape[0]} x {shape[1]}")
+    flat = [None if x is None else x.reshape(1, t) for x in (tokens, position_ids)]
+    out = model(*flat, None, packed_seq_params=params, **kwargs)
+    if shape is not None and get_attr_wrapped_model(model, "post_process") and out.dim() == 3 \
+            and out.shape[:2] == (1, t):
+        return out.view(*shape, out.shape[-1])
     return out

@@ -23,7 +23,9 @@ class LossOutput:
     """``total`` is what backward runs on: mean CE (image tokens weighted) + z-loss, over loss_mask tokens.
     ``ce`` (unweighted mean CE) and ``z`` (weight * mean logsumexp^2) are reported separately;
     ``per_modality`` maps "text"/"image"/"special" to the mean CE of tokens whose LABEL has that modality.
-    The ``*_tokens`` counts let callers average correctly across micro-batches and DP ranks."""
+    The ``*_tokens`` counts let callers average correctly across micro-batches and DP ranks. ``row_ce`` /
+    ``row_tokens`` (``per_row=True``): per row of the batch, the summed CE of its loss-mask tokens and their
+    count (per-source statistics of a blend: each row comes from one source)."""
 
     total: torch.Tensor
     ce: torch.Tensor
@@ -31,6 +33,8 @@ class LossOutput:
     per_modality: dict[str, torch.Tensor] = field(default_factory=dict)
     num_tokens: torch.Tensor | None = None
     per_modality_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    row_ce: torch.Tensor | None = None
+    row_tokens: torch.Tensor | None = None
 
 
 def language_model_loss(
@@ -43,12 +47,14 @@ def language_model_loss(
     *,
     backend: str = "auto",
     inplace_backward: bool = False,
+    per_row: bool = False,
 ) -> LossOutput:
     """logits [b, s, V/TP] (this TP rank's vocab slice; fp32/bf16/fp16), labels [b, s] global ids,
     loss_mask [b, s] (1 = counts), label_modality [b, s] (``Modality`` of each label;
     ``vocab.modality_table()[labels]``). ``backend`` picks the fused kernel's implementation
     (tessera.kernels); ``inplace_backward=True`` lets its backward overwrite the logits with their
-    gradient (saves a logits-sized buffer; only when nothing reads the logits after the loss)."""
+    gradient (saves a logits-sized buffer; only when nothing reads the logits after the loss); ``per_row``
+    adds ``row_ce`` / ``row_tokens`` (labels [b, s] rows)."""
     if logits.shape[:-1] != labels.shape or labels.shape != loss_mask.shape:
         raise ValueError(
             f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, loss_mask {tuple(loss_mask.shape)}"
@@ -87,6 +93,10 @@ def language_model_loss(
         if image_loss_weight != 1.0:
             w = torch.where(label_modality == 1, image_loss_weight, 1.0).to(mask.dtype)
             weighted_ce = (ce_tok * mask * w).sum() / denom
+    rows = {}
+    if per_row:
+        rows = {"row_ce": (ce_tok * mask).detach().sum(-1), "row_tokens": mask.detach().sum(-1)}
     return LossOutput(
-        total=weighted_ce + z, ce=ce, z=z, per_modality=per_modality, num_tokens=n.detach(), per_modality_tokens=per_tokens
+        total=weighted_ce + z, ce=ce, z=z, per_modality=per_modality, num_tokens=n.detach(), per_modality_tokens=per_tokens,
+        **rows,
     )

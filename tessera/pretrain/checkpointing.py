@@ -6,7 +6,7 @@ whose dist_checkpointing save holds, beside ``model``:
     optimizer    megatron ``optimizer.sharded_state_dict(model_sd)``: Adam moments (and fp32 main params
                  under bf16) as ShardedTensors keyed like the model's, so they reshard across TP/PP/DP
     scheduler    ``OptimizerParamScheduler.state_dict()`` (common: written once by rank 0)
-    train_state  {step, bad_steps, data (``WovenBatchIterator.state_dict()`` or None for the mock
+    train_state  {step, bad_steps, data (``BlendedBatchIterator.state_dict()`` or None for the mock
                  dataset, which is keyed by step), layout (tp, pp, dp), optimizer metadata} (common)
     rng_state    one ShardedObject per rank, at offset (pp_rank, tp_rank, dp_rank) of shape (pp, tp, dp):
                  python, numpy, torch CPU, CUDA (when present) and megatron's RNG-tracker states
@@ -333,7 +333,8 @@ def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: 
     if (ts["data"] is None) != (data_iterator is None):
         has = "a data position" if ts["data"] is not None else "no data position (mock dataset)"
         raise CheckpointError(f"{ckpt}: saved with {has}, but this run {'has' if data_iterator else 'has no'} "
-                              "data.path; resume with the same data setting or use train.init_from")
+                              "training data (data.path / data.sources); resume with the same data setting or use "
+                              "train.init_from")
     same_layout = ts["layout"] == _layout()
     model_sd = model_sharded_state_dict(model)
     sharded = dict(model_sd)

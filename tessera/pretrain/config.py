@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tessera.config import ConfigError, apply_overrides, from_dict, parse_overrides, read_yaml_mapping
+from tessera.data.config import DataConfig, normalize_data_section, rename_weave_override
 from tessera.model.config import ModelConfig, get_preset
 
 
@@ -29,16 +30,6 @@ class ParallelConfig:
     ddp_bucket_size: int | None = None  # parameters per gradient bucket; None: megatron-LM's max(40M, 1M x DP)
     sequence_parallel: bool = False  # split norms / dropout activations along the sequence over TP (TP > 1)
     context_parallel: int = 1  # megatron's local attention has no context parallelism: only 1
-
-
-@dataclass
-class DataConfig:
-    path: str = ""  # directory written by `tessera data pretokenize`
-    eval_path: str = ""  # held-out pretokenized directory (same vocabulary) for train.eval_interval evaluation
-    weights: dict[str, float] = field(default_factory=dict)
-    weave: list[dict[str, Any]] = field(default_factory=list)
-    seq_length: int = 64
-    seed: int = 1234
 
 
 @dataclass
@@ -109,6 +100,7 @@ class ResolvedRun:
     gradient_accumulation_fusion: bool
     mfu_peak_flops: float | None  # per device; None: no MFU reported
     mfu_peak: str  # where that peak comes from
+    rope_fusion: bool = False  # TE's fused RoPE (document-masked runs where Transformer Engine has it)
 
 
 # test hooks that once lived in the run config (tessera/pretrain/faults.py reads them from the environment)
@@ -141,13 +133,20 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
         asked = train.pop(key, None)  # an empty value (a config saved by an older version) asked for nothing
         if asked or any(o.split("=")[0] == f"--train.{key}" for o in overrides or []):
             raise ConfigError(f"{source}: train.{key} is not a config setting any more: tests set {env}")
-    ov = parse_overrides(overrides or [])
+    ov = {rename_weave_override(k): v for k, v in parse_overrides(overrides or []).items()}
     model_raw = dict(data.get("model") or {})
     if "model.preset" in ov:
         model_raw = {"preset": ov.pop("model.preset")}
     data["model"] = _resolve_model(model_raw, source)
+    if "data" in data:
+        data["data"] = normalize_data_section(data["data"], source)
     data = apply_overrides(data, TrainConfig, ov)
-    return from_dict(TrainConfig, data, source)
+    cfg = from_dict(TrainConfig, data, source)
+    try:
+        cfg.data.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    return cfg
 
 
 def validate_layout(cfg: TrainConfig, world_size: int, model: ModelConfig | None = None) -> int:
@@ -181,6 +180,13 @@ def validate_layout(cfg: TrainConfig, world_size: int, model: ModelConfig | None
         )
     if cfg.data.seq_length > m.seq_length:
         raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds model.seq_length {m.seq_length}")
+    if cfg.data.document_mask and not cfg.data.train_sources():
+        raise ConfigError("data.document_mask needs data.path or data.sources: the mock dataset has no documents")
+    for key in ("reset_position_ids", "reset_attention_mask", "create_attention_mask"):
+        if getattr(cfg.data, key):
+            # megatron's RoPE follows the row position outside THD batches and the trainer passes no mask
+            raise ConfigError(f"data.{key}: the trainer cannot use it (no attention mask reaches the model, RoPE "
+                              "ignores position ids); data.document_mask: true masks and restarts at documents")
     if cfg.optim.warmup >= cfg.train.steps:
         # megatron's scheduler asserts warmup < decay steps; say which config keys to change instead
         raise ConfigError(f"optim.warmup {cfg.optim.warmup} must be smaller than train.steps {cfg.train.steps}")

@@ -3,10 +3,15 @@
 The held-out batches are the SAME at every evaluation (a fresh iterator from step 0 each time), so the
 curve compares like with like. Sources, in order:
 
-* ``data.eval_path``: another ``tessera data pretokenize`` directory with the training vocabulary
-  (``tessera demo`` pretokenizes its held-out split there), read through the woven iterator;
-* no ``data.path``: the mock dataset (deterministic random tokens), disjoint from the training batches;
-* ``data.path`` without ``data.eval_path``: no evaluation (said once on rank 0).
+* ``data.eval_sources`` (or its one-set shorthand ``data.eval_path``): ``tessera data pretokenize``
+  directories with the training vocabulary (``tessera demo`` pretokenizes its held-out split there), each
+  read through its own blended iterator of one source and evaluated on its own: ``train.eval_steps``
+  global batches per set. Several sets report ``eval_loss/NAME``, ``eval_ppl/NAME``, ``eval_tokens/NAME``
+  besides the figures over all of them;
+* no training data: the mock dataset (deterministic random tokens), disjoint from the training batches;
+* training data without held-out sets: no evaluation (said once on rank 0).
+
+Document-masked runs (``data.document_mask``) evaluate as they train: THD rows, the same forward.
 
 Evaluation leaves training exactly as it was: the model goes back to train mode, every RNG state (torch,
 CUDA, megatron's tracker) is restored, and the training iterator is never touched, so a run with
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 from megatron.core import parallel_state as ps
@@ -28,6 +35,7 @@ from tessera.pretrain.config import TrainConfig
 from tessera.pretrain.device import training_device
 from tessera.pretrain.metrics import CE_KEYS, MODALITIES, step_stats, sum_stats
 from tessera.pretrain.mock import heldout_mock_batch
+from tessera.pretrain.step import attach_packed_seq_params, schedule_shape
 
 Batch = dict[str, torch.Tensor]
 
@@ -39,12 +47,13 @@ class Evaluator:
     vocabulary's id -> Modality table (per-modality losses), None for the mock dataset. ``batches``
     overrides the held-out source: ``batches(eval_step) -> this rank's micro-batches`` (tests). Host
     batches are copied to ``device`` (default: the training device) once per micro-batch.
-    ``forward_backward_func``: megatron's schedule by default; ``model_kwargs``: extra model-call keywords."""
+    ``forward_backward_func``: megatron's schedule by default; ``model_kwargs``: extra model-call keywords.
+    ``vocab``: the training vocabulary, which every held-out set must share."""
 
     def __init__(self, cfg: TrainConfig, model: list[torch.nn.Module], n_micro: int, dp_rank: int, dp_size: int,
                  modality: torch.Tensor | None = None, batches: Callable[[int], list[Batch]] | None = None,
                  device: torch.device | str | None = None, forward_backward_func: Callable | None = None,
-                 model_kwargs: dict | None = None) -> None:
+                 model_kwargs: dict | None = None, vocab: Any = None) -> None:
         from tessera.pretrain.step import BatchMover, stage_roles
 
         self.cfg, self.model, self.n_micro = cfg, model, n_micro
@@ -53,49 +62,51 @@ class Evaluator:
         self.mover = BatchMover(self.device, *stage_roles([_unwrap(m) for m in model]), modality=modality)
         self._fb = forward_backward_func  # None: megatron's schedule for the current layout
         self.model_kwargs = model_kwargs or {}  # bf16: logits stay bf16 (tessera.pretrain.step.model_kwargs)
-        self.source = None
-        self._it = None
+        self.sources: dict = {}  # held-out set name -> PackedSource
         self.note = ""
+        # set name -> batches(eval_step) -> this rank's micro-batches; None: evaluation off
+        self._sets: dict[str, Callable[[int], list[Batch]]] | None
+        held_out, train = cfg.data.held_out_sources(), cfg.data.train_sources()
         if batches is not None:
-            self._batches = batches
-        elif cfg.data.eval_path:
-            if not cfg.data.path:
-                raise ConfigError("data.eval_path needs data.path (the held-out set must use the training vocabulary)")
-            self.source = self._open_source()
-            self._batches = self._data_batches
-        elif cfg.data.path:
-            self._batches = None
-            self.note = "no data.eval_path: held-out evaluation is off for this run"
+            self._sets = {"": batches}
+        elif held_out:
+            if not train:
+                raise ConfigError("data.eval_path / data.eval_sources need training data (data.path or data.sources): "
+                                  "the held-out sets must use the training vocabulary")
+            self.sources = self._open_sources(vocab)
+            self._sets = {n: partial(self._data_batches, n) for n in self.sources}
+        elif train:
+            self._sets = None
+            self.note = "no data.eval_path / data.eval_sources: held-out evaluation is off for this run"
         else:
-            self._batches = self._mock_batches
+            self._sets = {"": self._mock_batches}
+        self._its: dict = {}
 
     @property
     def enabled(self) -> bool:
-        return self._batches is not None and self.cfg.train.eval_steps > 0
+        return self._sets is not None and self.cfg.train.eval_steps > 0
 
-    def _open_source(self):
-        from tessera.data.batches import PackedSource, PackingConfig
+    def _open_sources(self, vocab: Any) -> dict:
         from tessera.tokenizers.vocab import Vocabulary
 
-        cfg = self.cfg
-        train_vocab = Vocabulary.load(cfg.data.path)
-        eval_vocab = Vocabulary.load(cfg.data.eval_path)
-        if eval_vocab != train_vocab:
-            raise ConfigError(f"data.eval_path {cfg.data.eval_path}: its vocabulary differs from data.path "
-                              f"{cfg.data.path}'s; pretokenize both with the same tokenizers")
-        return PackedSource(cfg.data.eval_path, PackingConfig(seq_length=cfg.data.seq_length, shuffle_seed=cfg.data.seed),
-                            name="heldout")
+        data = self.cfg.data
+        vocab = vocab if vocab is not None else Vocabulary.load(data.train_sources()[0].path)
+        sources = data.open_sources(held_out=True)
+        for i, (name, src) in enumerate(sources.items()):
+            if src.vocab != vocab:
+                where = "data.eval_path" if data.eval_path else f"data.eval_sources[{i}] ({name})"
+                raise ConfigError(f"{where}: {src.path}'s vocabulary differs from the training data's; pretokenize "
+                                  "both with the same tokenizers")
+        return sources
 
-    def _data_batches(self, step: int) -> list[Batch]:
-        from tessera.data.batches import WovenBatchIterator
-        from tessera.data.weave import WeaveSchedule
+    def _data_batches(self, name: str, step: int) -> list[Batch]:
+        from tessera.data.config import held_out_iterator
 
         if step == 0:  # the same held-out batches at every evaluation
-            self._it = WovenBatchIterator({"heldout": self.source}, WeaveSchedule.constant({"heldout": 1.0}),
-                                          global_batch=self.cfg.parallel.global_batch_size,
-                                          micro_batch=self.cfg.parallel.micro_batch_size,
-                                          dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.cfg.data.seed)
-        return self._it.next_step()
+            p = self.cfg.parallel
+            self._its[name] = held_out_iterator(self.sources[name], p.global_batch_size, p.micro_batch_size,
+                                                self.dp_rank, self.dp_size, self.cfg.data.seed)
+        return self._its[name].next_step()
 
     def _mock_batches(self, step: int) -> list[Batch]:
         return [heldout_mock_batch(self.cfg, step, self.dp_rank * self.n_micro + i) for i in range(self.n_micro)]
@@ -103,16 +114,20 @@ class Evaluator:
     def run(self) -> dict[str, float]:
         """Mean CE over every held-out token (no z-loss, no image weighting) and per modality, with
         perplexities exp(CE); keys ``eval_loss``, ``eval_ppl``, ``eval_ce_text``, ``eval_ppl_text``, ...,
-        ``eval_tokens``. Empty when evaluation is off."""
+        ``eval_tokens``; with several held-out sets also ``eval_loss/NAME``, ``eval_ppl/NAME``,
+        ``eval_tokens/NAME`` per set. Empty when evaluation is off."""
         if not self.enabled:
             return {}
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from tessera.model import document_mask
+
         cfg, fb = self.cfg, self._fb or get_forward_backward_func()
+        shape = schedule_shape(cfg.data.seq_length, cfg.parallel.micro_batch_size, cfg.data.document_mask)
 
         def forward_step(it, m):
             b = next(it)
-            out = m(b.get("tokens"), b.get("position_ids"), None, **self.model_kwargs)
+            out = document_mask.forward(m, b, **self.model_kwargs)
 
             def loss_fn(logits):
                 lo = language_model_loss(logits, b["labels"], b["loss_mask"], 0.0, label_modality=b.get("label_modality"))
@@ -123,35 +138,48 @@ class Evaluator:
         modes = [m.training for m in self.model]
         for m in self.model:
             m.eval()  # no dropout
-        sums = torch.zeros(len(CE_KEYS), dtype=torch.float64, device=self.device)
+        names = list(self._sets)
+        sums = torch.zeros(len(names), len(CE_KEYS), dtype=torch.float64, device=self.device)
         try:
             with torch.no_grad():
-                for step in range(cfg.train.eval_steps):
-                    micro = self.mover.all(self._batches(step))
-                    # virtual pipeline: each model chunk reads the same micro-batches through its own iterator
-                    its = [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
-                    out = fb(forward_step_func=forward_step, data_iterator=its, model=self.model,
-                             num_microbatches=self.n_micro, seq_length=cfg.data.seq_length,
-                             micro_batch_size=cfg.parallel.micro_batch_size, forward_only=True)
-                    # one contributor per DP replica (last stage, TP rank 0): the sums are replicated over TP
-                    if out and ps.get_tensor_model_parallel_rank() == 0:
-                        sums += sum_stats(out, CE_KEYS, self.device)
+                for i, batches in enumerate(self._sets.values()):
+                    for step in range(cfg.train.eval_steps):
+                        micro = self.mover.all(attach_packed_seq_params(b) for b in batches(step))
+                        # virtual pipeline: each model chunk reads the same micro-batches through its own iterator
+                        its = [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
+                        out = fb(forward_step_func=forward_step, data_iterator=its, model=self.model,
+                                 num_microbatches=self.n_micro, forward_only=True, **shape)
+                        # one contributor per DP replica (last stage, TP rank 0): the sums are replicated over TP
+                        if out and ps.get_tensor_model_parallel_rank() == 0:
+                            sums[i] += sum_stats(out, CE_KEYS, self.device)
         finally:
             for m, mode in zip(self.model, modes, strict=True):
                 m.train(mode)
             restore_rng_state(rng)
-        torch.distributed.all_reduce(sums)
-        tot = dict(zip(CE_KEYS, sums.tolist(), strict=True))
-        res: dict[str, float] = {}
-        if tot["n"] > 0:
-            res["eval_loss"] = tot["ce"] / tot["n"]
-            res["eval_ppl"] = _ppl(res["eval_loss"])
-        for mname in MODALITIES:
-            if tot[f"n_{mname}"] > 0:
-                ce = tot[f"ce_{mname}"] / tot[f"n_{mname}"]
-                res[f"eval_ce_{mname}"], res[f"eval_ppl_{mname}"] = ce, _ppl(ce)
-        res["eval_tokens"] = tot["n"]
+        torch.distributed.all_reduce(sums)  # every set in one all-reduce, one read
+        per_set = [dict(zip(CE_KEYS, row, strict=True)) for row in sums.tolist()]
+        res = _figures({k: sum(t[k] for t in per_set) for k in CE_KEYS})
+        if len(names) > 1:
+            for name, tot in zip(names, per_set, strict=True):
+                if tot["n"] > 0:
+                    res[f"eval_loss/{name}"] = tot["ce"] / tot["n"]
+                    res[f"eval_ppl/{name}"] = _ppl(res[f"eval_loss/{name}"])
+                res[f"eval_tokens/{name}"] = tot["n"]
         return res
+
+
+def _figures(tot: dict[str, float]) -> dict[str, float]:
+    """Summed ``CE_KEYS`` -> eval_loss, eval_ppl, eval_ce_MODALITY, eval_ppl_MODALITY, eval_tokens."""
+    res: dict[str, float] = {}
+    if tot["n"] > 0:
+        res["eval_loss"] = tot["ce"] / tot["n"]
+        res["eval_ppl"] = _ppl(res["eval_loss"])
+    for mname in MODALITIES:
+        if tot[f"n_{mname}"] > 0:
+            ce = tot[f"ce_{mname}"] / tot[f"n_{mname}"]
+            res[f"eval_ce_{mname}"], res[f"eval_ppl_{mname}"] = ce, _ppl(ce)
+    res["eval_tokens"] = tot["n"]
+    return res
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -5,10 +5,15 @@ Rank 0 writes; every rank takes part in the step's one all-reduce (``tessera.pre
 * ``step_stats`` turns one micro-batch's ``LossOutput`` (plus, on monitor steps, its logits) into SUMS and
   token counts, so the step's figures are exact token-weighted means over every micro-batch of every
   DP replica (and the last pipeline stage's numbers reach rank 0 whatever the pipeline layout).
+* With a blend of several sources, ``step_stats`` also sums each source's CE, target tokens and rows
+  (``SOURCE_SUM_KEYS``, from each row's ``source``), reduced with the rest; ``source_record`` turns them into
+  ``tokens/NAME`` (input tokens), ``target_tokens/NAME``, ``ce/NAME`` and ``weight/NAME`` (the blend's weight
+  at that step).
 * ``TrainLogger`` times the steps and derives tokens/s and MFU, writes one JSON line per step (keys
   ``step, loss, ce, ce_text, ce_image, ce_special, z, lr, grad_norm, bad_steps`` (consecutive skips),
   ``bad_steps_total`` (skips so far), ``step_seconds, tokens_per_s`` and ``mfu`` (when a peak is known)
-  every step; ``logit_norm, max_attn_logit`` on monitor steps; ``eval_*`` on evaluation steps;
+  every step; the per-source keys above with a blend; ``logit_norm, max_attn_logit`` on monitor steps;
+  ``eval_*`` on evaluation steps (``eval_loss/NAME``, ... per held-out set when there are several);
   ``host_syncs`` with TESSERA_COUNT_SYNCS=1, ``peak_mem_gib`` on CUDA logged steps), the same scalars to
   TensorBoard, and a progress line every ``train.log_interval`` steps.
 
@@ -43,6 +48,8 @@ MODALITIES = list(MODALITY_NAMES.values())  # text, image, special
 CE_KEYS = ["ce", "n"] + [f"{p}_{m}" for m in MODALITIES for p in ("ce", "n")]
 # the order every rank packs the step sums in (one all-reduce); loss and z are per-micro-batch means
 STEP_SUM_KEYS = ["loss", "z", "n_micro", *CE_KEYS, "logit_norm", "n_logit"]
+# per source of a blend, each a [num_sources] vector: CE sum, target (loss-mask) tokens, rows
+SOURCE_SUM_KEYS = ["src_ce", "src_n", "src_rows"]
 
 TOKENS_WINDOW = 20  # steps in the tokens/s (and MFU) average: one step's time is too noisy to report
 
@@ -72,10 +79,13 @@ def model_flops_per_token(model: ModelConfig, seq_length: int) -> float:
     return flops_per_token(model, seq_length)
 
 
-def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> dict:
+def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+               source: torch.Tensor | None = None, n_sources: int = 0) -> dict:
     """One micro-batch's sums for ``step_sums`` (and ``CE_KEYS`` for evaluation), on the loss's device;
     pass ``logits`` / ``loss_mask`` on monitor steps to add the output-logit norm (a TP collective: every TP
-    rank of the last stage calls this). The trainer adds the micro-batch's ``loss``."""
+    rank of the last stage calls this). The trainer adds the micro-batch's ``loss``. ``source`` ([b], each
+    row's index into a blend of ``n_sources``; ``lo`` computed with ``per_row=True``) adds the
+    ``SOURCE_SUM_KEYS`` vectors."""
     dev = lo.ce.device
     n = lo.num_tokens if lo.num_tokens is not None else torch.full((), float(lo.ce.numel()), device=dev)
     stats = {"z": lo.z.detach().clone(), "n_micro": torch.ones((), device=dev), "ce": (lo.ce * n).detach(), "n": n}
@@ -84,6 +94,10 @@ def step_stats(lo: LossOutput, logits: torch.Tensor | None = None, loss_mask: to
         stats[f"n_{k}"] = lo.per_modality_tokens[k]
     if logits is not None:
         stats["logit_norm"], stats["n_logit"] = logit_norm_sums(logits.detach(), loss_mask)
+    if source is not None and n_sources:
+        src = source.to(dev)
+        for key, v in zip(SOURCE_SUM_KEYS, (lo.row_ce, lo.row_tokens, torch.ones(src.shape, device=dev)), strict=True):
+            stats[key] = torch.zeros(n_sources, dtype=torch.float64, device=dev).index_add_(0, src, v.to(torch.float64))
     return stats
 
 
@@ -106,6 +120,36 @@ def step_sums(out: list[dict] | None, device: torch.device | None = None) -> tor
     from megatron.core import parallel_state as ps
 
     return sum_stats(out if out and ps.get_tensor_model_parallel_rank() == 0 else [], STEP_SUM_KEYS, device)
+
+
+def source_sums(out: list[dict] | None, n_sources: int, device: torch.device | None = None) -> torch.Tensor:
+    """This rank's per-source sums (``SOURCE_SUM_KEYS`` x ``n_sources``, float64, on the device), under the
+    same rule as ``step_sums`` (the last stage's micro-batches, TP rank 0 only)."""
+    from megatron.core import parallel_state as ps
+
+    dev = device if device is not None else training_device()
+    sums = torch.zeros(len(SOURCE_SUM_KEYS), n_sources, dtype=torch.float64, device=dev)
+    if out and ps.get_tensor_model_parallel_rank() == 0:
+        for o in out:
+            sums += torch.stack([o[k].to(dev, torch.float64) for k in SOURCE_SUM_KEYS])
+    return sums.reshape(-1)
+
+
+def source_record(names: list[str], sums: list[float], seq_length: int,
+                  weights: dict[str, float] | None = None) -> dict[str, float]:
+    """The world-summed ``source_sums`` -> ``tokens/NAME`` (input tokens of the rows it gave), ``target_tokens/
+    NAME``, ``ce/NAME`` (token-mean CE of its targets; absent without any) and ``weight/NAME``."""
+    k = len(names)
+    ce, n, rows = sums[:k], sums[k : 2 * k], sums[2 * k : 3 * k]
+    rec: dict[str, float] = {}
+    for i, name in enumerate(names):
+        rec[f"tokens/{name}"] = int(round(rows[i])) * seq_length
+        rec[f"target_tokens/{name}"] = int(round(n[i]))
+        if n[i] > 0:
+            rec[f"ce/{name}"] = ce[i] / n[i]
+        if weights is not None:
+            rec[f"weight/{name}"] = weights[name]
+    return rec
 
 
 def step_means(tot: dict[str, float]) -> dict[str, float]:
@@ -135,7 +179,9 @@ _TAGS = {"loss": "train/loss", "ce": "train/ce", "ce_text": "train/ce_text", "ce
 
 def _tag(key: str) -> str | None:
     if key.startswith("eval_"):
-        return "eval/" + key[len("eval_"):]
+        return "eval/" + key[len("eval_"):]  # eval_loss/NAME -> eval/loss/NAME
+    if "/" in key:
+        return "sources/" + key  # ce/NAME -> sources/ce/NAME
     return _TAGS.get(key)
 
 
@@ -271,6 +317,9 @@ class TrainLogger:
         for m in ("text", "image"):
             if f"eval_ce_{m}" in rec:
                 parts.append(f"{m} {rec[f'eval_ce_{m}']:.4f} (ppl {rec[f'eval_ppl_{m}']:.4g})")
+        per = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in rec.items() if k.startswith("eval_loss/")]
+        if per:
+            parts.append("| " + " ".join(per))
         return " ".join(parts)
 
     def close(self) -> None:

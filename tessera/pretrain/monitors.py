@@ -9,8 +9,10 @@ Both are measurements only: nothing here changes what the model computes.
   ``DotProductAttention``, our ``SDPAttention``, TE's attention: all take ``query, key [s, b, heads,
   head_dim]`` after QK-norm and RoPE). While armed, each layer recomputes ``max(q . k) * softmax_scale``
   over the positions its mask allows, once per arming (the first micro-batch that reaches it, on
-  data-parallel rank 0 only), in chunks of heads so the extra memory stays under 64 MiB. Disarmed, the
-  hooks return at once.
+  data-parallel rank 0 only), in chunks of heads so the extra memory stays under 64 MiB. Document-masked
+  (THD) micro-batches reach core attention as ``query, key [t, heads, head_dim]`` with the boundaries in
+  ``packed_seq_params``: the max is taken document by document, causal within each, with the boundaries'
+  host copy (``DocumentPackedSeqParams``), so no layer reads the device. Disarmed, the hooks return at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
+
+from tessera.model.document_mask import host_boundaries
 
 _CHUNK_ELEMENTS = 1 << 24  # fp32 values materialised at once by a monitor: 64 MiB, whatever b, heads, s, V are
 
@@ -82,6 +86,17 @@ def max_attention_logit(query: torch.Tensor, key: torch.Tensor, scale: float | N
     return best
 
 
+@torch.no_grad()
+def max_attention_logit_thd(query: torch.Tensor, key: torch.Tensor, scale: float | None,
+                            bounds: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """``max_attention_logit`` of a THD row, query [t, np, hn], key [t, ng, hn]: each document causal on its
+    own (``bounds``: host ints, ``cu_seqlens``); the running max stays on the device."""
+    best = torch.full((), -math.inf, device=query.device)
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        best = torch.maximum(best, max_attention_logit(query[a:b, None], key[a:b, None], scale, None, True))
+    return best
+
+
 class AttentionLogitProbe:
     """``probe = AttentionLogitProbe(model_chunks)``; per step ``probe.arm(on)`` before the forward,
     ``probe.value()`` after it (this rank's max as a 0-dim device tensor, None when nothing was
@@ -114,7 +129,11 @@ class AttentionLogitProbe:
         mask_type = kwargs.get("attn_mask_type") or getattr(module, "attn_mask_type", AttnMaskType.causal)
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         scale = getattr(module, "softmax_scale", None)
-        m = max_attention_logit(query, key, scale, mask, causal)
+        packed = kwargs.get("packed_seq_params", args[6] if len(args) > 6 else None)
+        if packed is not None and packed.qkv_format == "thd":
+            m = max_attention_logit_thd(query, key, scale, host_boundaries(packed))
+        else:
+            m = max_attention_logit(query, key, scale, mask, causal)
         self._max = m if self._max is None else torch.maximum(self._max, m)
 
     def close(self) -> None:

@@ -8,9 +8,13 @@ step every ``train.save_interval`` steps, at the end and on SIGTERM (then exit 0
 ``train.keep_last_n`` are kept. On start a run resumes from ``RUN/checkpoints/latest`` (``train.resume:
 auto``) exactly where it stopped, under any TP/PP/DP layout; ``train.init_from`` loads weights only.
 
-Data: ``data.path`` (a directory written by ``tessera data pretokenize``) is packed and read through
-``tessera.data``'s woven iterator, so every batch is a pure function of (seed, step). Without a path a
-deterministic random-token mock dataset is used (tests, throughput runs; tessera.pretrain.mock).
+Data (``tessera.data.config.DataConfig``): ``data.sources`` (or the one-source ``data.path``), directories
+written by ``tessera data pretokenize``, are packed and blended by ``tessera.data``'s iterator with the
+configured weights and schedule, so every batch is a pure function of (seed, step); with several sources
+each step also reports per-source token counts and CE (folded into the step's one reduction).
+``data.document_mask`` runs each micro-batch as one THD row (``tessera.model.document_mask``), attention and
+RoPE restarting at every document. Without sources a deterministic random-token mock dataset is used (tests,
+throughput runs; tessera.pretrain.mock).
 Reporting (metrics.jsonl, TensorBoard, progress line with tokens/s and MFU), logit-drift monitors and
 held-out evaluation: ``tessera.pretrain.metrics`` / ``monitors`` / ``evaluate``.
 
@@ -35,7 +39,7 @@ from tessera.pretrain.determinism import apply_determinism, resolve_deterministi
 from tessera.pretrain.device import require_requested_gpus, training_device
 from tessera.pretrain.evaluate import Evaluator
 from tessera.pretrain.layout import ParallelLayout
-from tessera.pretrain.metrics import TrainLogger, peak_flops_per_device
+from tessera.pretrain.metrics import TrainLogger, peak_flops_per_device, source_record
 from tessera.pretrain.mock import train_mock_batch
 from tessera.pretrain.monitors import AttentionLogitProbe
 from tessera.pretrain.optimizer import apply_update, get_optimizer, grad_sumsq
@@ -46,20 +50,21 @@ from tessera.pretrain.scale import (
     transformer_overrides,
     wire_schedule,
 )
-from tessera.pretrain.step import BatchMover, ForwardStep, model_kwargs, reduce_step, stage_roles
+from tessera.pretrain.step import (
+    BatchMover,
+    ForwardStep,
+    attach_packed_seq_params,
+    model_kwargs,
+    reduce_step,
+    schedule_shape,
+    stage_roles,
+)
 from tessera.pretrain.syncs import HostSyncCounter, NullCounter, counting_enabled
 
 
 def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
-    """The woven batch iterator over ``data.path`` and its vocabulary."""
-    from tessera.data.batches import PackedSource, PackingConfig, WovenBatchIterator
-    from tessera.data.weave import WeaveSchedule
-
-    source = PackedSource(cfg.data.path, PackingConfig(seq_length=cfg.data.seq_length, shuffle_seed=cfg.data.seed),
-                          name="train")
-    it = WovenBatchIterator({"train": source}, WeaveSchedule.constant({"train": 1.0}),
-                            global_batch=cfg.parallel.global_batch_size, micro_batch=cfg.parallel.micro_batch_size,
-                            dp_rank=dp_rank, dp_size=dp_size, seed=cfg.data.seed)
+    """The blended batch iterator over the run's sources and their (one) vocabulary."""
+    it = cfg.data.iterator(cfg.parallel.global_batch_size, cfg.parallel.micro_batch_size, dp_rank, dp_size)
     return it, it.vocab
 
 
@@ -124,10 +129,9 @@ def train(cfg: TrainConfig) -> list[float]:
     init_distributed("nccl" if cfg.parallel.backend == "nccl" else None)
     world = torch.distributed.get_world_size()
     vocab = None
-    if cfg.data.path:
-        from tessera.tokenizers.vocab import Vocabulary
-
-        vocab = Vocabulary.load(cfg.data.path)
+    sources = cfg.data.train_sources()
+    if sources:
+        vocab = cfg.data.vocabulary()
     bf16 = resolve_precision(cfg.precision) == "bf16"
     # the model the run builds: the embedding covers the data's vocabulary (padded, divisible by 128 x TP),
     # precision decides the parameter dtype
@@ -138,9 +142,13 @@ def train(cfg: TrainConfig) -> list[float]:
     dp = layout.dp
     initialize_parallel(layout.tp, layout.pp, layout.vp, cfg.train.seed)
     data_it = None
-    if cfg.data.path:
+    if sources:
         data_it, vocab = _open_data(cfg, ps.get_data_parallel_rank(), dp)
-    overrides = transformer_overrides(cfg, deterministic, cuda)
+    # a blend of several sources reports per-source statistics (0: none)
+    n_sources = len(data_it.source_names) if data_it is not None and len(data_it.source_names) > 1 else 0
+    packed = cfg.data.document_mask
+    # document-masked runs: TE's fused THD RoPE where it exists (megatron's unfused one reads cu_seqlens on the host)
+    overrides = {**transformer_overrides(cfg, deterministic, cuda), "packed_sequences": packed}
     chunks, ddps = _build_model_chunks(cfg, bf16, model_cfg, ddp_config(cfg, dp), **overrides)
     model = chunks if len(chunks) > 1 else chunks[0]  # checkpoints take a GPTModel or the list of virtual chunks
     # bf16: fp32 main params + Adam state live in the optimizer, the model holds bf16 copies
@@ -156,7 +164,8 @@ def train(cfg: TrainConfig) -> list[float]:
     resolved = ResolvedRun(model=model_cfg, precision="bf16" if bf16 else "fp32", deterministic=deterministic,
                            world_size=world, data_parallel_size=dp, device=str(device),
                            gradient_accumulation_fusion=overrides["gradient_accumulation_fusion"],
-                           mfu_peak_flops=peak, mfu_peak=peak_basis)
+                           mfu_peak_flops=peak, mfu_peak=peak_basis,
+                           rope_fusion=bool(chunks[0].config.apply_rope_fusion))
     run = Path(cfg.train.run_dir)
     is_logger = torch.distributed.get_rank() == 0
     if is_logger:
@@ -172,11 +181,12 @@ def train(cfg: TrainConfig) -> list[float]:
     probe = AttentionLogitProbe(ddps)
     modality = vocab.modality_table() if vocab is not None else None
     evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality, device=device,
-                          model_kwargs=model_kwargs(bf16))
+                          model_kwargs=model_kwargs(bf16), vocab=vocab)
     if is_logger and evaluator.note:
         print(evaluator.note, flush=True)
     # each micro-batch is copied to the device once; this rank's stages decide what is copied
-    mover = BatchMover(device, *stage_roles(chunks), modality=modality)
+    mover = BatchMover(device, *stage_roles(chunks), modality=modality, sources=n_sources > 0)
+    shape = schedule_shape(cfg.data.seq_length, cfg.parallel.micro_batch_size, packed)
     nan_steps = faults.nan_steps()  # tests only (TESSERA_DEBUG_NAN_STEPS)
     losses, bad = [], start.bad_steps
     count_syncs = counting_enabled()
@@ -186,7 +196,8 @@ def train(cfg: TrainConfig) -> list[float]:
         monitor = logger.is_monitor_step(step)  # output-logit norm and max attention logit at their interval
         # host side: this step's micro-batches (data loading stays outside the device region)
         if data_it is not None:
-            host = [next(data_it) for _ in range(n_micro)]
+            weights = data_it.schedule.weights_dict(data_it.step) if n_sources else None
+            host = [attach_packed_seq_params(next(data_it)) for _ in range(n_micro)]
         else:
             host = [train_mock_batch(cfg, step, ps.get_data_parallel_rank() * n_micro + i) for i in range(n_micro)]
         with HostSyncCounter(device) if count_syncs else NullCounter() as syncs:
@@ -196,18 +207,17 @@ def train(cfg: TrainConfig) -> list[float]:
             forward_step = ForwardStep(z_loss_weight=model_cfg.z_loss_weight,
                                        image_loss_weight=cfg.train.image_loss_weight, monitor=monitor,
                                        loss_scale=float("nan") if step in nan_steps else 1.0,
-                                       model_kwargs=model_kwargs(bf16))
+                                       model_kwargs=model_kwargs(bf16), n_sources=n_sources)
             probe.arm(monitor)
             for d in ddps:
                 d.zero_grad_buffer()
             opt.zero_grad()
             out = fb(forward_step_func=forward_step, data_iterator=batches, model=ddps, num_microbatches=n_micro,
-                     seq_length=cfg.data.seq_length, micro_batch_size=cfg.parallel.micro_batch_size,
-                     forward_only=False)
+                     forward_only=False, **shape)
             opt.prepare_grads()  # main grads ready (bf16: copied to fp32); no inf check without a loss scaler
             # loss statistics, gradient norm, stop flag (and the attention-logit max): one all-reduce, one read
             res = reduce_step(out, grad_sumsq(opt, device), stop=stop.pending, device=device,
-                              attn_max=probe.value() if monitor else None, monitor=monitor)
+                              attn_max=probe.value() if monitor else None, monitor=monitor, n_sources=n_sources)
             if res.finite:
                 bad = 0
                 apply_update(opt, res.grad_norm)  # clip + step exactly as opt.step() (tessera.pretrain.optimizer)
@@ -222,6 +232,8 @@ def train(cfg: TrainConfig) -> list[float]:
         timing = logger.end_step()
         rec = {"step": step, "loss": loss, "grad_norm": res.grad_norm if res.finite else float("nan"),
                "lr": opt.param_groups[0]["lr"], "bad_steps": bad, **res.stats, **timing}
+        if n_sources:
+            rec.update(source_record(data_it.source_names, res.source_sums, cfg.data.seq_length, weights))
         if res.max_attn_logit is not None:
             rec["max_attn_logit"] = res.max_attn_logit
         if syncs.count is not None:

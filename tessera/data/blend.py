@@ -1,10 +1,16 @@
-"""Weave schedules: per-source mixture weights that change smoothly with the training step,
-and the pure function from (seed, step) to a global batch's composition.
+"""Blend schedules: per-source mixture weights that may change with the training step, and the pure
+function from (seed, step) to a global batch's composition (megatron's word for a weighted mixture of
+datasets is a blend: ``BlendedDataset``; here the weights may also follow a schedule).
 
-A schedule is a list of knots ``(step, {source: weight})``. Before the first knot and after the last
-the weights are constant; between two knots every weight moves from one value to the other along
-a linear or cosine ramp, so the mixture never jumps (e.g. stage-1 web fades out over 2000 steps
-while stage-2 fades in). Weights are normalised at every step.
+A schedule is a list of knots ``(step, {source: weight})``, ``step`` counting the optimizer steps done
+before the batch (0 for the first). Before the first knot and after the last the weights are constant;
+between two knots they follow the ``ramp``:
+
+- ``linear`` / ``cosine``: every weight moves smoothly from one knot's value to the next one's (e.g. a
+  text-only stage fades out over 2000 steps while interleaved documents fade in);
+- ``step``: the weights of a knot hold until the next knot (curriculum stages switched at once).
+
+Weights are normalised at every step.
 
 Composition of global step t (``plan``): slot j of the global batch draws u = U(seed, t, j) from a
 counter-based generator (Philox keyed by the seed, counter (0, t, 0, 0); nothing is carried from
@@ -23,53 +29,57 @@ from typing import Literal
 
 import numpy as np
 
+RAMPS = ("linear", "cosine", "step")
 
-class WeaveError(ValueError):
+
+class BlendError(ValueError):
     pass
 
 
 @dataclass
-class WeaveKnot:
+class BlendKnot:
     step: int
     weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
-class WeaveSchedule:
+class BlendSchedule:
     sources: list[str]
-    knots: list[WeaveKnot]
-    ramp: Literal["linear", "cosine"] = "cosine"
+    knots: list[BlendKnot]
+    ramp: Literal["linear", "cosine", "step"] = "cosine"
 
     def __post_init__(self) -> None:
         if not self.sources:
-            raise WeaveError("weave: no sources")
+            raise BlendError("blend: no sources")
         if len(set(self.sources)) != len(self.sources):
-            raise WeaveError(f"weave: duplicate source names in {self.sources}")
+            raise BlendError(f"blend: duplicate source names in {self.sources}")
         if not self.knots:
-            raise WeaveError("weave: need at least one knot (step, weights)")
-        if self.ramp not in ("linear", "cosine"):
-            raise WeaveError(f"weave.ramp: {self.ramp!r} is not 'linear' or 'cosine'")
+            raise BlendError("blend: need at least one knot (step, weights)")
+        if self.ramp not in RAMPS:
+            raise BlendError(f"blend.ramp: {self.ramp!r} is not one of {list(RAMPS)}")
         self._steps = np.array([k.step for k in self.knots], dtype=np.int64)
+        if self._steps[0] < 0:
+            raise BlendError(f"blend.knots[0].step: {int(self._steps[0])} is negative")
         if np.any(np.diff(self._steps) <= 0):
-            raise WeaveError(f"weave: knot steps must strictly increase (a jump is not a ramp), got {self._steps.tolist()}")
+            raise BlendError(f"blend.knots: steps must strictly increase, got {self._steps.tolist()}")
         rows = []
         for i, k in enumerate(self.knots):
             unknown = set(k.weights) - set(self.sources)
             if unknown:
-                raise WeaveError(f"weave.knots[{i}]: unknown source(s) {sorted(unknown)}; sources are {self.sources}")
+                raise BlendError(f"blend.knots[{i}]: unknown source(s) {sorted(unknown)}; sources are {self.sources}")
             w = np.array([float(k.weights.get(s, 0.0)) for s in self.sources])
             if np.any(w < 0) or not np.all(np.isfinite(w)) or w.sum() <= 0:
-                raise WeaveError(f"weave.knots[{i}]: weights must be finite, >= 0 and not all zero: {k.weights}")
+                raise BlendError(f"blend.knots[{i}]: weights must be finite, >= 0 and not all zero: {k.weights}")
             rows.append(w / w.sum())
         self._table = np.stack(rows)
 
     @classmethod
-    def constant(cls, weights: Mapping[str, float]) -> WeaveSchedule:
-        return cls(list(weights), [WeaveKnot(0, dict(weights))])
+    def constant(cls, weights: Mapping[str, float]) -> BlendSchedule:
+        return cls(list(weights), [BlendKnot(0, dict(weights))])
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> WeaveSchedule:
-        knots = [WeaveKnot(int(k["step"]), {str(a): float(b) for a, b in k["weights"].items()}) for k in d["knots"]]
+    def from_dict(cls, d: Mapping) -> BlendSchedule:
+        knots = [BlendKnot(int(k["step"]), {str(a): float(b) for a, b in k["weights"].items()}) for k in d["knots"]]
         return cls(list(d["sources"]), knots, d.get("ramp", "cosine"))
 
     def to_dict(self) -> dict:
@@ -84,6 +94,8 @@ class WeaveSchedule:
         if step >= s[-1]:
             return self._table[-1].copy()
         i = int(np.searchsorted(s, step, side="right")) - 1
+        if self.ramp == "step":
+            return self._table[i].copy()
         x = (step - s[i]) / (s[i + 1] - s[i])
         if self.ramp == "cosine":
             x = 0.5 - 0.5 * math.cos(math.pi * x)
@@ -97,12 +109,12 @@ class WeaveSchedule:
 def slot_uniforms(seed: int, step: int, n: int) -> np.ndarray:
     """U(seed, step, j) for j < n: Philox keyed by ``seed`` at counter (0, step, 0, 0)."""
     if step < 0:
-        raise WeaveError(f"step must be >= 0, got {step}")
+        raise BlendError(f"step must be >= 0, got {step}")
     bitgen = np.random.Philox(key=np.uint64(seed % (1 << 64)), counter=[0, step, 0, 0])
     return np.random.Generator(bitgen).random(n)
 
 
-def plan(schedule: WeaveSchedule, seed: int, step: int, global_batch: int) -> np.ndarray:
+def plan(schedule: BlendSchedule, seed: int, step: int, global_batch: int) -> np.ndarray:
     """Source index (int64 [global_batch]) of every slot of global step ``step``."""
     cdf = np.cumsum(schedule.weights(step))
     cdf[-1] = 1.0  # guard the top against rounding
@@ -118,7 +130,7 @@ def slot_indices(sources_of_slots: np.ndarray, consumed: np.ndarray) -> np.ndarr
     return out
 
 
-def consumed_before(schedule: WeaveSchedule, seed: int, step: int, global_batch: int) -> np.ndarray:
+def consumed_before(schedule: BlendSchedule, seed: int, step: int, global_batch: int) -> np.ndarray:
     """Samples each source gave to steps [0, step): what resuming at ``step`` from (seed, step) replays."""
     n = len(schedule.sources)
     consumed = np.zeros(n, dtype=np.int64)
@@ -127,7 +139,7 @@ def consumed_before(schedule: WeaveSchedule, seed: int, step: int, global_batch:
     return consumed
 
 
-def composition(schedule: WeaveSchedule, seed: int, steps: Sequence[int], global_batch: int) -> np.ndarray:
+def composition(schedule: BlendSchedule, seed: int, steps: Sequence[int], global_batch: int) -> np.ndarray:
     """Counts [len(steps), num_sources] of slots per source: for reports and tests."""
     n = len(schedule.sources)
     return np.stack([np.bincount(plan(schedule, seed, t, global_batch), minlength=n) for t in steps])
