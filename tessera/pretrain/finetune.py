@@ -70,10 +70,9 @@ class Finetune:
     def active(self) -> bool:
         return self.lora is not None or self.freeze.any
 
-    def prepare(self, chunks: list, vocab: Any, seed: int, init_from: str = "",
-                device: torch.device | str = "cpu") -> None:
-        """Collective: apply LoRA / freezing to this rank's chunks (before DDP), check that every rank has
-        something to train, and (LoRA) agree on the base reference (rank 0 hashes it)."""
+    def prepare(self, chunks: list, vocab: Any, seed: int, device: torch.device | str = "cpu") -> None:
+        """Collective: apply LoRA / freezing to this rank's chunks (before DDP) and check that every rank has
+        something to train."""
         from tessera.model.lora import apply_lora
 
         if not self.active:
@@ -93,6 +92,9 @@ class Finetune:
         if flag.item() > 0:
             raise ConfigError("finetune: some pipeline stage has no trainable parameter left (every parameter of "
                               "its layers frozen, or no LoRA target on it); freeze less or add LoRA targets")
+
+    def resolve_base(self, init_from: str) -> None:
+        """Collective, LoRA runs: the base reference of ``train.init_from`` (rank 0 hashes it, all get it)."""
         if self.lora is not None:
             self.base = _broadcast_base(init_from)
 

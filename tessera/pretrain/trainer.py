@@ -149,11 +149,12 @@ def train(cfg: TrainConfig) -> list[float]:
     device = training_device()
 
     def prepare(cs: list) -> None:  # LoRA / freezing between building the chunks and wrapping them in DDP
-        finetune.prepare(cs, vocab, cfg.train.seed, cfg.train.init_from, device)
+        finetune.prepare(cs, vocab, cfg.train.seed, device)
 
     chunks, ddps = _build_model_chunks(cfg, bf16, model_cfg, ddp_config(cfg, dp), prepare=prepare, **overrides)
     model = chunks if len(chunks) > 1 else chunks[0]  # checkpoints take a GPTModel or the list of virtual chunks
     ft_line = finetune.describe(chunks, device) if finetune.active else ""
+    finetune.resolve_base(cfg.train.init_from)  # LoRA: the base the adapter checkpoints refer to
     # bf16: fp32 main params + Adam state live in the optimizer, the model holds bf16 copies
     opt = get_optimizer(cfg.optim, ddps, bf16, distributed=cfg.parallel.distributed_optimizer,
                         overlap_param_gather=cfg.parallel.overlap_param_gather)
