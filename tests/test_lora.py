@@ -6,8 +6,12 @@ and adapter checkpoints reshard across TP."""
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +264,58 @@ def test_lora_under_tp2_and_pp2_matches_one_process(layouts):
     # stage 0 holds layer 0's adapters, stage 1 layer 1's and the output layer's
     _check(layouts[0]["pp_grad_err"], layouts[0]["scale"], "PP stage 0", 8)
     _check(layouts[1]["pp_grad_err"], layouts[1]["scale"], "PP stage 1", 10)
+
+
+# ---- Transformer Engine's layers (tests/fake_transformer_engine.py: TE's module API on the CPU) ------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _te_case(out_path: str, tmp: str) -> None:
+    """In a process with the fake TE installed: a LoRA model on the TE spec (adapters on
+    TELayerNormColumnParallelLinear read its norm output) saved, loaded into the local spec with LoRA: the
+    same logits; merged == unmerged on TE too; the TE linears' norm output is switched off again by the merge."""
+    from megatron.core import dist_checkpointing
+
+    from tessera.model import ModelConfig, build_model
+    from tessera.model.checkpoint import model_sharded_state_dict
+    from tessera.model.lora import LoRASpec, apply_lora, merge_lora
+    from tessera.model.parallel import ensure_single_process
+
+    ensure_single_process()
+    cfg = ModelConfig(**TINY)
+    spec = LoRASpec(4, 8.0, 0.0, ALL)
+    ids, _, _ = _batch()
+    pos = torch.arange(SEQ)[None].expand(ids.shape[0], -1)
+    te = build_model(cfg, init_seed=1, use_te=True).eval()
+    apply_lora(te, spec, seed=5)
+    _randomize_b(te)
+    qkv = te.decoder.layers[0].self_attention.linear_qkv
+    res = {"te_class": type(qkv).__name__, "norm_output": bool(qkv.return_layernorm_output)}
+    te_logits = te(ids, pos, None)
+    Path(tmp).mkdir()
+    dist_checkpointing.save(model_sharded_state_dict(te), tmp)
+    local = build_model(cfg, use_te=False).eval()
+    apply_lora(local, spec, seed=0)
+    local.load_state_dict(dist_checkpointing.load(model_sharded_state_dict(local), tmp)["model"])
+    res["te_vs_local"] = (local(ids, pos, None) - te_logits).abs().max().item()
+    res["adapted_vs_base"] = (te_logits - build_model(cfg, init_seed=1, use_te=True).eval()(ids, pos, None)).abs().max().item()
+    merge_lora(te)
+    res["merged_vs_unmerged"] = (te(ids, pos, None) - te_logits).abs().max().item()
+    res["norm_output_after_merge"] = bool(te.decoder.layers[0].self_attention.linear_qkv.return_layernorm_output)
+    Path(out_path).write_text(json.dumps(res))
+
+
+@pytest.mark.timeout(300)
+def test_lora_on_transformer_engine_layers(tmp_path):
+    out = tmp_path / "res.json"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tests.fake_transformer_engine as fake; fake.install(); "
+            "from tests.test_lora import _te_case; _te_case(sys.argv[2], sys.argv[3])")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(out), str(tmp_path / "ckpt")], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["te_class"] == "LoRATELayerNormColumnParallelLinear" and res["norm_output"]
+    assert res["adapted_vs_base"] > 1e-2  # the adapters act on the TE layers
+    assert res["te_vs_local"] < 1e-5 and res["merged_vs_unmerged"] < 1e-5
+    assert not res["norm_output_after_merge"]
