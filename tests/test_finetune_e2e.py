@@ -158,3 +158,28 @@ def test_lora_finetune_under_tp2_matches_one_process(imported, tmp_path):
     assert [x["step"] for x in got] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm"):
         assert [x[key] for x in got] == pytest.approx([x[key] for x in ref], rel=1e-5, abs=1e-7), key
+
+
+def test_generate_chat_with_adapters_merged_or_not(imported, lora_run, tmp_path):
+    """``tessera generate --chat`` on the adapter checkpoint (tokenizers found in its base, the import): the
+    greedy reply is the same with the adapters merged and unmerged."""
+    from tessera.cli import main
+
+    conv = tmp_path / "conv.json"
+    (tmp_path / "img").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(tmp_path / "img" / "q.png")
+    conv.write_text(json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image", "image": "img/q.png"}, {"type": "text", "text": "What colour is the shape?"}]}]}))
+    docs = {}
+    for mode in ("merge", "unmerged"):
+        out = tmp_path / mode
+        rc = main(["generate", "--checkpoint", str(lora_run), "--chat", str(conv), "--adapters", mode, "--mode", "text",
+                   "--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32", "--device", "cpu",
+                   "--out", str(out)])
+        assert rc == 0
+        docs[mode] = json.loads((out / "document.json").read_text())
+    assert docs["merge"]["new_tokens"] > 0
+    assert docs["merge"]["segments"] == docs["unmerged"]["segments"]
+    assert docs["merge"]["finish_reason"] == docs["unmerged"]["finish_reason"]
