@@ -91,7 +91,24 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--gpu", default="h100")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="add the LoRA fine-tuning case: memory per GPU with adapters of this rank (48 / 80 GB cards)")
+    p.add_argument("--lora-targets", default=",".join(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")),
+                   help="comma-separated LoRA targets (linear_qkv, linear_proj, linear_fc1, linear_fc2, output_layer)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("finetune", help="trainable parameters, optimizer-state bytes and peak step memory: LoRA vs "
+                       "full fine-tuning at the same shape, measured (tessera.bench.finetune)")
+    _common(p)
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--shape", default="", help="model fields over the preset: KEY=VALUE,... (hidden_size=1024,...)")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-targets", default="linear_qkv,linear_proj,linear_fc1,linear_fc2")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--steps", type=int, default=2)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("gpu-check", help="validate a GPU: versions, compiled kernels, TE layers, checkpoints, "
                        "training, generation (docs/training.md, Validating a GPU)")
@@ -228,10 +245,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.dp is not None and args.dp != layout.dp:
             raise PlanError(f"--dp {args.dp} disagrees with gpus/(tp*pp) = {layout.dp}")
         res = plan(shape, layout, mfu=args.mfu, gpu=args.gpu, name=name)
+        if args.lora_rank is not None:
+            from tessera.bench.plan import lora_memory_per_gpu
+
+            if args.lora_rank < 1:
+                raise PlanError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+            res["lora"] = lora_memory_per_gpu(shape, layout, args.lora_rank,
+                                              tuple(t for t in args.lora_targets.split(",") if t))
     except PlanError as exc:
         raise SystemExit(f"tessera bench plan: {exc}") from None
     emit(format_plan(res))
+    if "lora" in res:
+        from tessera.bench.plan import format_lora
+
+        emit(format_lora(res["lora"]))
     return _finish(args, "plan", res, _machine(args, measure=False))
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from tessera.bench.finetune import format_table, run
+
+    shape = {}
+    for item in filter(None, args.shape.split(",")):
+        key, _, value = item.partition("=")
+        shape[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    res = run(args.preset, seq=args.seq, micro_batch=args.micro_batch, rank=args.lora_rank,
+              targets=tuple(t for t in args.lora_targets.split(",") if t), precision=args.dtype, steps=args.steps,
+              shape=shape)
+    emit(format_table(res))
+    return _finish(args, "finetune", res, _machine(args, measure=False))
 
 
 def cmd_all(args: argparse.Namespace) -> int:
