@@ -12,7 +12,8 @@ ops/basic/rmsnorm.py):
 - ``Linear``: ``weight`` [out / TP, in] (column) or [out, in / TP] (row); with ``bias=False`` the bias
   is a plain tensor attribute, not in the state dict;
 - ``LayerNormLinear``: ``layer_norm_weight`` [in] first, ``layer_norm_bias`` only for LayerNorm, then
-  ``weight``; attributes ``eps``, ``normalization``, ``zero_centered_gamma``;
+  ``weight``; attributes ``eps``, ``normalization``, ``zero_centered_gamma``, and ``return_layernorm_output``,
+  read in the forward, which then returns (output, norm output);
 - ``DotProductAttention``: no parameters (vanilla softmax), an ``_extra_state`` that a load may lack (TE's
   post-hook drops it from the missing keys), and no ``softmax_scale`` attribute (TE passes the scale, by
   default 1 / sqrt(kv_channels), to its backends);
@@ -100,9 +101,13 @@ class Linear(TransformerEngineBaseModule):
 
 class LayerNormLinear(Linear):
     def __init__(self, in_features, out_features, *, eps=1e-5, normalization="LayerNorm", zero_centered_gamma=False,
-                 params_dtype=torch.float32, device="cpu", **kwargs):
+                 params_dtype=torch.float32, device="cpu", return_layernorm_output=False,
+                 return_layernorm_output_gathered=False, **kwargs):
         TransformerEngineBaseModule.__init__(self)
         self.eps, self.normalization, self.zero_centered_gamma = eps, normalization, zero_centered_gamma
+        # read at forward time, as TE does: (output, norm output) instead of the output
+        self.return_layernorm_output = return_layernorm_output
+        self.return_layernorm_output_gathered = return_layernorm_output_gathered
         self.layer_norm_weight = nn.Parameter(
             torch.full((in_features,), float(not zero_centered_gamma), dtype=params_dtype, device=device))
         if normalization != "RMSNorm":
@@ -112,8 +117,10 @@ class LayerNormLinear(Linear):
         self._linear_params(in_features, out_features, params_dtype=params_dtype, device=device, **kwargs)
 
     def forward(self, x, is_first_microbatch=None):
-        return self._linear(_norm(x, self.layer_norm_weight, self.layer_norm_bias, self.eps, self.normalization,
-                                  self.zero_centered_gamma))
+        ln_out = _norm(x, self.layer_norm_weight, self.layer_norm_bias, self.eps, self.normalization,
+                       self.zero_centered_gamma)
+        out = self._linear(ln_out)
+        return (out, ln_out) if self.return_layernorm_output else out
 
 
 def _tolerate_missing_core_attention_extra_state(module, incompatible_keys) -> None:

@@ -128,6 +128,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     _layout_flags(p)
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--gpu", default="h100")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="add the LoRA fine-tuning case: memory per GPU with adapters of this rank (48 / 80 GB cards)")
+    p.add_argument("--lora-targets", default=",".join(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")),
+                   help="comma-separated LoRA targets (linear_qkv, linear_proj, linear_fc1, linear_fc2, output_layer)")
     p.set_defaults(func=cmd_plan, accepts_overrides=True)
 
     p = sub.add_parser("memory", help="measured bytes per rank (parameters, gradients, optimizer state, saved "
@@ -138,6 +142,19 @@ def register(parser: argparse.ArgumentParser) -> None:
     register_memory(p)
     add_deprecated_alias(p, "--seq", "--seq-length", dest="seq_length", type=int)
     p.set_defaults(func=cmd_memory, accepts_overrides=True)
+
+    p = sub.add_parser("finetune", help="trainable parameters, optimizer-state bytes and peak step memory: LoRA vs "
+                       "full fine-tuning at the same shape, measured (tessera.bench.finetune)")
+    _common(p)
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--shape", default="", help="model fields over the preset: KEY=VALUE,... (hidden_size=1024,...)")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-targets", default="linear_qkv,linear_proj,linear_fc1,linear_fc2")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--steps", type=int, default=2)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("gpu-check", help="validate a GPU: versions, compiled kernels, TE layers, checkpoints, "
                        "training, generation (docs/training.md, Validating a GPU)")
@@ -339,15 +356,17 @@ def _plan(args: argparse.Namespace) -> int:
         Layout,
         PlanError,
         default_gpus,
+        format_lora,
         format_plan,
         plan,
         plan_for_train_config,
         shape_for_preset,
     )
 
+    lora = {"lora_rank": args.lora_rank, "lora_targets": tuple(t for t in args.lora_targets.split(",") if t)}
     if args.config is not None:
         res = plan_for_train_config(str(args.config), _config_overrides(args), gpus=args.gpus, mfu=args.mfu,
-                                    gpu=args.gpu)
+                                    gpu=args.gpu, **lora)
     else:
         if getattr(args, "overrides", None):
             raise PlanError(f"{' '.join(args.overrides)}: config overrides need --config")
@@ -359,10 +378,11 @@ def _plan(args: argparse.Namespace) -> int:
             global_batch=args.global_batch, seq_length=args.seq_length,
             sequence_parallel=tp > 1 and not args.no_sequence_parallel,
             distributed_optimizer=not args.no_distributed_optimizer, recompute=args.recompute or "none")
-        res = plan(shape, layout, mfu=args.mfu, gpu=args.gpu, name=args.preset)
+        res = plan(shape, layout, mfu=args.mfu, gpu=args.gpu, name=args.preset, **lora)
     if args.dp is not None and args.dp != res["layout"]["dp"]:
         raise PlanError(f"--dp {args.dp} disagrees with gpus/(tp*pp) = {res['layout']['dp']}")
-    return _finish(args, "plan", res, _machine(args, measure=False), format_plan(res))
+    text = format_plan(res) + ("\n" + format_lora(res["lora"]) if "lora" in res else "")
+    return _finish(args, "plan", res, _machine(args, measure=False), text)
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
@@ -374,6 +394,20 @@ def _memory(args: argparse.Namespace) -> int:
 
     return run_memory_command(args, finish=lambda res, machine, text: _finish(args, "memory", res, machine, text),
                               machine=lambda: _machine(args, measure=False))
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from tessera.bench.finetune import format_table, run
+
+    shape = {}
+    for item in filter(None, args.shape.split(",")):
+        key, _, value = item.partition("=")
+        shape[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    res = run(args.preset, seq=args.seq, micro_batch=args.micro_batch, rank=args.lora_rank,
+              targets=tuple(t for t in args.lora_targets.split(",") if t), precision=args.dtype, steps=args.steps,
+              shape=shape)
+    emit(format_table(res))
+    return _finish(args, "finetune", res, _machine(args, measure=False))
 
 
 def cmd_all(args: argparse.Namespace) -> int:

@@ -25,6 +25,8 @@ from tessera.model.flops import flops_per_token, matmul_parameters  # noqa: F401
 from tessera.pretrain.layout import RECOMPUTE_MODES, ParallelLayout
 
 Layout = ParallelLayout  # the trainer's layout object (tessera.pretrain.layout)
+# the linears LoRA adapts by default (tessera.model.lora)
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 Recompute = Literal["none", "selective", "full"]
 
 # Chameleon pre-training budget. arXiv:2405.09818 (Chameleon Team, 2024): Table 1 lists 4.4T tokens per
@@ -408,8 +410,13 @@ def plan(
     gpu: str = "h100",
     token_budgets: dict[str, float] | None = None,
     name: str = "",
+    lora_rank: int | None = None,
+    lora_targets: tuple[str, ...] = LORA_TARGETS,
 ) -> dict:
-    """Everything ``tessera bench plan`` prints, as one JSON-able dict."""
+    """Everything ``tessera bench plan`` prints, as one JSON-able dict (``lora``: the LoRA fine-tuning case
+    of rank ``lora_rank``, when given)."""
+    if lora_rank is not None and lora_rank < 1:
+        raise PlanError(f"--lora-rank must be >= 1, got {lora_rank}")
     if gpu not in GPU_PEAK_BF16_TFLOPS:
         raise PlanError(f"unknown --gpu {gpu!r}; known: {sorted(GPU_PEAK_BF16_TFLOPS)}")
     if not 0 < mfu <= 1:
@@ -424,7 +431,7 @@ def plan(
         "9.2T (2.1 epochs, as trained)": CHAMELEON_TOKENS_PER_EPOCH * CHAMELEON_EPOCHS,
     }
     mem = memory_per_gpu(m, layout)
-    return {
+    out = {
         "model": name,
         "shape": asdict(m),
         "layout": layout_summary(layout, m),
@@ -444,6 +451,9 @@ def plan(
             for k, v in budgets.items()
         },
     }
+    if lora_rank is not None:
+        out["lora"] = lora_memory_per_gpu(m, layout, lora_rank, lora_targets)
+    return out
 
 
 def default_gpus(tp: int, pp: int, cp: int = 1) -> int:
@@ -527,3 +537,84 @@ def format_plan(p: dict) -> str:
 
 def _gib(x: float) -> str:
     return f"{x / GiB:,.2f} GiB"
+
+
+# ---- LoRA fine-tuning (tessera.model.lora) --------------------------------------------------------
+
+
+def lora_adapter_parameters(m: ModelShape, rank: int, targets: tuple[str, ...] = LORA_TARGETS,
+                            tp: int = 1) -> dict[str, float]:
+    """Adapter parameters (A [r, in] + B [out, r]) held by ONE GPU of a TP group, per target over the whole
+    model. Column-parallel targets (qkv, fc1, output layer) split B over TP and replicate A; row-parallel
+    ones (proj, fc2) split A and replicate B (tessera.model.lora)."""
+    h, f, r = m.hidden_size, m.ffn_hidden_size, rank
+    # (in, out, column-parallel?, how many)
+    shapes = {"linear_qkv": (h, m.q_width + 2 * m.kv_width, True, m.num_layers),
+              "linear_proj": (m.q_width, h, False, m.num_layers),
+              "linear_fc1": (h, f * (2 if m.gated_mlp else 1), True, m.num_layers),
+              "linear_fc2": (f, h, False, m.num_layers),
+              "output_layer": (h, m.vocab_size, True, 1)}
+    unknown = sorted(set(targets) - set(shapes))
+    if unknown:
+        raise PlanError(f"unknown LoRA targets {unknown}; known: {sorted(shapes)}")
+    out = {}
+    for t in targets:
+        i, o, column, n = shapes[t]
+        out[t] = n * (r * i + o * r / tp if column else r * i / tp + o * r)
+    return out
+
+
+def lora_memory_per_gpu(m: ModelShape, layout: Layout, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> dict:
+    """Bytes per GPU (busiest stage) for LoRA fine-tuning in bf16: the frozen base in bf16 with no gradient
+    and no optimizer state (megatron's DDP and optimizer skip parameters that do not require grad), the
+    adapters as trained parameters (bf16 weight, fp32 gradient, fp32 main copy + Adam moments, sharded over
+    DP by the distributed optimizer). Activations are full fine-tuning's (``stage_activation_bytes``): every
+    adapted linear's input is still kept for the backward (the adapter's own gradient needs it), and the
+    frozen layers still pass gradients to their inputs; the adapters add their rank-r intermediates."""
+    _validate(m, layout)
+    base = memory_per_gpu(m, layout)
+    per_target = lora_adapter_parameters(m, rank, targets, layout.tp)
+    # the busiest stage: its share of the layers' adapters, plus the output layer's on the last stage
+    n_ad = sum(v for t, v in per_target.items() if t != "output_layer") / layout.pp + per_target.get("output_layer", 0)
+    s, b = layout.seq_length or m.seq_length, layout.micro_batch
+    per_layer_targets = sum(t != "output_layer" for t in targets)
+    extra_act = 2 * s * b * rank * per_layer_targets * (m.num_layers // layout.pp) * min(layout.microbatches, layout.pp)
+    out = {
+        "rank": rank, "targets": list(targets), "dp": layout.dp,
+        "adapter_parameters_total": int(round(sum(lora_adapter_parameters(m, rank, targets, 1).values()))),
+        "adapter_parameters_per_gpu": int(round(n_ad)),
+        "base_weights_bf16": 2 * base["params_per_gpu"],
+        "adapter_weights_bf16": 2 * n_ad,
+        "grads_fp32": 4 * n_ad,
+        "optimizer_fp32": 12 * n_ad,
+        "optimizer_fp32_distributed": 12 * n_ad / layout.dp,
+        "activations": {r: v + extra_act for r, v in base["activations"].items()},
+    }
+    static = out["base_weights_bf16"] + out["adapter_weights_bf16"] + out["grads_fp32"]
+    out["total"] = {f"{opt}_{r}": static + out[f"optimizer_fp32{suffix}"] + out["activations"][r]
+                    for opt, suffix in (("adam", ""), ("distopt", "_distributed")) for r in RECOMPUTE_MODES}
+    out["full_finetune_total"] = base["total"]
+    return out
+
+
+# the GPU memory sizes the LoRA table answers for: a 48 GB card (L40S, RTX 6000 Ada, A6000) and an 80 GB one
+LORA_CARDS_GB = (48.0, 80.0)
+
+
+def format_lora(mem: dict, cards_gb: tuple[float, ...] = LORA_CARDS_GB) -> str:
+    """The LoRA rows ``tessera bench plan --lora-rank R`` prints, with which cards each total fits (GB = 1e9 B)."""
+    rows = [("LoRA", f"rank {mem['rank']} on {', '.join(mem['targets'])}: {mem['adapter_parameters_total']:,} "
+                     f"adapter parameters ({mem['adapter_parameters_per_gpu']:,} per GPU)"),
+            ("frozen base weights bf16", _gib(mem["base_weights_bf16"])),
+            ("adapters bf16 + fp32 grads", _gib(mem["adapter_weights_bf16"] + mem["grads_fp32"])),
+            ("adapter optimizer fp32", _gib(mem["optimizer_fp32"]))]
+    for k, v in mem["total"].items():
+        opt, r = k.split("_")
+        if opt == "distopt" and mem["dp"] == 1:
+            continue  # no data parallelism: the same as Adam's
+        fits = ", ".join(f"{g:g} GB {'yes' if v <= g * 1e9 else 'no'}" for g in cards_gb)
+        full = mem["full_finetune_total"][k]
+        what = f"{'dist. optimizer, ' if opt == 'distopt' else ''}recompute={r}"
+        rows.append((f"LoRA total ({what})", f"{_gib(v)}  fits {fits}  (full fine-tuning: {_gib(full)})"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

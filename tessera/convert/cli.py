@@ -38,6 +38,7 @@ def _to_hf(args: argparse.Namespace) -> int:
         max_shard_bytes=int(args.max_shard_gib * 2**30),
         allow_missing_vq=args.allow_missing_vq,
         from_import=args.from_import,
+        base=args.base,
     )
     print(res.summary())
     return 0
@@ -89,5 +90,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--from-import", default=None,
                    help="for a run started from an imported checkpoint: that checkpoint (or its tokenizers/text), "
                    "whose id map restores Chameleon's token order (found automatically when copied along)")
+    p.add_argument("--base", default=None,
+                   help="for an adapter (LoRA) checkpoint whose base has moved: the base checkpoint (its files must "
+                   "hash to the recorded SHA-256); the adapters are merged into it")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_guard(_to_hf))

@@ -289,18 +289,21 @@ def to_hf(
     max_shard_bytes: int = 5 * 2**30,
     allow_missing_vq: bool = False,
     from_import: str | Path | None = None,
+    base: str | Path | None = None,
 ) -> ConvertResult:
     """A Tessera checkpoint -> a directory ``ChameleonForConditionalGeneration.from_pretrained`` loads.
     ``allow_missing_vq`` exports a text-only checkpoint (transformers then initialises the VQ randomly).
     A checkpoint that descends from an import (``tessera train`` started from a from-hf / from-meta
     checkpoint) needs that import's id map: it is looked for in CKPT, CKPT/tokenizers/text and the run's
-    tokenizers/text, or given as ``from_import`` (the imported checkpoint or its tokenizers/text)."""
+    tokenizers/text, or given as ``from_import`` (the imported checkpoint or its tokenizers/text).
+    An adapter checkpoint (a LoRA run) is exported with its adapters merged into its base's weights; the
+    base (its recorded path, or ``base``) is searched for the id map and tokenizers too."""
     from tessera.convert.vq import hf_vq_config, tessera_to_taming
 
     t0 = time.perf_counter()
     _check_out(out_dir, overwrite)
     _say(f"convert: loading {ckpt}")
-    mcfg, vocab, t_state, path = load_tessera_state(ckpt, dtype)
+    mcfg, vocab, t_state, path = load_tessera_state(ckpt, dtype, base=base)
     if vocab is None:
         raise ConvertError(f"{path}: checkpoint has no vocab.json; cannot name the image tokens for transformers")
     notes: list[str] = []
@@ -396,10 +399,23 @@ def _find_import_dir(ckpt: Path, given: str | Path | None) -> Path | None:
             if (d / "hf_id_map.json").is_file():
                 return d
         raise ConvertError(f"{given}: no hf_id_map.json (expected an imported checkpoint or its tokenizers/text)")
-    for d in [ckpt] + [t / "text" for t in _tokenizer_dirs(ckpt)]:
+    base = _adapter_base(ckpt)
+    for d in [ckpt] + ([base] if base else []) + [t / "text" for t in _tokenizer_dirs(ckpt)]:
         if (d / "hf_id_map.json").is_file():
             return d
     return None
+
+
+def _adapter_base(ckpt: Path) -> Path | None:
+    """The base checkpoint an adapter checkpoint (LoRA run) records, where it has one."""
+    from tessera.model.checkpoint import CheckpointError, adapter_meta, read_checkpoint_meta
+
+    try:
+        meta = read_checkpoint_meta(ckpt)
+    except CheckpointError:
+        return None
+    base = meta.get("base") if adapter_meta(meta) is not None else None
+    return Path(base["path"]) if isinstance(base, dict) and base.get("path") else None
 
 
 def _imported_text_dir(ckpt: Path, import_dir: Path | None) -> Path:
@@ -412,12 +428,15 @@ def _imported_text_dir(ckpt: Path, import_dir: Path | None) -> Path:
 
 def _tokenizer_dirs(ckpt: Path) -> list[Path]:
     """Where a checkpoint's tokenizers live (the convention tessera generate uses): CKPT/tokenizers,
-    then the run directory's tokenizers/ above checkpoints/."""
-    dirs = [ckpt / "tokenizers"]
-    for parent in ckpt.parents:
-        if parent.name == "checkpoints":
-            dirs.append(parent.parent / "tokenizers")
-            break
+    then the run directory's tokenizers/ above checkpoints/; for an adapter checkpoint then its base's."""
+    dirs = []
+    base = _adapter_base(ckpt)
+    for c in [ckpt] + ([base] if base else []):
+        dirs.append(c / "tokenizers")
+        for parent in c.parents:
+            if parent.name == "checkpoints":
+                dirs.append(parent.parent / "tokenizers")
+                break
     return dirs
 
 

@@ -82,13 +82,15 @@ def save_tessera_checkpoint(
     save_model_checkpoint(model, cfg, out_dir, vocab=vocab, extra_config=extra_config, step=0)
 
 
-def load_tessera_state(ckpt: str | Path, dtype: str | None = None) -> tuple[Any, Any, dict[str, torch.Tensor], Path]:
-    """(ModelConfig, Vocabulary | None, full state dict, resolved checkpoint dir)."""
+def load_tessera_state(ckpt: str | Path, dtype: str | None = None,
+                       base: str | Path | None = None) -> tuple[Any, Any, dict[str, torch.Tensor], Path]:
+    """(ModelConfig, Vocabulary | None, full state dict, resolved checkpoint dir). An adapter checkpoint (LoRA)
+    comes with its adapters merged into the weights (its base: the recorded one, or ``base``)."""
     import tessera.model as tm
     from tessera.model.checkpoint import resolve_checkpoint
 
     path = resolve_checkpoint(ckpt)
-    loaded = tm.load(path, device="cpu", dtype=torch_dtype(dtype) if dtype else None)
+    loaded = tm.load(path, device="cpu", dtype=torch_dtype(dtype) if dtype else None, adapters="merge", base=base)
     # No copies: the returned tensors are the module's own; once the caller drops the module they are
     # freed one by one as the export consumes them.
     state = {k: v.detach() for k, v in loaded.module.state_dict().items() if not k.endswith("_extra_state")}

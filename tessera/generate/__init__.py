@@ -7,7 +7,13 @@
 """
 
 from tessera.generate.config import GenerationConfig, SamplingParams
-from tessera.generate.document import GeneratedDocument, Generator, generate_document, generate_documents
+from tessera.generate.document import (
+    GeneratedDocument,
+    Generator,
+    generate_chat,
+    generate_document,
+    generate_documents,
+)
 from tessera.generate.engine import GeneratedSequence, GenerationEngine, GenerationError, GenerationStats
 from tessera.generate.tokenizers import Tokenizers, find_tokenizer_paths, load_tokenizers
 
@@ -22,6 +28,7 @@ __all__ = [
     "SamplingParams",
     "Tokenizers",
     "find_tokenizer_paths",
+    "generate_chat",
     "generate_document",
     "generate_documents",
     "load_tokenizers",

@@ -2,8 +2,11 @@
 
     tessera generate --checkpoint RUN_OR_CKPT --prompt "a small red circle" --mode image --out out/gen
     tessera generate --checkpoint CKPT --image in.png --prompt "This picture shows" --mode text --out out/cap
+    tessera generate --checkpoint LORA_RUN --chat conversation.json --mode text --out out/reply
 
 ``--prompt`` and ``--image`` may repeat; their order on the command line is the prompt's order.
+``--chat FILE``: a conversation (JSON: a list of messages, or ``{"messages": [...]}`` as in training data,
+image parts' paths relative to the file) through the chat template; the reply stops at the template's END.
 Any ``GenerationConfig`` field can also be set as ``--text.top_k 50`` / ``--image.temperature 0.9``.
 """
 
@@ -34,6 +37,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (uses checkpoints/latest)")
     p.add_argument("--prompt", dest="text", action=_Ordered, metavar="TEXT", help="prompt text (repeatable)")
     p.add_argument("--image", dest="image", action=_Ordered, metavar="PNG", help="prompt image file (repeatable)")
+    p.add_argument("--chat", default=None, metavar="JSON",
+                   help="a conversation (list of messages or {\"messages\": [...]}) to answer, through the chat "
+                        "template (docs/finetuning.md); not with --prompt / --image")
+    p.add_argument("--adapters", choices=("merge", "unmerged"), default="merge",
+                   help="an adapter (LoRA) checkpoint: fold the adapters into the weights (default) or decode with "
+                        "them as separate low-rank terms (same logits)")
     p.add_argument("--mode", choices=("interleaved", "text", "image"), default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--cfg-scale", type=float, default=None, help="image guidance by the prompt text (g_txt)")
@@ -88,20 +97,26 @@ def run(args: argparse.Namespace) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     parts_in = args.parts or []
-    if not parts_in:
-        raise GenerationError("give a prompt: --prompt TEXT and/or --image FILE")
+    chat = getattr(args, "chat", None)
+    if chat and parts_in:
+        raise GenerationError("--chat takes the whole prompt from the conversation: drop --prompt / --image")
+    if not parts_in and not chat:
+        raise GenerationError("give a prompt: --prompt TEXT and/or --image FILE, or --chat FILE")
     # Read every image before loading the model, so a bad file fails fast and is named.
+    messages = read_conversation(chat) if chat else None
     parts: list = [load_image(v) if kind == "image" else v for kind, v in parts_in]
     device = cfg.device or default_device().type
     cfg.device = device
-    model = tessera.model.load(args.checkpoint, device=device)
+    model = tessera.model.load(args.checkpoint, device=device, adapters=getattr(args, "adapters", "merge"))
     if getattr(model, "vocab", None) is None:
         raise GenerationError(f"{model.path}: checkpoint has no vocabulary (vocab.json); cannot map ids to text/images")
-    has_images = any(kind == "image" for kind, _ in parts_in)
+    has_images = any(kind == "image" for kind, _ in parts_in) or any(
+        not isinstance(c, str) for m in messages or [] for c in m["content"])
     tokenizers = load_tokenizers(
         model.path,
         text=args.text_tokenizer, image=args.image_tokenizer,
         need_image=has_images or cfg.mode != "text", device=device,
+        also=(model.base.path,) if model.base is not None else (),
     )
     gen = Generator(model, tokenizers, cfg)
 
@@ -109,7 +124,10 @@ def run(args: argparse.Namespace) -> Path:
     on_token = None
     if args.stream:
         on_token = _Streamer(gen.vocab, tokenizers.text).on_token
-    doc = gen.generate([parts], cfg, on_token=on_token, progress=progress.update)[0]
+    if messages is not None:
+        doc = gen.chat([messages], cfg, on_token=on_token, progress=progress.update)[0]
+    else:
+        doc = gen.generate([parts], cfg, on_token=on_token, progress=progress.update)[0]
     progress.close()
     if args.stream:
         sys.stdout.write("\n")
@@ -120,6 +138,45 @@ def run(args: argparse.Namespace) -> Path:
         f"{len(doc.new_ids)} new tokens ({doc.finish_reason}), {s['tokens_per_s']:.1f} tokens/s, "
         f"first token after {s['time_to_first_token_s'] * 1000:.0f} ms"
     )
+    return out
+
+
+def read_conversation(path: str | Path) -> list[dict]:
+    """``--chat FILE``: a JSON list of messages or ``{"messages": [...]}`` (the training format's record);
+    image parts (``{"type": "image", "image": PATH}``, ``"path"`` also read) are loaded from paths relative
+    to the file. Errors name the file."""
+    import json
+
+    from tessera.data.chat import ChatError, normalise_messages
+    from tessera.generate.engine import GenerationError
+    from tessera.tokenizers.image import load_image
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GenerationError(f"{path}: cannot read the conversation: {exc}") from exc
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not messages:
+        raise GenerationError(f"{path}: expected a non-empty list of messages or {{\"messages\": [...]}}")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        parts = [content] if isinstance(content, str) else list(content or [])
+        items = []
+        for j, p in enumerate(parts):
+            if isinstance(p, dict) and p.get("type") == "image":
+                ref = p.get("image") or p.get("path")
+                if not isinstance(ref, str):
+                    raise GenerationError(f"{path}: messages[{i}].content[{j}]: an image part needs a file path")
+                items.append({"type": "image", "image": load_image(path.parent / ref)})
+            else:
+                items.append(p)
+        out.append({"role": m.get("role") if isinstance(m, dict) else None, "content": items})
+    try:
+        normalise_messages(out)  # roles and part types checked here, with the message index
+    except ChatError as exc:
+        raise GenerationError(f"{path}: {exc}") from exc
     return out
 
 

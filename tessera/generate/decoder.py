@@ -28,6 +28,10 @@ tensor and it attends over a whole window of ``kv_window`` columns, masking the 
 shapes are fixed per (rows, capacity, window). On CUDA it is captured once per window and replayed
 (cuda_graph.py); everywhere else, and where capture fails, the same function runs eagerly.
 
+LoRA adapters left unmerged on the linears (``tessera.model.load(..., adapters="unmerged")``) are applied as
+their low-rank term beside each weight matmul, ``x W^T + (x A^T)(scale B)^T``; the fused C step has no such
+term, so such a model decodes through PyTorch ops. Merged adapters are plain weights.
+
 Numerics: with ``dtype=float32`` the logits equal the GPTModel full forward to fp32 rounding (tested).
 ``bfloat16`` is the fast path on CPUs with AMX/AVX512-bf16 and on GPUs; norms and softmax still run in
 float32 inside torch's kernels.
@@ -76,6 +80,11 @@ class _Layer:
     qk_w: torch.Tensor | None = None
     qk_b: torch.Tensor | None = None
     qk_eps: float = 0.0
+    # unmerged LoRA adapters of the four linears: (A, scale * B), or None
+    qkv_lora: tuple[torch.Tensor, torch.Tensor] | None = None
+    proj_lora: tuple[torch.Tensor, torch.Tensor] | None = None
+    fc1_lora: tuple[torch.Tensor, torch.Tensor] | None = None
+    fc2_lora: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _layer_norm_affine(module: nn.Module | None, heads: int, head_dim: int) -> tuple | None:
@@ -128,6 +137,21 @@ def _weight(linear: nn.Module, name: str, dtype: torch.dtype, device: torch.devi
         raise DecoderError(f"{name}: linear biases are not supported (Chameleon uses none)")
     # Shares storage with the model when dtype/device already match (no copy in fp32).
     return w.detach().to(device=device, dtype=dtype)
+
+
+def _low_rank(linear: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An unmerged LoRA adapter's (A, scale * B) in the decoding dtype (tessera.model.lora), or None."""
+    a = getattr(linear, "lora_a", None)
+    if a is None:
+        return None
+    b = linear.lora_b.detach().to(device=device, dtype=torch.float32) * float(linear.lora_scale)
+    return a.detach().to(device=device, dtype=dtype), b.to(dtype)
+
+
+def _plus_low_rank(y: torch.Tensor, x: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    if lora is None:
+        return y
+    return y + F.linear(F.linear(x, lora[0]), lora[1])
 
 
 class KVCacheDecoder:
@@ -220,8 +244,16 @@ class KVCacheDecoder:
                     post_mlp=norm_callable(post_mlp, wt, dev),
                     fc1=_weight(layer.mlp.linear_fc1, f"layer {i} linear_fc1", dt, dev),
                     fc2=_weight(layer.mlp.linear_fc2, f"layer {i} linear_fc2", dt, dev),
+                    qkv_lora=_low_rank(attn.linear_qkv, dt, dev),
+                    proj_lora=_low_rank(attn.linear_proj, dt, dev),
+                    fc1_lora=_low_rank(layer.mlp.linear_fc1, dt, dev),
+                    fc2_lora=_low_rank(layer.mlp.linear_fc2, dt, dev),
                 )
             )
+        self.output_lora = None if getattr(gpt, "share_embeddings_and_output_weights", False) else \
+            _low_rank(gpt.output_layer, dt, dev)
+        self.adapters = sum(x is not None for lw in self.layers
+                            for x in (lw.qkv_lora, lw.proj_lora, lw.fc1_lora, lw.fc2_lora)) + (self.output_lora is not None)
         self.softmax_scale = _softmax_scale(layer.self_attention)
         for lw in self.layers:
             self._fuse_qk_norm(lw)
@@ -230,9 +262,13 @@ class KVCacheDecoder:
         self._fused = None
         self._eager_backend = "PyTorch ops"
         if fused_cpu_step is not False and dev.type == "cpu":
-            from tessera.generate.cpu_step import FusedCPUStep
+            if self.adapters:
+                self._eager_backend = (f"PyTorch ops ({self.adapters} unmerged LoRA adapters: the fused C step has no "
+                                       "low-rank term; merge them for it)")
+            else:
+                from tessera.generate.cpu_step import FusedCPUStep
 
-            self._fused, self._eager_backend = FusedCPUStep.create(self)
+                self._fused, self._eager_backend = FusedCPUStep.create(self)
             if fused_cpu_step and self._fused is None:
                 raise DecoderError(f"fused_cpu_step=True but {self._eager_backend}")
         # On a GPU the step is replayed as CUDA graphs (cuda_graph.py); eager where they cannot run.
@@ -383,7 +419,7 @@ class KVCacheDecoder:
         ng, hd = self.num_groups, self.head_dim
         qpg = self.num_heads // ng
         # megatron's grouped QKV rows: per group [its q heads..., k, v].
-        mixed = self._lin(x, lw.qkv).view(b, s, ng, qpg + 2, hd).to(self.attn_dtype)
+        mixed = _plus_low_rank(self._lin(x, lw.qkv), x, lw.qkv_lora).view(b, s, ng, qpg + 2, hd).to(self.attn_dtype)
         if lw.qk_w is not None:
             qk = F.layer_norm(mixed.narrow(3, 0, qpg + 1), (hd,), None, None, lw.qk_eps)
             qk = self._apply_rope(torch.addcmul(lw.qk_b, qk, lw.qk_w), rope)  # q already scaled
@@ -422,17 +458,18 @@ class KVCacheDecoder:
                 scale=1.0, enable_gqa=ng != self.num_heads,
             )
             ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * hd)
-        return self._lin(ctx.to(self.dtype), lw.proj)
+        ctx = ctx.to(self.dtype)
+        return _plus_low_rank(self._lin(ctx, lw.proj), ctx, lw.proj_lora)
 
     def _mlp(self, li: int, x: torch.Tensor) -> torch.Tensor:
         lw = self.layers[li]
-        h = self._lin(x, lw.fc1)
+        h = _plus_low_rank(self._lin(x, lw.fc1), x, lw.fc1_lora)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.activation(gate).mul_(up)
         else:
             h = self.activation(h)
-        return self._lin(h, lw.fc2)
+        return _plus_low_rank(self._lin(h, lw.fc2), h, lw.fc2_lora)
 
     def _layers_forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, causal: bool,
@@ -451,7 +488,8 @@ class KVCacheDecoder:
     def _output(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return self._lin(x.to(self.dtype), self.output)
+        x = x.to(self.dtype)
+        return _plus_low_rank(self._lin(x, self.output), x, self.output_lora)
 
     def _forward(
         self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, last_only: bool, causal: bool = False

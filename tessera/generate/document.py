@@ -213,11 +213,52 @@ class Generator:
             docs.extend(self._documents(results, stats, seg_lists[start:], pics[start:]))
         return docs
 
-    def _documents(self, results, stats: GenerationStats, seg_lists, pics) -> list[GeneratedDocument]:
+    def chat(
+        self,
+        conversations: Sequence[Sequence[Any]],
+        config: GenerationConfig,
+        on_token: TokenCallback | None = None,
+        progress: Any = None,
+    ) -> list[GeneratedDocument]:
+        """The assistant's next turn for each conversation (transformers-style messages: dicts with ``role``
+        and ``content``, images as PIL images or ``ImageSegment`` codes), through the chat template that
+        training data is written with (``tessera.data.chat.format_chat``, ending with the open assistant
+        turn). Decoding stops at the template's END (``finish_reason`` "stop"); the document's generated
+        segments are the reply without it. Its prompt segments are the messages' contents in order."""
+        from tessera.data.chat import ChatTemplate, format_chat, normalise_messages
+
+        vocab, tok = self.vocab, self.tokenizers
+        template = ChatTemplate.for_vocabulary(vocab, tok.text)
+        seg_lists, pics, ids = [], [], []
+        for messages in conversations:
+            parts = [c for m in normalise_messages(messages) for c in m.content]
+            segs, pictures = _normalise_prompt(parts, tok) if parts else ([], [])
+            images = iter(s for s in segs if isinstance(s, ImageSegment))
+            # the images as codes (encoded once, above), in the messages' order
+            msgs = [{"role": m.role, "content": [c if isinstance(c, str) else next(images) for c in m.content]}
+                    for m in normalise_messages(messages)]
+            seg_lists.append(segs)
+            pics.append(pictures)
+            ids.append(format_chat(msgs, vocab, tok.text, template=template, add_generation_prompt=True))
+        stop = template.stop_ids
+        docs: list[GeneratedDocument] = []
+        for start in range(0, len(ids), config.batch_size):
+            cb = None
+            if on_token is not None:
+                cb = (lambda off: (lambda g, t: on_token(off + g, t)))(start)
+            results, stats = self.engine.generate(ids[start : start + config.batch_size], config, on_token=cb,
+                                                  progress=progress, stop=stop)
+            docs.extend(self._documents(results, stats, seg_lists[start:], pics[start:], stop=stop))
+        return docs
+
+    def _documents(self, results, stats: GenerationStats, seg_lists, pics,
+                   stop: Sequence[int] | None = None) -> list[GeneratedDocument]:
         vocab, tok = self.vocab, self.tokenizers
         gen_segs = []
         for r in results:
             ids = r.new_ids[:-1] if r.new_ids and r.new_ids[-1] == vocab.eos_id else r.new_ids
+            if r.finish_reason == "stop" and stop:
+                ids = r.new_ids[: len(r.new_ids) - len(stop)]
             # ``open_prefix``: an image the prompt opened (image mode's forced <boi>) continues in new_ids.
             gen_segs.append(vocab.decode_document(r.open_prefix + ids, tok.text.decode, strict=False))
         codes = [list(s.codes) for segs in gen_segs for s in segs if isinstance(s, ImageSegment)]
@@ -259,6 +300,19 @@ def generate_document(
     return gen.generate([prompt_segments], config, on_token=on_token)[0]
 
 
+def generate_chat(
+    model: Any,
+    tokenizers: Tokenizers,
+    conversations: Sequence[Sequence[Any]],
+    config: GenerationConfig | None = None,
+    on_token: TokenCallback | None = None,
+) -> list[GeneratedDocument]:
+    """The assistant's reply to each conversation (``Generator.chat``); ``doc.generated_text`` is the reply."""
+    config = config or GenerationConfig()
+    gen = model if isinstance(model, Generator) else Generator(model, tokenizers, config)
+    return gen.chat(conversations, config, on_token=on_token)
+
+
 def generate_documents(
     model: Any,
     tokenizers: Tokenizers,
@@ -276,6 +330,7 @@ __all__ = [
     "GeneratedDocument",
     "Generator",
     "encode_prompt",
+    "generate_chat",
     "generate_document",
     "generate_documents",
 ]

@@ -42,7 +42,7 @@ class GeneratedSequence:
     # ``prompt_ids + new_ids`` is always the whole well-formed sequence.
     prompt_ids: list[int]
     new_ids: list[int]
-    finish_reason: str  # "eos" | "length" | "image" (image mode: the forced image is complete)
+    finish_reason: str  # "eos" | "stop" (the stop sequence, e.g. a chat turn's END) | "length" | "image"
     # Tokens of an image still open at the end of the prompt (image mode: the forced <boi>); the
     # generated ids continue it, so decode ``open_prefix + new_ids``.
     open_prefix: list[int]
@@ -226,10 +226,20 @@ class GenerationEngine:
         cfg: GenerationConfig,
         on_token: TokenCallback | None = None,
         progress: Callable[[int], None] | None = None,
+        stop: Sequence[int] | None = None,
     ) -> tuple[list[GeneratedSequence], GenerationStats]:
-        """Decode every prompt (lists of vocabulary ids, normally starting with ``<bos>``)."""
+        """Decode every prompt (lists of vocabulary ids, normally starting with ``<bos>``).
+
+        ``stop``: ids that end a row once written (a chat template's END, ``ChatTemplate.stop_ids``) in place
+        of ``<eos>``. One id is the sampling kernel's stop token (its ``eos_id`` rule: allowed in text mode
+        even when it is a special id, which text mode otherwise masks, and the row is done once it is
+        written); a longer sequence (text markers) is matched on the host as the tokens arrive."""
         cfg.check()
         v = self.vocab
+        stop = [int(t) for t in stop] if stop else None
+        if stop is not None and not all(0 <= t < v.size for t in stop):
+            raise GenerationError(f"stop ids {stop} are outside the vocabulary [0, {v.size})")
+        stop_id = stop[0] if stop is not None and len(stop) == 1 else v.eos_id
         plan = self.plan(prompts, cfg)
         n, streams = plan.groups, plan.streams
         rows = plan.rows
@@ -250,7 +260,7 @@ class GenerationEngine:
         # holds: position = K - (limit - length); the kernel marks a row done when it reaches K.
         K = self.context_length
         rules = TokenRules(
-            modality_table=self.modality_table, boi_id=v.boi_id, eoi_id=v.eoi_id, eos_id=v.eos_id,
+            modality_table=self.modality_table, boi_id=v.boi_id, eoi_id=v.eoi_id, eos_id=stop_id,
             pad_id=v.pad_id, image_tokens_per_image=v.image_tokens_per_image, max_seq_len=K,
         )
         params = SamplingParams(
@@ -310,8 +320,10 @@ class GenerationEngine:
                 produced += 1
                 if on_token is not None:
                     on_token(g, t)
-                if t == v.eos_id:
-                    reason[g] = "eos"
+                if t == stop_id:
+                    reason[g] = "eos" if stop is None else "stop"
+                elif stop is not None and len(stop) > 1 and out[g][-len(stop):] == stop:
+                    reason[g] = "stop"
                 elif t == v.eoi_id and cfg.mode == "image":
                     reason[g] = "image"
                 elif len(out[g]) < room[g]:  # the kernel's other stop: the prompt's limit is reached

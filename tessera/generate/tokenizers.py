@@ -7,7 +7,8 @@ Convention (docs/generation.md): a checkpoint or run directory holds its tokeniz
                                     (``tessera convert from-hf``; HFTextTokenizer)
     CKPT/tokenizers/image/          ImageTokenizer directory (config.json + model.safetensors)
 
-Looked up in the checkpoint directory first, then in the run directory above ``checkpoints/``.
+Looked up in the checkpoint directory first, then in the run directory above ``checkpoints/``; for an
+adapter checkpoint (LoRA) then in its base checkpoint's (an import's tokenizers live there).
 ``--text-tokenizer`` / ``--image-tokenizer`` override either.
 """
 
@@ -66,10 +67,11 @@ def _candidates(checkpoint: Path) -> list[Path]:
     return dirs
 
 
-def find_tokenizer_paths(checkpoint: str | Path) -> tuple[Path | None, Path | None]:
-    """(text model, image dir) found by the convention, either None when absent."""
+def find_tokenizer_paths(checkpoint: str | Path, also: tuple[str | Path, ...] = ()) -> tuple[Path | None, Path | None]:
+    """(text model, image dir) found by the convention, either None when absent; ``also``: more checkpoint
+    directories to look in afterwards (an adapter checkpoint's base)."""
     text = image = None
-    for d in _candidates(Path(checkpoint)):
+    for d in [c for ckpt in (checkpoint, *also) for c in _candidates(Path(ckpt))]:
         if text is None and (d / TEXT_MODEL).is_file():
             text = d / TEXT_MODEL
         elif text is None and (d / TEXT_DIR / "tokenizer.json").is_file():
@@ -85,6 +87,7 @@ def load_tokenizers(
     image: str | Path | None = None,
     need_image: bool = True,
     device: str = "cpu",
+    also: tuple[str | Path, ...] = (),
 ) -> Tokenizers:
     """Load the checkpoint's tokenizers (explicit paths win). ``text`` may be a sentencepiece model or
     an imported checkpoint's ``tokenizers/text/`` directory. A missing image tokenizer is an error only
@@ -92,7 +95,7 @@ def load_tokenizers(
     from tessera.convert import load_text_tokenizer
     from tessera.tokenizers.image import ImageTokenizer
 
-    found_text, found_image = find_tokenizer_paths(checkpoint) if checkpoint is not None else (None, None)
+    found_text, found_image = find_tokenizer_paths(checkpoint, also) if checkpoint is not None else (None, None)
     text_path = Path(text) if text else found_text
     image_path = Path(image) if image else found_image
     where = f"{checkpoint}/{TOKENIZER_DIR}/" if checkpoint is not None else "the checkpoint"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ class TesseraModel:
     device: torch.device
     step: int = 0
     path: Path | None = None
+    # an adapter checkpoint's base (tessera.model.checkpoint.BaseReference) and LoRA settings; ``module``
+    # holds the adapters unmerged when loaded with adapters="unmerged"
+    base: Any = None
+    lora: Any = None  # tessera.model.lora.LoRASpec | None
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -49,18 +54,58 @@ class TesseraModel:
         return self.module(ids, pos, None)
 
 
-def load(checkpoint_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TesseraModel:
+def _load_into(model: torch.nn.Module, path: Path, part: str) -> None:
+    """``part`` of the dist checkpoint at ``path`` into ``model`` (the other part keeps its values)."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not (path / DIST_DIR).is_dir():
+        raise CheckpointError(f"{path / DIST_DIR}: missing (incomplete checkpoint)")
+    # megatron raises several types for missing / mismatched tensors; torch.distributed.checkpoint's
+    # CheckpointException is a BaseException
+    try:
+        state = dist_checkpointing.load(model_sharded_state_dict(model, part), str(path / DIST_DIR))
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{path / DIST_DIR}: cannot load the model weights: {exc}") from exc
+    model.load_state_dict(state["model"], strict=part == "all")
+
+
+# fields that change how the same weights are computed with, not the weights: a fine-tune may change them
+_FREE_FIELDS = frozenset({"recompute", "recompute_method", "recompute_num_layers", "hidden_dropout",
+                          "attention_dropout"})
+
+
+def _check_same_model(base_path: Path, cfg: ModelConfig, adapter_path: Path) -> None:
+    from tessera.config import to_dict
+
+    a, b = to_dict(read_model_config(base_path)), to_dict(cfg)
+    diff = sorted(k for k in set(a) | set(b) if k not in _FREE_FIELDS and a.get(k) != b.get(k))
+    if diff:
+        raise CheckpointError(f"{adapter_path}: its model differs from its base {base_path} in "
+                              + ", ".join(f"{k} ({b.get(k)!r} vs {a.get(k)!r})" for k in diff))
+
+
+def load(checkpoint_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         adapters: str = "merge", base: str | Path | None = None, verify_base: bool = True) -> TesseraModel:
     """Load the model of a checkpoint (a checkpoint dir, a run dir, or its ``checkpoints`` dir).
 
     Initialises a 1-process parallel state if none exists; only the ``model`` keys of the dist
     checkpoint are read (optimizer etc. are ignored). Any TP/PP layout of the save loads here.
+
+    An adapter checkpoint (a LoRA run) loads its base (the path it records, or ``base``; its files must
+    hash to the recorded SHA-256 unless ``verify_base`` is False), then its adapters; ``adapters="merge"``
+    folds them into the weights (a plain model, what ``tessera convert to-hf`` exports), ``"unmerged"``
+    keeps them as separate low-rank factors on the linears (``tessera generate --adapters unmerged``).
     """
-    from megatron.core import dist_checkpointing, parallel_state
-    from torch.distributed.checkpoint.api import CheckpointException
+    from megatron.core import parallel_state
 
     from tessera.model.chameleon import build_model
+    from tessera.model.checkpoint import BaseReference, adapter_meta
+    from tessera.model.lora import LoRASpec, apply_lora, merge_lora
     from tessera.model.parallel import ensure_single_process
 
+    if adapters not in ("merge", "unmerged"):
+        raise ValueError(f"adapters must be 'merge' or 'unmerged', got {adapters!r}")
     path = resolve_checkpoint(checkpoint_dir)
     meta = read_checkpoint_meta(path)
     cfg = read_model_config(path)
@@ -75,17 +120,32 @@ def load(checkpoint_dir: str | Path, device: str | torch.device | None = None, d
             f"{path}: tessera.model.load builds the whole model in one process, but this process runs "
             "TP or PP > 1; load inside training with dist_checkpointing instead"
         )
-    if not (path / DIST_DIR).is_dir():
-        raise CheckpointError(f"{path / DIST_DIR}: missing (incomplete checkpoint)")
     model = build_model(cfg, pre_process=True, post_process=True)
-    # megatron raises several types for missing / mismatched tensors; torch.distributed.checkpoint's
-    # CheckpointException is a BaseException
-    try:
-        state = dist_checkpointing.load(model_sharded_state_dict(model), str(path / DIST_DIR))
-    except (Exception, CheckpointException) as exc:
-        raise CheckpointError(f"{path / DIST_DIR}: cannot load the model weights: {exc}") from exc
-    model.load_state_dict(state["model"])
+    lora_meta, ref, spec = adapter_meta(meta), None, None
+    if lora_meta is None:
+        _load_into(model, path, "all")
+    else:
+        ref = BaseReference.from_meta(meta, path)
+        where = str(path)
+        base_path = ref.check(base or ref.path, where) if verify_base else resolve_checkpoint(base or ref.path)
+        if adapter_meta(read_checkpoint_meta(base_path)) is not None:
+            raise CheckpointError(f"{path}: its base {base_path} is itself an adapter checkpoint")
+        _check_same_model(base_path, cfg, path)
+        _load_into(model, base_path, "base")
+        spec = LoRASpec.from_dict(lora_meta)
+        apply_lora(model, spec, seed=0)  # fresh factors, overwritten by the checkpoint's
+        _load_into(model, path, "adapters")
+        if adapters == "merge":
+            merge_lora(model)
+            for p in model.parameters():  # a plain model, as a full checkpoint loads
+                p.requires_grad_(True)
+        if vocab is None and (base_path / VOCAB_FILE).is_file():
+            from tessera.tokenizers.vocab import Vocabulary
+
+            vocab = Vocabulary.load(base_path / VOCAB_FILE)
+        ref = dataclasses.replace(ref, path=str(base_path))
     device = default_device(device)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
     model.eval()
-    return TesseraModel(config=cfg, vocab=vocab, module=model, device=device, step=int(meta.get("step", 0)), path=path)
+    return TesseraModel(config=cfg, vocab=vocab, module=model, device=device, step=int(meta.get("step", 0)), path=path,
+                        base=ref, lora=spec)

@@ -7,7 +7,7 @@ import re
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.config_logger import has_config_logger_enabled
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -138,9 +138,11 @@ class ChameleonGPTModel(GPTModel):
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         hidden_states = hidden_states.transpose(0, 1).contiguous()
         # one TP rank: F.linear (linear.py), unless something hooks the layer's forward (megatron DDP's
-        # overlapped parameter all-gather waits for the weight in a forward pre-hook)
+        # overlapped parameter all-gather waits for the weight in a forward pre-hook) or a subclass
+        # changes it (a LoRA adapter: tessera.model.lora)
         if (weight is None and linear.single_rank_plain(self.output_layer)
-                and not self.output_layer._forward_pre_hooks):
+                and not self.output_layer._forward_pre_hooks
+                and type(self.output_layer).forward is tensor_parallel.ColumnParallelLinear.forward):
             return F.linear(hidden_states, self.output_layer.weight)
         logits, _ = self.output_layer(hidden_states, weight=weight,
                                       runtime_gather_output=kwargs.get("runtime_gather_output"))

@@ -9,6 +9,11 @@ Layout of one checkpoint ``CKPT/``::
     dist/          megatron dist_checkpointing save of {"model": model.sharded_state_dict(), ...}
 
 A run directory holds ``RUN/checkpoints/step_0000100/`` and ``RUN/checkpoints/latest`` (the dir name).
+
+An adapter checkpoint (a LoRA run, tessera.model.lora) holds only the adapters in ``dist/`` (``part=
+"adapters"``); its tessera.json adds ``"lora": {rank, alpha, dropout, targets}`` and ``"base": {path,
+sha256, step}``: the checkpoint whose weights the adapters adapt, with a digest of its files
+(``checkpoint_sha256``) so a changed or different base is refused instead of silently used.
 """
 
 from __future__ import annotations
@@ -46,8 +51,26 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def model_sharded_state_dict(model: Any) -> dict:
+PARTS = ("all", "base", "adapters")
+
+
+def _select_part(sd: dict, part: str) -> dict:
+    """The base weights (everything but LoRA factors) or only the LoRA factors of a sharded state dict."""
+    from tessera.model.lora import is_adapter_key
+
+    if part == "all":
+        return sd
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    keep_adapters = part == "adapters"
+    return {k: v for k, v in sd.items() if is_adapter_key(k) == keep_adapters}
+
+
+def model_sharded_state_dict(model: Any, part: str = "all") -> dict:
     """``{"model": ...}`` for a GPTModel (or a DDP/Float16Module wrapper, or a list of virtual-pipeline chunks).
+
+    ``part``: ``all``, ``base`` (without LoRA factors: what a base checkpoint holds) or ``adapters`` (only
+    the LoRA factors: what an adapter checkpoint holds).
 
     The same dict serves saves and load requests, so a checkpoint written by one layer implementation
     (megatron's local layers, Transformer Engine) loads into the other: the weights share their names
@@ -55,7 +78,7 @@ def model_sharded_state_dict(model: Any) -> dict:
     the norms' entries, which only TE has, are kept out (``localize_norm_extra_states``)."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     # wrappers forward sharded_state_dict to the GPTModel
-    sds = [localize_norm_extra_states(c.sharded_state_dict()) for c in chunks]
+    sds = [_select_part(localize_norm_extra_states(c.sharded_state_dict()), part) for c in chunks]
     if len(sds) == 1:
         return {"model": sds[0]}
     # ShardedTensor keys are global (layer offsets included), so the nesting here does not affect loading.
@@ -85,6 +108,63 @@ def localize_norm_extra_states(sharded_state_dict: dict) -> dict:
         return value
 
     return dict_list_map_inplace(localize, sharded_state_dict)
+
+
+def checkpoint_sha256(ckpt_dir: str | Path) -> str:
+    """SHA-256 over a checkpoint's files (tessera.json, config.yaml, vocab.json and everything in dist/,
+    names and bytes, in sorted order): what an adapter checkpoint records of its base. Reads every byte
+    (a 7B bf16 checkpoint: ~14 GB, seconds to a minute depending on the disk)."""
+    import hashlib
+
+    ckpt_dir = Path(ckpt_dir)
+    files = [ckpt_dir / n for n in (META_FILE, CONFIG_FILE, VOCAB_FILE) if (ckpt_dir / n).is_file()]
+    files += sorted(p for p in (ckpt_dir / DIST_DIR).rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(ckpt_dir)}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:  # hashlib.file_digest is Python >= 3.11
+            for block in iter(lambda: fh.read(1 << 23), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseReference:
+    """The base checkpoint of an adapter checkpoint: where it was, its ``checkpoint_sha256`` and step."""
+
+    path: str
+    sha256: str
+    step: int
+
+    @classmethod
+    def of(cls, ckpt: str | Path) -> BaseReference:
+        path = resolve_checkpoint(ckpt)
+        return cls(str(path.resolve()), checkpoint_sha256(path), int(read_checkpoint_meta(path).get("step", 0)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict, where: Path | str) -> BaseReference:
+        base = meta.get("base")
+        if not isinstance(base, dict) or not {"path", "sha256"} <= set(base):
+            raise CheckpointError(f"{where}: an adapter checkpoint without its base reference ('base' in {META_FILE})")
+        return cls(str(base["path"]), str(base["sha256"]), int(base.get("step", 0)))
+
+    def check(self, ckpt: str | Path, where: str) -> Path:
+        """``ckpt`` resolved, after checking that its files are the recorded base's (CheckpointError if not)."""
+        path = resolve_checkpoint(ckpt)
+        got = checkpoint_sha256(path)
+        if got != self.sha256:
+            raise CheckpointError(f"{where}: its adapters were trained on base {self.path} (sha256 {self.sha256[:16]}…, "
+                                  f"step {self.step}) but {path} has sha256 {got[:16]}…: not the same base checkpoint")
+        return path
+
+
+def adapter_meta(meta: dict) -> dict | None:
+    """The ``lora`` entry of a checkpoint's tessera.json (None: a full-model checkpoint)."""
+    lora = meta.get("lora")
+    return lora if isinstance(lora, dict) else None
 
 
 def _shared_tmp_name(ckpt_dir: Path) -> Path:
@@ -119,6 +199,7 @@ def save_model_checkpoint(
     extra_meta: dict | None = None,
     before_commit: Callable[[Path], None] | None = None,
     save_strategy: Any = None,
+    part: str = "all",
 ) -> Path:
     """Save ``model`` (collective: every rank of the layout calls it) to ``ckpt_dir``.
 
@@ -129,7 +210,9 @@ def save_model_checkpoint(
     goes into the same dist_checkpointing save under its own keys. ``extra_meta`` adds keys to
     tessera.json. ``before_commit(tmp_dir)`` runs on rank 0 after everything is written, before the
     rename (crash-consistency tests kill the process there). ``save_strategy``: a dist_checkpointing save
-    strategy (e.g. megatron's fully parallel wrapper); None = the default one.
+    strategy (e.g. megatron's fully parallel wrapper); None = the default one. ``part``: which weights
+    (``model_sharded_state_dict``): ``adapters`` writes an adapter checkpoint (pass its ``lora`` and
+    ``base`` entries in ``extra_meta``).
     """
     from megatron.core import dist_checkpointing
 
@@ -141,7 +224,7 @@ def save_model_checkpoint(
         (tmp / DIST_DIR).mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
-    state = model_sharded_state_dict(model)
+    state = model_sharded_state_dict(model, part)
     if extra_state:
         clash = set(extra_state) & set(state)
         if clash:

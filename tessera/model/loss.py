@@ -23,9 +23,11 @@ class LossOutput:
     """``total`` is what backward runs on: mean CE (image tokens weighted) + z-loss, over loss_mask tokens.
     ``ce`` (unweighted mean CE) and ``z`` (weight * mean logsumexp^2) are reported separately;
     ``per_modality`` maps "text"/"image"/"special" to the mean CE of tokens whose LABEL has that modality.
-    The ``*_tokens`` counts let callers average correctly across micro-batches and DP ranks. ``row_ce`` /
-    ``row_tokens`` (``per_row=True``): per row of the batch, the summed CE of its loss-mask tokens and their
-    count (per-source statistics of a blend: each row comes from one source)."""
+    The ``*_tokens`` counts let callers average correctly across micro-batches and DP ranks;
+    ``total_sum`` is ``total`` before the division by the micro-batch's token count (what megatron's
+    per-token loss normalisation sums over the global batch). ``row_ce`` / ``row_tokens`` (``per_row=True``):
+    per row of the batch, the summed CE of its loss-mask tokens and their count (per-source statistics of
+    a blend: each row comes from one source)."""
 
     total: torch.Tensor
     ce: torch.Tensor
@@ -35,6 +37,7 @@ class LossOutput:
     per_modality_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     row_ce: torch.Tensor | None = None
     row_tokens: torch.Tensor | None = None
+    total_sum: torch.Tensor | None = None
 
 
 def language_model_loss(
@@ -73,13 +76,15 @@ def language_model_loss(
     mask = loss_mask.to(ce_tok.dtype)
     n = mask.sum()
     denom = n.clamp(min=1.0)
-    ce = (ce_tok * mask).sum() / denom
+    ce_sum = (ce_tok * mask).sum()
+    ce = ce_sum / denom
     if z_loss_weight:
         lse = fused.lse.view(labels.shape)
-        z = z_loss_weight * (lse.square() * mask).sum() / denom
+        z_sum = z_loss_weight * (lse.square() * mask).sum()
+        z = z_sum / denom
     else:
-        z = torch.zeros((), dtype=ce.dtype, device=ce.device)
-    weighted_ce = ce
+        z = z_sum = torch.zeros((), dtype=ce.dtype, device=ce.device)
+    weighted_ce, weighted_ce_sum = ce, ce_sum
     per_modality: dict[str, torch.Tensor] = {}
     per_tokens: dict[str, torch.Tensor] = {}
     if label_modality is not None:
@@ -92,11 +97,12 @@ def language_model_loss(
             per_modality[name] = ((ce_tok * m).sum() / cnt.clamp(min=1.0)).detach()
         if image_loss_weight != 1.0:
             w = torch.where(label_modality == 1, image_loss_weight, 1.0).to(mask.dtype)
-            weighted_ce = (ce_tok * mask * w).sum() / denom
+            weighted_ce_sum = (ce_tok * mask * w).sum()
+            weighted_ce = weighted_ce_sum / denom
     rows = {}
     if per_row:
         rows = {"row_ce": (ce_tok * mask).detach().sum(-1), "row_tokens": mask.detach().sum(-1)}
     return LossOutput(
         total=weighted_ce + z, ce=ce, z=z, per_modality=per_modality, num_tokens=n.detach(), per_modality_tokens=per_tokens,
-        **rows,
+        total_sum=weighted_ce_sum + z_sum, **rows,
     )

@@ -25,6 +25,12 @@ Resume (``train.resume: auto``): if ``RUN/checkpoints/latest`` exists, everythin
 training continues at step + 1; ``RUN/metrics.jsonl`` keeps only rows up to that step (a killed run may
 have logged steps it never saved). ``train.init_from`` loads only the model weights of another
 checkpoint (a fresh optimizer, step 1) when there is nothing to resume.
+
+A LoRA run (``finetune.lora``) saves adapter checkpoints: ``model`` holds only the adapters (the optimizer
+state is the adapters' too) and tessera.json records the LoRA settings and the base (``train.init_from``:
+path, SHA-256 of its files, step). Its start and its resume load the base weights from ``train.init_from``
+(every part but the adapters), then, resuming, the adapters and the rest from the adapter checkpoint,
+after checking that ``train.init_from`` is the recorded base (same SHA-256) and the LoRA settings match.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ from tessera.model.checkpoint import (
     DIST_DIR,
     LATEST_FILE,
     META_FILE,
+    BaseReference,
     CheckpointError,
+    adapter_meta,
     model_sharded_state_dict,
     read_checkpoint_meta,
     read_model_config,
@@ -98,13 +106,29 @@ def _chunks(model: Any) -> list:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def _load_model_state(model: Any, state: dict) -> None:
+def _load_model_state(model: Any, state: dict, part: str = "all") -> None:
+    """Copy the loaded ``state`` into the chunks; ``part`` (base / adapters) loads a subset, and every key of
+    that subset must be there (the other part is left as it is)."""
+    from tessera.model.lora import is_adapter_key
+
     chunks = _chunks(model)
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(state)
-    else:  # virtual pipeline: model_sharded_state_dict nests each chunk under chunk{i}
-        for i, c in enumerate(chunks):
-            c.load_state_dict(state[f"chunk{i}"])
+    states = [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
+    for c, st in zip(chunks, states, strict=True):  # virtual pipeline: nested under chunk{i}
+        if part == "all":
+            c.load_state_dict(st)
+            continue
+        res = c.load_state_dict(st, strict=False)
+        missing = [k for k in res.missing_keys if is_adapter_key(k) == (part == "adapters")
+                   and not k.endswith("_extra_state")]
+        if missing or res.unexpected_keys:
+            raise CheckpointError(f"loading the {part}: missing {missing[:4]}, unexpected {res.unexpected_keys[:4]}")
+
+
+def _run_part(model: Any) -> str:
+    """What a training checkpoint of this model holds: ``adapters`` for a LoRA model, else ``all``."""
+    from tessera.model.lora import has_lora
+
+    return "adapters" if has_lora(model) else "all"
 
 
 # ---- RNG ---------------------------------------------------------------------------------------
@@ -187,14 +211,23 @@ def _optim_metadata(saved: dict | None = None) -> dict:
 
 
 def save_checkpoint(run: str | Path, step: int, *, model: Any, optimizer: Any, scheduler: Any, cfg: Any,
-                    resolved: Any, vocab: Any = None, data_iterator: Any = None, bad_steps: int = 0) -> Path:
+                    resolved: Any, vocab: Any = None, data_iterator: Any = None, bad_steps: int = 0,
+                    base: BaseReference | None = None) -> Path:
     """Collective: write ``RUN/checkpoints/step_N`` (full state), then ``latest``, then rotate. ``cfg`` is the
-    run config as asked, ``resolved`` what the run resolved (its ``model`` is the model saved)."""
+    run config as asked, ``resolved`` what the run resolved (its ``model`` is the model saved). A LoRA model
+    writes an adapter checkpoint referring to ``base``."""
+    from tessera.model.lora import lora_spec_of
     from tessera.pretrain.faults import kill_step, sigkill
 
     checkpoints = Path(run) / "checkpoints"
     name = step_dir_name(step)
-    model_sd = model_sharded_state_dict(model)
+    part = _run_part(model)
+    meta = {"layout": _layout()}
+    if part == "adapters":
+        if base is None:
+            raise CheckpointError("an adapter checkpoint needs its base reference (train.init_from)")
+        meta.update(lora=lora_spec_of(model).to_dict(), base=base.to_dict())
+    model_sd = model_sharded_state_dict(model, part)
     extra = {
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=_optim_metadata()),
         "scheduler": scheduler.state_dict(),
@@ -214,8 +247,8 @@ def save_checkpoint(run: str | Path, step: int, *, model: Any, optimizer: Any, s
     strategy = _fully_parallel_save_strategy() if cfg.train.ckpt_fully_parallel_save else None
     path = save_model_checkpoint(model, resolved.model, checkpoints / name, vocab=vocab,
                                  extra_config={**to_dict(cfg), "resolved": to_dict(resolved)},
-                                 step=step, extra_state=extra, extra_meta={"layout": _layout()},
-                                 before_commit=before_commit, save_strategy=strategy)
+                                 step=step, extra_state=extra, extra_meta=meta,
+                                 before_commit=before_commit, save_strategy=strategy, part=part)
     if _rank() == 0:
         write_latest(checkpoints, name)  # updated last: `latest` never names a partial checkpoint
         rotate_checkpoints(checkpoints, cfg.train.keep_last_n)
@@ -316,15 +349,42 @@ def _load_optimizer_state(optimizer: Any, state: dict) -> None:
             o.optimizer.state[p]["step"] = step.clone()
 
 
+def check_adapters(ckpt: Path, meta: dict, model: Any, base: BaseReference | None) -> None:
+    """An adapter checkpoint resumes only into a LoRA run with the same LoRA shape and the same base files;
+    a full checkpoint only into a run without LoRA."""
+    from tessera.model.lora import lora_spec_of
+
+    saved, spec = adapter_meta(meta), lora_spec_of(model)
+    if (saved is None) != (spec is None):
+        what = "an adapter checkpoint (LoRA)" if saved is not None else "a full-model checkpoint"
+        raise CheckpointError(f"{ckpt}: {what}, but this run {'has no' if spec is None else 'has'} finetune.lora; "
+                              "resume with the same finetune settings")
+    if saved is None:
+        return
+    mine = spec.to_dict()
+    diff = [k for k in ("rank", "alpha", "targets") if saved.get(k) != mine[k]]
+    if diff:
+        raise CheckpointError(f"{ckpt}: saved with finetune.lora {', '.join(f'{k}={saved.get(k)!r}' for k in diff)}, "
+                              f"this run asks {', '.join(f'{k}={mine[k]!r}' for k in diff)}")
+    recorded = BaseReference.from_meta(meta, ckpt)
+    if base is None or base.sha256 != recorded.sha256:
+        got = f"{base.path} (sha256 {base.sha256[:16]}…)" if base is not None else "no train.init_from"
+        raise CheckpointError(f"{ckpt}: its adapters were trained on base {recorded.path} (sha256 "
+                              f"{recorded.sha256[:16]}…, step {recorded.step}), but this run has {got}")
+
+
 def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: Any, cfg: Any, model_cfg: Any,
-                    data_iterator: Any = None) -> ResumeState:
+                    data_iterator: Any = None, base: BaseReference | None = None) -> ResumeState:
     """Collective: restore model, optimizer, scheduler, data position and (same layout) RNG from ``ckpt``.
-    ``model_cfg``: the model this run built (compared with the checkpoint's)."""
+    ``model_cfg``: the model this run built (compared with the checkpoint's). A LoRA run's adapter checkpoint:
+    the base weights come from ``base`` (checked against the checkpoint's record), the rest from ``ckpt``."""
     from megatron.core import dist_checkpointing
 
     ckpt = Path(ckpt)
-    read_checkpoint_meta(ckpt)
+    meta = read_checkpoint_meta(ckpt)
     check_model_config(ckpt, model_cfg, ignore=_RESUME_FREE_FIELDS)
+    check_adapters(ckpt, meta, model, base)
+    part = _run_part(model)
     common = dist_checkpointing.load_common_state_dict(str(ckpt / DIST_DIR))
     ts = common.get("train_state")
     if not isinstance(ts, dict) or ts.get("version") != TRAIN_STATE_VERSION:
@@ -336,7 +396,9 @@ def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: 
                               "training data (data.path / data.sources); resume with the same data setting or use "
                               "train.init_from")
     same_layout = ts["layout"] == _layout()
-    model_sd = model_sharded_state_dict(model)
+    if part == "adapters":  # the base weights first, from train.init_from (checked to be the recorded base)
+        load_weights(base.path, model, model_cfg, fully_parallel=cfg.train.ckpt_fully_parallel_load)
+    model_sd = model_sharded_state_dict(model, part)
     sharded = dict(model_sd)
 
     _prepare_optimizer_for_load(optimizer)
@@ -345,7 +407,7 @@ def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: 
     if same_layout:
         sharded["rng_state"] = _rng_sharded(None)
     state = _load(ckpt, sharded, fully_parallel=cfg.train.ckpt_fully_parallel_load)
-    _load_model_state(model, state["model"])
+    _load_model_state(model, state["model"], part)
     _load_optimizer_state(optimizer, state["optimizer"])
     # the run's schedule settings win (train.steps may be extended on resume); the position comes from the file
     scheduler.override_opt_param_scheduler = True
@@ -364,12 +426,18 @@ def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: 
 
 
 def load_weights(ckpt: str | Path, model: Any, model_cfg: Any, fully_parallel: bool = False) -> Path:
-    """``train.init_from``: only the model weights of a checkpoint (any layout); returns the resolved path."""
+    """``train.init_from``: only the model weights of a checkpoint (any layout); returns the resolved path.
+    A LoRA model loads every weight but its adapters (which keep their fresh values)."""
     ckpt = resolve_checkpoint(ckpt)
-    read_checkpoint_meta(ckpt)
+    meta = read_checkpoint_meta(ckpt)
+    if adapter_meta(meta) is not None:
+        raise CheckpointError(f"{ckpt}: an adapter checkpoint (LoRA) cannot start a run (train.init_from); "
+                              "start from a full checkpoint, e.g. its base, or merge it first "
+                              "(tessera.model.load merges adapters; docs/finetuning.md)")
     check_model_config(ckpt, model_cfg, ignore=_INIT_FROM_FREE_FIELDS)
-    state = _load(ckpt, model_sharded_state_dict(model), fully_parallel=fully_parallel)
-    _load_model_state(model, state["model"])
+    part = "base" if _run_part(model) == "adapters" else "all"
+    state = _load(ckpt, model_sharded_state_dict(model, part), fully_parallel=fully_parallel)
+    _load_model_state(model, state["model"], part)
     return ckpt
 
 
@@ -381,8 +449,9 @@ def latest_checkpoint(run: str | Path) -> Path | None:
 
 
 def resume(cfg: Any, run: str | Path, *, model: Any, optimizer: Any, scheduler: Any, model_cfg: Any,
-           data_iterator: Any = None) -> ResumeState:
+           data_iterator: Any = None, base: BaseReference | None = None) -> ResumeState:
     """Start-up: resume from ``latest`` (``train.resume: auto``), else ``train.init_from`` weights, else fresh.
+    ``base``: a LoRA run's base reference (``train.init_from``, hashed).
 
     Also trims ``RUN/metrics.jsonl`` to the rows up to the step training continues from (rank 0)."""
     mode = cfg.train.resume
@@ -391,7 +460,7 @@ def resume(cfg: Any, run: str | Path, *, model: Any, optimizer: Any, scheduler: 
     latest = latest_checkpoint(run) if mode == "auto" else None
     if latest is not None:
         st = load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
-                             model_cfg=model_cfg, data_iterator=data_iterator)
+                             model_cfg=model_cfg, data_iterator=data_iterator, base=base)
         msg = f"resumed from {latest} (step {st.step}){'' if st.rng_restored else ', RNG reseeded'}"
     elif cfg.train.init_from:
         st = ResumeState(source=load_weights(cfg.train.init_from, model, model_cfg,

@@ -76,12 +76,33 @@ class TrainSection:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters on megatron's parallel linears (tessera.model.lora); ``rank`` 0 = off."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the low-rank term is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    # any of linear_qkv, linear_proj, linear_fc1, linear_fc2, output_layer (tessera.model.lora.TARGETS)
+    targets: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning from ``train.init_from`` (docs/finetuning.md): frozen parameter groups or LoRA."""
+
+    # any of embedding, output_layer, norms, layers:N (the first N layers), image_rows (tessera.model.freeze)
+    freeze: list[str] = field(default_factory=list)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 

@@ -27,10 +27,12 @@ def no_weight_decay(param: torch.Tensor, name: str) -> bool:
     """Parameters exempt from weight decay: megatron's default rule (every 1-D parameter and every bias) plus
     every norm weight whatever its shape. Our per-head QK-norm weights and biases are 2-D [heads, head_dim]
     (megatron's one-dimension test would decay them toward 0); Transformer Engine's fused norms are
-    ``linear_qkv.layer_norm_weight``-style names."""
+    ``linear_qkv.layer_norm_weight``-style names. Fine-tuning marks the tensors whose rows it freezes
+    (``tessera_no_weight_decay``, tessera.model.freeze): decay would move the frozen rows."""
     parts = name.split(".")
     module, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
-    return param.dim() == 1 or leaf == "bias" or "norm" in leaf or "norm" in module
+    return (param.dim() == 1 or leaf == "bias" or "norm" in leaf or "norm" in module
+            or getattr(param, "tessera_no_weight_decay", False))
 
 
 def weight_decay_overrides() -> dict:

@@ -6,10 +6,13 @@ parallelism, gradient-accumulation fusion, and the checks that refuse a combinat
 * ``ddp_config``: megatron's ``DistributedDataParallelConfig`` (fp32 gradient reduction; megatron-LM's
   bucket size rule: ``max(40M, 1M x DP)`` parameters with ``overlap_grad_reduce``, one bucket without).
 * ``transformer_overrides``: TransformerConfig fields the run decides (``sequence_parallel``,
-  ``gradient_accumulation_fusion`` where its kernel exists, megatron's ``deterministic_mode``).
+  ``gradient_accumulation_fusion`` where its kernel exists, megatron's ``deterministic_mode``, and
+  ``calculate_per_token_loss``: the loss is normalised by the loss-mask tokens of the whole global batch).
 * ``wire_schedule``: the model-config hooks megatron-LM's ``train()`` sets before the schedule runs
   (``finalize_model_grads``, the loss scale, and with overlap the ``no_sync`` / ``start_grad_sync`` /
   ``start_param_sync`` functions the pipeline schedules call).
+* ``finalize_model_grads``: megatron's, with the per-token division done on the device (megatron's own
+  tests ``num_tokens > 0`` on the host, a second host sync in every step).
 * ``ParamGather``: with the distributed optimizer and ``overlap_param_gather`` the updated parameters are
   all-gathered lazily by forward pre-hooks during the next forward. As megatron-LM does, the hooks are off
   for the first step (a broken load or init fails on its own rank instead of spreading through the first
@@ -63,7 +66,11 @@ def transformer_overrides(cfg: TrainConfig, deterministic: bool, cuda: bool) -> 
     """TransformerConfig fields the run decides (passed to ``build_model``)."""
     return {"sequence_parallel": cfg.parallel.sequence_parallel,
             "gradient_accumulation_fusion": gradient_accumulation_fusion_available(),
-            "deterministic_mode": deterministic and cuda}
+            "deterministic_mode": deterministic and cuda,
+            # megatron's per-token loss: every loss-mask token of the global batch weighs the same, however
+            # the tokens fall across micro-batches and data-parallel replicas (fine-tuning masks make the
+            # counts differ); the trainer's ForwardStep returns (sum, count) to match
+            "calculate_per_token_loss": True}
 
 
 def ddp_config(cfg: TrainConfig, dp: int):
@@ -84,10 +91,29 @@ def ddp_config(cfg: TrainConfig, dp: int):
     )
 
 
+def finalize_model_grads(model: list, num_tokens: torch.Tensor | None = None, **kwargs) -> None:
+    """megatron's ``finalize_model_grads`` (data-parallel reduction, sequence-parallel norms, embeddings),
+    then, with ``calculate_per_token_loss``, the division of every gradient by the global batch's loss-mask
+    token count: broadcast from the last pipeline stage, summed over data-parallel ranks and applied as a
+    device tensor (clamped at 1: a batch without targets has zero gradients anyway). megatron's version
+    branches on ``num_tokens > 0``, which reads the count to the host."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads as megatron_finalize
+
+    megatron_finalize(model, None, **kwargs)
+    if num_tokens is None:
+        return
+    pp_group = ps.get_pipeline_model_parallel_group()
+    last = ps.get_pipeline_model_parallel_last_rank()
+    torch.distributed.broadcast(num_tokens, src=last, group=pp_group)
+    torch.distributed.all_reduce(num_tokens, group=ps.get_data_parallel_group(with_context_parallel=True))
+    scale = 1.0 / num_tokens.clamp(min=1).to(torch.float32)
+    for chunk in model:
+        chunk.scale_gradients(scale)
+
+
 def wire_schedule(chunks: list, ddps: list, opt, cfg: TrainConfig | None = None) -> None:
     """What megatron-LM's ``train()`` sets on the model config before the schedule runs."""
-    from megatron.core.distributed import finalize_model_grads
-
     p = cfg.parallel if cfg is not None else None
 
     def per_chunk(fns: list):

@@ -114,11 +114,16 @@ class ForwardStep:
     ``monitor``: add the output-logit norm to the stats (a TP collective on the last stage).
     ``n_sources``: > 0 adds per-source CE and token sums (each row's ``source``; a blend of that many).
     ``loss_scale``: multiplies the loss (tests inject a NaN through it; 1.0 otherwise).
-    ``inplace_backward``: the loss's backward overwrites the logits with their gradient."""
+    ``inplace_backward``: the loss's backward overwrites the logits with their gradient.
+    ``per_token_loss``: megatron's per-token normalisation (``calculate_per_token_loss``, which the model
+    config must set too): the loss function returns (sum over the micro-batch's loss-mask tokens, their
+    count, stats) as Megatron-LM's ``loss_func`` does; the schedule sums the counts of every micro-batch and
+    ``finalize_model_grads`` divides the gradients by the global batch's count (over DP too). Without it,
+    each micro-batch's token mean is averaged over micro-batches and replicas."""
 
     def __init__(self, *, z_loss_weight: float, image_loss_weight: float = 1.0, monitor: bool = False,
                  loss_scale: float = 1.0, model_kwargs: dict | None = None, inplace_backward: bool = True,
-                 n_sources: int = 0) -> None:
+                 n_sources: int = 0, per_token_loss: bool = False) -> None:
         self.z_loss_weight = z_loss_weight
         self.n_sources = n_sources
         self.image_loss_weight = image_loss_weight
@@ -126,6 +131,7 @@ class ForwardStep:
         self.loss_scale = loss_scale
         self.model_kwargs = model_kwargs or {}
         self.inplace_backward = inplace_backward
+        self.per_token_loss = per_token_loss
 
     def __call__(self, data_iterator: Iterator[Batch], model: torch.nn.Module):
         b = next(data_iterator)
@@ -141,6 +147,10 @@ class ForwardStep:
         stats = {"loss": total.detach().clone(),
                  **step_stats(lo, logits if self.monitor else None, b["loss_mask"],
                               source=b.get("source"), n_sources=self.n_sources)}
+        if self.per_token_loss:
+            total_sum = lo.total_sum if self.loss_scale == 1.0 else lo.total_sum * self.loss_scale
+            # an int count, as megatron's schedule accumulates it into an int tensor
+            return total_sum, lo.num_tokens.to(torch.int), stats
         return total, stats
 
 

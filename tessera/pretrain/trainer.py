@@ -38,6 +38,7 @@ from tessera.pretrain.config import ResolvedRun, TrainConfig
 from tessera.pretrain.determinism import apply_determinism, resolve_deterministic
 from tessera.pretrain.device import require_requested_gpus, training_device
 from tessera.pretrain.evaluate import Evaluator
+from tessera.pretrain.finetune import Finetune
 from tessera.pretrain.layout import ParallelLayout
 from tessera.pretrain.metrics import TrainLogger, peak_flops_per_device, source_record
 from tessera.pretrain.mock import train_mock_batch
@@ -78,14 +79,16 @@ def resolve_precision(precision: str, cuda: bool | None = None) -> str:
 
 
 def _build_model_chunks(cfg: TrainConfig, bf16: bool, model_cfg: ModelConfig | None = None, ddp_cfg=None,
-                        **config_overrides) -> tuple[list, list]:
+                        prepare=None, **config_overrides) -> tuple[list, list]:
     """This rank's GPTModel chunks (one, or ``parallel.vp`` virtual stages) and their DDP wrappers.
 
     ``model_cfg``: the model to build (default ``cfg.model``); ``ddp_cfg``: megatron's DDP config (default:
     fp32 gradient reduction, nothing else); ``config_overrides``: TransformerConfig fields the run decides.
     Weights come from ``init_layout_invariant`` (seeded by ``train.seed``), so any TP x PP x VP layout
     starts from the 1-process model. bf16: megatron's Float16Module (bf16 compute; the step asks it for
-    bf16 logits, tessera.pretrain.step) inside DDP, which reduces gradients in fp32.
+    bf16 logits, tessera.pretrain.step) inside DDP, which reduces gradients in fp32. ``prepare(chunks)`` runs
+    between building and wrapping (fine-tuning: LoRA / freezing, so DDP and the optimizer see only what
+    trains).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -96,6 +99,8 @@ def _build_model_chunks(cfg: TrainConfig, bf16: bool, model_cfg: ModelConfig | N
     vp = ps.get_virtual_pipeline_model_parallel_world_size()
     chunks = [build_model(model_cfg or cfg.model, vp_stage=v, init_seed=cfg.train.seed, **config_overrides)
               for v in (range(vp) if vp else [None])]
+    if prepare is not None:
+        prepare(chunks)
     ddp_cfg = ddp_cfg or DistributedDataParallelConfig(grad_reduce_in_fp32=True)
     ddps = [DistributedDataParallel(c.config, ddp_cfg, Float16Module(c.config, c) if bf16 else c,
                                     disable_bucketing=i > 0)  # as megatron-LM: only chunk 0 buckets
@@ -123,6 +128,7 @@ def train(cfg: TrainConfig) -> list[float]:
 
     # a job that asked for GPUs (CUDA_VISIBLE_DEVICES, Slurm's GPU variables, parallel.backend nccl) and sees none
     require_requested_gpus(backend=cfg.parallel.backend)
+    finetune = Finetune.from_config(cfg)  # refuses bad finetune settings before any process group exists
     cuda = torch.cuda.is_available()
     deterministic = resolve_deterministic(cfg.train.deterministic, cuda)
     apply_determinism(deterministic, cuda)  # before NCCL and cuBLAS start: they read its environment variables
@@ -149,8 +155,15 @@ def train(cfg: TrainConfig) -> list[float]:
     packed = cfg.data.document_mask
     # document-masked runs: TE's fused THD RoPE where it exists (megatron's unfused one reads cu_seqlens on the host)
     overrides = {**transformer_overrides(cfg, deterministic, cuda), "packed_sequences": packed}
-    chunks, ddps = _build_model_chunks(cfg, bf16, model_cfg, ddp_config(cfg, dp), **overrides)
+    device = training_device()
+
+    def prepare(cs: list) -> None:  # LoRA / freezing between building the chunks and wrapping them in DDP
+        finetune.prepare(cs, vocab, cfg.train.seed, device)
+
+    chunks, ddps = _build_model_chunks(cfg, bf16, model_cfg, ddp_config(cfg, dp), prepare=prepare, **overrides)
     model = chunks if len(chunks) > 1 else chunks[0]  # checkpoints take a GPTModel or the list of virtual chunks
+    ft_line = finetune.describe(chunks, device) if finetune.active else ""
+    finetune.resolve_base(cfg.train.init_from)  # LoRA: the base the adapter checkpoints refer to
     # bf16: fp32 main params + Adam state live in the optimizer, the model holds bf16 copies
     opt = get_optimizer(cfg.optim, ddps, bf16, distributed=cfg.parallel.distributed_optimizer,
                         overlap_param_gather=cfg.parallel.overlap_param_gather)
@@ -159,7 +172,6 @@ def train(cfg: TrainConfig) -> list[float]:
     sched = get_scheduler(cfg, opt)
     gbs = layout.resolved_global_batch
     n_micro = layout.microbatches
-    device = training_device()
     peak, peak_basis = peak_flops_per_device(cfg.train.peak_flops, "bf16" if bf16 else "fp32", device)
     resolved = ResolvedRun(model=model_cfg, precision="bf16" if bf16 else "fp32", deterministic=deterministic,
                            world_size=world, data_parallel_size=dp, device=str(device),
@@ -172,12 +184,15 @@ def train(cfg: TrainConfig) -> list[float]:
         _save_run_config(run / "config.yaml", cfg, resolved)
     fb = get_forward_backward_func()
     # full-state checkpoints, auto-resume: tessera/pretrain/checkpointing.py; SIGTERM: preemption.py
-    start = resume(cfg, run, model=model, optimizer=opt, scheduler=sched, model_cfg=model_cfg, data_iterator=data_it)
+    start = resume(cfg, run, model=model, optimizer=opt, scheduler=sched, model_cfg=model_cfg, data_iterator=data_it,
+                   base=finetune.base)
     stop = StopSignal().install()
     # reporting (metrics.jsonl, TensorBoard, progress line), logit monitors, held-out eval: metrics/monitors/evaluate.py
     logger = TrainLogger(cfg, run, world, enabled=is_logger, first_step=start.step, model=model_cfg, peak_flops=peak)
     if is_logger:
         print(f"MFU peak per device: {peak_basis}", flush=True)
+        if ft_line:
+            print(ft_line, flush=True)
     probe = AttentionLogitProbe(ddps)
     modality = vocab.modality_table() if vocab is not None else None
     evaluator = Evaluator(cfg, ddps, n_micro, ps.get_data_parallel_rank(), dp, modality, device=device,
@@ -207,13 +222,15 @@ def train(cfg: TrainConfig) -> list[float]:
             forward_step = ForwardStep(z_loss_weight=model_cfg.z_loss_weight,
                                        image_loss_weight=cfg.train.image_loss_weight, monitor=monitor,
                                        loss_scale=float("nan") if step in nan_steps else 1.0,
-                                       model_kwargs=model_kwargs(bf16), n_sources=n_sources)
+                                       model_kwargs=model_kwargs(bf16), n_sources=n_sources,
+                                       per_token_loss=overrides["calculate_per_token_loss"])
             probe.arm(monitor)
             for d in ddps:
                 d.zero_grad_buffer()
             opt.zero_grad()
             out = fb(forward_step_func=forward_step, data_iterator=batches, model=ddps, num_microbatches=n_micro,
                      forward_only=False, **shape)
+            finetune.mask_gradients()  # frozen rows (finetune.freeze image_rows) keep a zero gradient
             opt.prepare_grads()  # main grads ready (bf16: copied to fp32); no inf check without a loss scaler
             # loss statistics, gradient norm, stop flag (and the attention-logit max): one all-reduce, one read
             res = reduce_step(out, grad_sumsq(opt, device), stop=stop.pending, device=device,
@@ -248,7 +265,7 @@ def train(cfg: TrainConfig) -> list[float]:
         if step % cfg.train.save_interval == 0 or step == cfg.train.steps or res.stop:
             with param_gather.synced():  # the saved weights are the updated ones
                 save_checkpoint(run, step, model=model, optimizer=opt, scheduler=sched, cfg=cfg, resolved=resolved,
-                                vocab=vocab, data_iterator=data_it, bad_steps=bad)
+                                vocab=vocab, data_iterator=data_it, bad_steps=bad, base=finetune.base)
         if res.stop:  # every rank read the same flag: all saved this step, all stop
             stop.restore()
             raise Preempted(run, step)
