@@ -50,7 +50,7 @@ def test_fast_demo_scores_and_report(demo_out):
     # the detector reads (most of) the real held-out renders back through the tokenizer: a working ceiling
     assert scores["vq_reconstruction"]["n"] >= 4
     html = (out / "report.html").read_text()
-    for needle in ("<svg", "Loss curves", "VQ reconstructions", "text &rarr; image", "image &rarr; text",
+    for needle in ("<svg", "Loss curves", "VQ reconstructions", "text &rarr; image", "image &rarr; text", "recall@1",
                    "data:image/png;base64,"):
         assert needle in html
     samples = json.loads((out / "evaluate" / "samples.json").read_text())

@@ -64,6 +64,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except (ConfigError, DemoError) as exc:
         print(f"tessera demo: {exc}", file=sys.stderr)
         return 2
+    if "report" not in summary["stages"]:
+        print(f"stopped after {args.stop_after}: {summary['out']} (each stage's facts in <stage>/stage.json)")
+        return 0
     ev = summary["stages"].get("evaluate", {})
     print(f"report: {Path(summary['out']) / 'report.html'}")
     if ev:
