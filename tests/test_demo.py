@@ -61,7 +61,7 @@ def test_fast_demo_scores_and_report(demo_out):
     for direction in ("image_to_text", "text_to_image"):
         r = scores["ranking"][direction]
         assert r["n"] == 4 and r["candidates"] == 4 and r["chance"] == 0.25 and 0.0 <= r["recall_at_1"] <= 1.0
-        assert 1.0 <= r["mean_rank"] <= 4.0
+        assert 1.0 <= r["mean_rank"] <= 4.0 and 0.0 <= r["pmi"]["recall_at_1"] <= 1.0
     assert scores["text_to_image"]["colour_shape_stderr"] >= 0.0
     # the VQ ceiling is measured as soon as the tokenizer exists
     ceiling = json.loads((out / "image_tokenizer" / "stage.json").read_text())["heldout_ceiling"]

@@ -81,9 +81,26 @@ def test_ranking_with_an_oracle_is_perfect_and_with_a_know_nothing_model_at_zero
     for r in (caps, imgs):
         assert r["n"] == len(CAPTIONS) and r["candidates"] == 4 and r["chance"] == 0.25
         assert r["recall_at_1"] == 1.0 and r["mean_rank"] == 1.0
+        assert r["pmi"]["recall_at_1"] == 1.0
     # a model with the same score for every candidate ranks none strictly first: ties are misses
     flat = P.rank_captions(lambda ids: torch.zeros(*ids.shape, VOCAB.padded_size), VOCAB, TOK, CODES, CAPTIONS, proto)
     assert flat["recall_at_1"] == 0.0 and flat["mean_rank"] == 4.0
+
+
+def test_pmi_ranking_discounts_what_is_likely_without_the_condition():
+    # image 0 is likely whatever the caption (a "plain white image"); the caption raises only the true image
+    prefixes = [[1, 7]]
+    cands = [[[20], [21]]]  # candidate 0: the typical image, candidate 1: the true one
+
+    def fn(ids):
+        out = torch.zeros(*ids.shape, VOCAB.padded_size)
+        out[..., 20] = 5.0  # the typical candidate is likely everywhere
+        out[..., 21] = 3.0
+        return out
+
+    r = P.rank_continuations(fn, prefixes, cands, [1], VOCAB.pad_id, VOCAB.size, baselines=[[0.0, -4.0]])
+    assert r["recall_at_1"] == 0.0  # raw likelihood prefers the typical candidate
+    assert r["pmi"]["recall_at_1"] == 1.0  # log p(c | prefix) - log p(c): the condition's effect wins
 
 
 def test_rank_captions_never_uses_the_same_sentence_as_a_distractor():
@@ -123,7 +140,8 @@ def test_seeds_table_from_each_seed_directory(tmp_path, monkeypatch):
         v = 0.1 * (cfg.seed + 1)
         (out / "scores.json").write_text(json.dumps({
             "text_to_image": {"colour_shape": v}, "image_to_text": {"colour_shape": 2 * v},
-            "ranking": {"image_to_text": {"recall_at_1": v, "chance": 0.0625}, "text_to_image": {"recall_at_1": v}},
+            "ranking": {"image_to_text": {"recall_at_1": v, "chance": 0.0625},
+                        "text_to_image": {"recall_at_1": v, "pmi": {"recall_at_1": v}}},
             "chance": {"colour_shape": 1 / 36}}))
         (out / "train").mkdir()
         (out / "train" / "stage.json").write_text(json.dumps({"seconds": 100.0, "cpu_seconds": 180.0}))

@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"image->text {ev.get('image_to_text_colour_shape', float('nan')):.3f}, "
               f"chance {ev.get('chance_colour_shape', float('nan')):.3f}; caption recall@1 "
               f"{ev.get('caption_recall_at_1', float('nan')):.3f}, image recall@1 "
-              f"{ev.get('image_recall_at_1', float('nan')):.3f}, chance {ev.get('chance_recall_at_1', float('nan')):.3f}"
+              f"{ev.get('image_recall_at_1_pmi', float('nan')):.3f} (gain over no caption), chance {ev.get('chance_recall_at_1', float('nan')):.3f}"
               " (scores.json)")
     return 0
 

@@ -151,6 +151,7 @@ def evaluate(cfg: DemoConfig, paths, d: Path) -> dict:
             "image_to_text_colour_shape": scores["image_to_text"]["colour_shape"],
             "caption_recall_at_1": ranking["image_to_text"]["recall_at_1"],
             "image_recall_at_1": ranking["text_to_image"]["recall_at_1"],
+            "image_recall_at_1_pmi": ranking["text_to_image"]["pmi"]["recall_at_1"],
             "vq_ceiling_colour_shape": scores["vq_reconstruction"]["colour_shape"],
             "chance_colour_shape": CHANCE["colour_shape"], "chance_recall_at_1": ranking["image_to_text"]["chance"],
             "prompts": {k: len(v) for k, v in pairs.items()}}

@@ -164,26 +164,45 @@ def continuation_logprobs(logits_fn: LogitsFn, prefixes: Sequence[Sequence[int]]
     return out
 
 
-def rank_continuations(logits_fn: LogitsFn, prefixes: Sequence[Sequence[int]],
-                       candidates: Sequence[Sequence[Sequence[int]]], true_index: Sequence[int], pad_id: int,
-                       vocab_size: int, batch_size: int = 64) -> dict[str, Any]:
-    """For each prefix rank its candidates by log-likelihood. recall@1 counts the true candidate
-    strictly above every other (a tie is a miss); ``mean_rank`` is 1 for perfect."""
-    flat_p = [p for p, cands in zip(prefixes, candidates, strict=True) for _ in cands]
-    flat_c = [c for cands in candidates for c in cands]
-    scores = continuation_logprobs(logits_fn, flat_p, flat_c, pad_id, vocab_size, batch_size)
+def _recall(scores: torch.Tensor, candidates: Sequence[Sequence[Any]], true_index: Sequence[int]) -> dict[str, Any]:
     hits, ranks, k = [], [], 0
     for cands, t in zip(candidates, true_index, strict=True):
-        s = scores[k : k + len(cands)]
+        sc = scores[k : k + len(cands)]
         k += len(cands)
-        better = int((s > s[t]).sum()) + int((s == s[t]).sum()) - 1  # others at or above the true one
+        better = int((sc > sc[t]).sum()) + int((sc == sc[t]).sum()) - 1  # others at or above the true one
         hits.append(float(better == 0))
         ranks.append(1 + better)
     n = len(hits)
     r1 = sum(hits) / n if n else float("nan")
+    return {"recall_at_1": r1, "recall_at_1_stderr": stderr(r1, n), "mean_rank": sum(ranks) / n if n else float("nan")}
+
+
+def rank_continuations(logits_fn: LogitsFn, prefixes: Sequence[Sequence[int]],
+                       candidates: Sequence[Sequence[Sequence[int]]], true_index: Sequence[int], pad_id: int,
+                       vocab_size: int, batch_size: int = 64,
+                       baselines: Sequence[Sequence[float]] | None = None) -> dict[str, Any]:
+    """For each prefix rank its candidates by log-likelihood. recall@1 counts the true candidate
+    strictly above every other (a tie is a miss); ``mean_rank`` is 1 for perfect.
+
+    ``baselines`` (per prefix, per candidate: the candidate's log-likelihood WITHOUT the prefix's
+    condition) adds ``pmi``: the same ranking by log p(c | prefix) - log p(c), i.e. by how much the
+    condition raises each candidate; a likely-anyway candidate (a plain white image) no longer wins."""
+    flat_p = [p for p, cands in zip(prefixes, candidates, strict=True) for _ in cands]
+    flat_c = [c for cands in candidates for c in cands]
+    scores = continuation_logprobs(logits_fn, flat_p, flat_c, pad_id, vocab_size, batch_size)
     sizes = {len(c) for c in candidates}
-    return {"recall_at_1": r1, "recall_at_1_stderr": stderr(r1, n), "mean_rank": sum(ranks) / n if n else float("nan"),
-            "candidates": max(sizes) if sizes else 0, "chance": 1 / max(sizes) if sizes else float("nan"), "n": n}
+    out = {**_recall(scores, candidates, true_index), "candidates": max(sizes) if sizes else 0,
+           "chance": 1 / max(sizes) if sizes else float("nan"), "n": len(candidates)}
+    if baselines is not None:
+        base = torch.tensor([b for bs in baselines for b in bs], dtype=torch.float64)
+        out["pmi"] = _recall(scores - base, candidates, true_index)
+    return out
+
+
+def _unconditional(logits_fn: LogitsFn, prefix: Sequence[int], items: Sequence[Sequence[int]], vocab,
+                   batch_size: int) -> list[float]:
+    """log p(item | prefix) for one shared (condition-free) prefix, once per item."""
+    return continuation_logprobs(logits_fn, [prefix] * len(items), items, vocab.pad_id, vocab.size, batch_size).tolist()
 
 
 def _distractors(n: int, i: int, k: int, same: Callable[[int, int], bool], rng: random.Random) -> list[int]:
@@ -207,15 +226,20 @@ def rank_captions(logits_fn: LogitsFn, vocab, text_tok, codes: Sequence[Sequence
     rng = random.Random(proto.seed)
     prompt = caption_prompt or corpus_caption_prompt(vocab, text_tok, proto.caption_prefix)
     prefix_text = proto.caption_prefix if caption_prompt is None else ""
-    prefixes, cands, truth = [], [], []
+    tails = [_caption_tail(vocab, text_tok, c, prefix_text) for c in captions]
+    # the same caption without the image: <bos>, the prompt's text, the caption
+    uncond = _unconditional(logits_fn, [vocab.bos_id, *text_ids(vocab, text_tok, prefix_text)], tails, vocab,
+                            proto.rank_batch_size)
+    prefixes, cands, truth, base = [], [], [], []
     for i in range(len(codes)):
         others = _distractors(len(codes), i, proto.distractors, lambda a, b: captions[a] == captions[b], rng)
         order = [i, *others]
         rng.shuffle(order)
         prefixes.append(prompt(codes[i]))
-        cands.append([_caption_tail(vocab, text_tok, captions[j], prefix_text) for j in order])
+        cands.append([tails[j] for j in order])
+        base.append([uncond[j] for j in order])
         truth.append(order.index(i))
-    return rank_continuations(logits_fn, prefixes, cands, truth, vocab.pad_id, vocab.size, proto.rank_batch_size)
+    return rank_continuations(logits_fn, prefixes, cands, truth, vocab.pad_id, vocab.size, proto.rank_batch_size, base)
 
 
 def _caption_tail(vocab, text_tok, caption: str, prefix: str) -> list[int]:
@@ -232,15 +256,19 @@ def rank_images(logits_fn: LogitsFn, vocab, text_tok, codes: Sequence[Sequence[i
     """text -> image by likelihood: caption ``i``'s true image among ``proto.distractors`` images of
     other captions (never one with the same caption); scored over the codes and ``<eoi>``."""
     rng = random.Random(proto.seed + 1)
-    prefixes, cands, truth = [], [], []
+    images = [image_ids(vocab, c)[1:] for c in codes]  # codes + <eoi>
+    # the same image without the caption: <bos> <boi> (the unconditional stream of guidance)
+    uncond = _unconditional(logits_fn, [vocab.bos_id, vocab.boi_id], images, vocab, proto.rank_batch_size)
+    prefixes, cands, truth, base = [], [], [], []
     for i in range(len(codes)):
         others = _distractors(len(codes), i, proto.distractors, lambda a, b: captions[a] == captions[b], rng)
         order = [i, *others]
         rng.shuffle(order)
         prefixes.append([vocab.bos_id, *text_ids(vocab, text_tok, captions[i]), vocab.boi_id])
-        cands.append([image_ids(vocab, codes[j])[1:] for j in order])
+        cands.append([images[j] for j in order])
+        base.append([uncond[j] for j in order])
         truth.append(order.index(i))
-    return rank_continuations(logits_fn, prefixes, cands, truth, vocab.pad_id, vocab.size, proto.rank_batch_size)
+    return rank_continuations(logits_fn, prefixes, cands, truth, vocab.pad_id, vocab.size, proto.rank_batch_size, base)
 
 
 # ---- several training seeds -------------------------------------------------------------------

@@ -100,15 +100,19 @@ def scores_table(scores: dict) -> str:
              "Chance = uniform guessing over the corpus's attribute values.</p>")
     ranking = scores.get("ranking", {})
     if ranking:
-        h.append("<table><tr><th>by likelihood (no sampling)</th><th>recall@1</th><th>mean rank</th>"
+        h.append("<table><tr><th>by likelihood (no sampling)</th><th>recall@1: log p</th>"
+                 "<th>recall@1: log p gain over no condition</th><th>mean rank (log p)</th>"
                  "<th>candidates</th><th>chance</th></tr>")
         for key, label in (("image_to_text", "image &rarr; text: the true caption among other captions"),
                            ("text_to_image", "text &rarr; image: the true image among other images")):
             r = ranking.get(key, {})
+            pmi = r.get("pmi", {})
             h.append(f"<tr><td>{label}</td><td class='num'>{_pct_se(r.get('recall_at_1'), r.get('recall_at_1_stderr'))}</td>"
+                     f"<td class='num'>{_pct_se(pmi.get('recall_at_1'), pmi.get('recall_at_1_stderr'))}</td>"
                      f"<td class='num'>{r.get('mean_rank', float('nan')):.2f}</td><td class='num'>{r.get('candidates', '-')}</td>"
                      f"<td class='num'>{_pct(r.get('chance'))}</td></tr>")
-        h.append("</table>")
+        h.append("</table><p class='muted'>The gain over no condition (log p(x | condition) - log p(x)) is the fair "
+                 "ranking of images: by plain log p a typical image (white background) beats the matching one.</p>")
     proto = scores.get("protocol")
     if proto:
         h.append(f"<p class='muted'>protocol: image &rarr; text prompt <code>{escape(str(proto.get('caption_prompt')))}</code> "
