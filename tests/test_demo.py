@@ -50,11 +50,22 @@ def test_fast_demo_scores_and_report(demo_out):
     # the detector reads (most of) the real held-out renders back through the tokenizer: a working ceiling
     assert scores["vq_reconstruction"]["n"] >= 4
     html = (out / "report.html").read_text()
-    for needle in ("<svg", "Loss curves", "VQ reconstructions", "text &rarr; image", "image &rarr; text",
+    for needle in ("<svg", "Loss curves", "VQ reconstructions", "text &rarr; image", "image &rarr; text", "recall@1",
                    "data:image/png;base64,"):
         assert needle in html
     samples = json.loads((out / "evaluate" / "samples.json").read_text())
     assert len(samples["t2i"]) == len(samples["i2t"]) == 4
+    # image -> text prompts end with the caption prefix, so every caption starts with it (never empty)
+    assert all(r["text"].startswith("a") for r in samples["i2t"]) and scores["empty_captions"] == 0
+    # likelihood ranking: 4 held-out pairs a direction, so 3 distractors each, chance 1/4
+    for direction in ("image_to_text", "text_to_image"):
+        r = scores["ranking"][direction]
+        assert r["n"] == 4 and r["candidates"] == 4 and r["chance"] == 0.25 and 0.0 <= r["recall_at_1"] <= 1.0
+        assert 1.0 <= r["mean_rank"] <= 4.0 and 0.0 <= r["pmi"]["recall_at_1"] <= 1.0
+    assert scores["text_to_image"]["colour_shape_stderr"] >= 0.0
+    # the VQ ceiling is measured as soon as the tokenizer exists
+    ceiling = json.loads((out / "image_tokenizer" / "stage.json").read_text())["heldout_ceiling"]
+    assert ceiling["n"] == 8 and 0.0 <= ceiling["colour_shape"] <= 1.0
 
 
 def test_rerun_skips_finished_stages(demo_out, capsys):
@@ -69,6 +80,15 @@ def test_rerun_skips_finished_stages(demo_out, capsys):
     after = {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
     changed = [p.parent.name for p in after if after[p] != before.get(p)]
     assert changed == ["report"]
+
+
+def test_stop_after_ends_the_run_there(tmp_path):
+    from tessera.demo.pipeline import STAGES
+
+    out = tmp_path / "out"
+    assert main(["demo", "--fast", "--out", str(out), "--stop-after", "text_tokenizer"]) == 0
+    assert [s for s in STAGES if (out / s / "stage.json").is_file()] == ["synth", "text_tokenizer"]
+    assert main(["demo", "--fast", "--out", str(out), "--stop-after", "nope"]) == 2
 
 
 def test_a_different_config_is_refused(demo_out, capsys):

@@ -67,6 +67,7 @@ RELATION_PHRASES: dict[str, str] = {
     "below": "below",
 }
 JITTER = 0.02  # max centre offset, fraction of the side: variety without breaking the layout rules
+KINDS: tuple[str, ...] = ("caption_image", "image_caption", "multi_image", "text_only")
 DOC_KINDS: dict[str, float] = {"caption_image": 0.4, "image_caption": 0.3, "multi_image": 0.2, "text_only": 0.1}
 SUPERSAMPLE = 4
 
@@ -200,10 +201,22 @@ def render_scene(scene: Scene, size: int) -> Image.Image:
     return img.resize((size, size), Image.BOX)
 
 
-def make_document(rng: random.Random, image_size: int = 64, kind: str | None = None, key: str = "doc") -> Document:
-    """One document of ``kind`` (drawn with the DOC_KINDS weights when None)."""
+def check_mix(mix: dict[str, float]) -> dict[str, float]:
+    """A document mix (kind -> weight) with known kinds, non-negative weights and a positive sum."""
+    bad = [k for k in mix if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown document kind(s) {bad}; known: {list(KINDS)}")
+    if any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"document mix weights must be >= 0 with a positive sum, got {mix}")
+    return {k: float(w) for k, w in mix.items() if w > 0}
+
+
+def make_document(rng: random.Random, image_size: int = 64, kind: str | None = None, key: str = "doc",
+                  mix: dict[str, float] | None = None) -> Document:
+    """One document of ``kind`` (drawn with the ``mix`` weights, default DOC_KINDS, when None)."""
     if kind is None:
-        kind = rng.choices(list(DOC_KINDS), weights=list(DOC_KINDS.values()))[0]
+        weights = mix or DOC_KINDS
+        kind = rng.choices(list(weights), weights=list(weights.values()))[0]
     if kind == "caption_image":
         s = random_scene(rng)
         segments: list[str | Image.Image] = [caption(s), render_scene(s, image_size)]
@@ -218,7 +231,7 @@ def make_document(rng: random.Random, image_size: int = 64, kind: str | None = N
     elif kind == "text_only":
         segments = [". ".join(caption(random_scene(rng)) for _ in range(rng.randint(2, 4))) + "."]
     else:
-        raise ValueError(f"unknown document kind {kind!r}; known: {list(DOC_KINDS)}")
+        raise ValueError(f"unknown document kind {kind!r}; known: {list(KINDS)}")
     return Document(key=key, segments=segments, source=f"synth/{kind}")
 
 
@@ -235,10 +248,12 @@ def write_corpus(
     shard_size: int = 1000,
     prefix: str = "train",
     progress: bool = True,
+    mix: dict[str, float] | None = None,
 ) -> list[Path]:
     """Write ``docs`` documents as ``OUT/PREFIX-000000.tar ...``; returns the shard paths."""
     if docs <= 0 or shard_size <= 0 or image_size < 16:
         raise ValueError(f"need docs > 0, shard_size > 0, image_size >= 16 (got {docs}, {shard_size}, {image_size})")
+    mix = check_mix(mix or DOC_KINDS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -246,7 +261,7 @@ def write_corpus(
         for shard, start in enumerate(range(0, docs, shard_size)):
             members: list[tuple[str, bytes]] = []
             for i in range(start, min(docs, start + shard_size)):
-                doc = make_document(document_rng(seed, i), image_size, key=f"{prefix}-{i:08d}")
+                doc = make_document(document_rng(seed, i), image_size, key=f"{prefix}-{i:08d}", mix=mix)
                 members += document_to_tar_members(doc)
                 prog.update(1)
             path = out / f"{prefix}-{shard:06d}.tar"
@@ -284,13 +299,16 @@ def write_synth(
     shard_size: int = 1000,
     heldout_docs: int | None = None,
     progress: bool = True,
+    mix: dict[str, float] | None = None,
 ) -> dict:
-    """The ``tessera data synth`` command: train shards, held-out shards and a manifest ``synth.json``."""
+    """The ``tessera data synth`` command: train shards, held-out shards and a manifest ``synth.json``.
+    ``mix``: document kind -> weight (default DOC_KINDS), the same for both splits."""
     out = Path(out)
+    mix = check_mix(mix or DOC_KINDS)
     heldout_docs = max(1, docs // 10) if heldout_docs is None else heldout_docs
-    train = write_corpus(out, docs, image_size, seed, shard_size, "train", progress)
+    train = write_corpus(out, docs, image_size, seed, shard_size, "train", progress, mix)
     heldout = (
-        write_corpus(out, heldout_docs, image_size, seed + HELDOUT_SEED_OFFSET, shard_size, "heldout", progress)
+        write_corpus(out, heldout_docs, image_size, seed + HELDOUT_SEED_OFFSET, shard_size, "heldout", progress, mix)
         if heldout_docs > 0
         else []
     )
@@ -299,6 +317,7 @@ def write_synth(
         "heldout_docs": heldout_docs,
         "image_size": image_size,
         "seed": seed,
+        "mix": mix,
         "heldout_seed": seed + HELDOUT_SEED_OFFSET,
         "shard_size": shard_size,
         "train_shards": [p.name for p in train],

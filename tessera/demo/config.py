@@ -16,6 +16,7 @@ class DemoConfig:
     train_docs: int = 6000
     heldout_docs: int = 300
     shard_size: int = 1000
+    doc_mix: dict[str, float] = field(default_factory=dict)  # document kind -> weight; empty = synth.DOC_KINDS
     # text tokenizer (tessera tokenizer train-text)
     text_vocab_size: int = 512
     # image tokenizer (tessera tokenizer train-image): a VQ preset plus dotted overrides
@@ -33,6 +34,10 @@ class DemoConfig:
     image_top_k: int = 0
     cfg_scale: float = 3.0
     max_caption_tokens: int = 48
+    # image -> text prompts end with this text after the image (tessera.demo.protocol): every caption of
+    # the grammar starts with it, so a caption is the natural continuation
+    caption_prefix: str = "a"
+    rank_distractors: int = 15  # likelihood ranking: the true caption / image among this many others
     report_documents: int = 8  # generated documents shown in the report per direction
     recon_images: int = 8  # VQ reconstructions shown
     # per-stage budget in seconds: a stage over budget is reported (not killed)
@@ -45,6 +50,15 @@ class DemoConfig:
             raise ConfigError("demo.train_docs and demo.heldout_docs must be positive")
         if self.eval_prompts <= 0:
             raise ConfigError("demo.eval_prompts must be positive")
+        if self.doc_mix:
+            from tessera.data.synth import check_mix
+
+            try:
+                self.doc_mix = check_mix({k: float(v) for k, v in self.doc_mix.items()})
+            except ValueError as exc:
+                raise ConfigError(f"demo.doc_mix: {exc}") from None
+        if self.rank_distractors < 1:
+            raise ConfigError(f"demo.rank_distractors must be >= 1, got {self.rank_distractors}")
 
 
 FULL = DemoConfig(
@@ -106,4 +120,5 @@ def demo_preset(name: str) -> DemoConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown demo preset {name!r}; known: {sorted(PRESETS)}")
     p = PRESETS[name]
-    return replace(p, vq_overrides=dict(p.vq_overrides), train_overrides=dict(p.train_overrides), budget_s=dict(p.budget_s))
+    return replace(p, vq_overrides=dict(p.vq_overrides), train_overrides=dict(p.train_overrides), budget_s=dict(p.budget_s),
+                   doc_mix=dict(p.doc_mix))

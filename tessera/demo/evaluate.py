@@ -1,11 +1,10 @@
-"""The demo's evaluation: generate from held-out prompts and score the results with the corpus detector.
+"""The demo's evaluation stage: the protocol of ``tessera.demo.protocol`` on the held-out split.
 
-* text -> image: the prompt is a held-out caption; the model must draw it (image mode: ``<boi>`` forced
-  after the caption). The detector reads colour / shape / size / layout back from the VQ-decoded image.
-* image -> text: the prompt is a held-out image (through the VQ encoder); the model writes a caption
-  (text mode, greedy by default), which ``parse_caption`` reads and the detector checks against the image.
-* reference points: the VQ reconstruction of the same held-out images read by the detector (the best
-  text -> image can score through this tokenizer) and the chance levels of uniform guessing.
+* text -> image and image -> text by generation, scored by the corpus detector, each with its
+  standard error;
+* text -> image and image -> text by likelihood ranking (recall@1 among distractors, with chance);
+* the tokenizer's ceiling: what the detector reads from VQ reconstructions of the same real images
+  (the best text -> image can score through this tokenizer), and the chance levels of guessing.
 """
 
 from __future__ import annotations
@@ -18,10 +17,25 @@ import torch
 from PIL import Image
 
 from tessera.demo.config import DemoConfig
+from tessera.demo.protocol import (
+    SCORE_KEYS,
+    EvalProtocol,
+    corpus_caption_prompt,
+    generate_captions,
+    generate_images,
+    mean_scores,
+    rank_captions,
+    rank_images,
+)
 from tessera.demo.stages import write_json_atomic
 from tessera.progress import Progress
 
-SCORE_KEYS = ("parsed", "colour", "shape", "colour_shape", "size", "layout", "exact")
+
+def protocol_of(cfg: DemoConfig) -> EvalProtocol:
+    return EvalProtocol(prompts=cfg.eval_prompts, caption_prefix=cfg.caption_prefix,
+                        max_caption_tokens=cfg.max_caption_tokens, text_temperature=cfg.text_temperature,
+                        image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k, cfg_scale=cfg.cfg_scale,
+                        distractors=cfg.rank_distractors, seed=cfg.seed)
 
 
 def heldout_pairs(shards: list[str], limit: int) -> dict[str, list[tuple[str, Image.Image]]]:
@@ -33,15 +47,22 @@ def heldout_pairs(shards: list[str], limit: int) -> dict[str, list[tuple[str, Im
     return {"t2i": pairs[:limit], "i2t": pairs[limit : 2 * limit]}
 
 
-def mean_scores(rows: list[dict]) -> dict[str, Any]:
-    agg: dict[str, Any] = {"n": len(rows)}
-    for k in SCORE_KEYS:
-        vals = [r[k] for r in rows if k in r]
-        agg[k] = sum(vals) / len(vals) if vals else float("nan")
-    # one-sided binomial standard error of the headline accuracy, so "far above chance" is checkable
-    p = agg["colour_shape"]
-    agg["colour_shape_stderr"] = math.sqrt(p * (1 - p) / len(rows)) if rows and p == p else float("nan")
-    return agg
+def reconstruction_rows(image_tok, pairs: list[tuple[str, Image.Image]]) -> list[dict]:
+    """The detector's reading of each real image's VQ reconstruction against its caption (the ceiling)."""
+    from tessera.data.detect import detect_scene, score_text_to_image
+
+    recon = image_tok.decode(image_tok.encode([img for _, img in pairs])) if pairs else []
+    rows = []
+    for (cap, real), rec in zip(pairs, recon, strict=True):
+        row: dict[str, Any] = {"caption": cap, "psnr": _psnr(real, rec), "detected": _scene_text(detect_scene(rec)),
+                               "_real": real, "_recon": rec}
+        row.update({k: v for k, v in score_text_to_image(cap, rec).items() if k in SCORE_KEYS})
+        rows.append(row)
+    return rows
+
+
+def ceiling_scores(rows: list[dict]) -> dict:
+    return {**mean_scores(rows), "psnr": _mean([r["psnr"] for r in rows])}
 
 
 def _png(img: Image.Image, path: Path) -> str:
@@ -52,39 +73,30 @@ def _png(img: Image.Image, path: Path) -> str:
 
 def evaluate(cfg: DemoConfig, paths, d: Path) -> dict:
     import tessera.model as tmodel
-    from tessera.data.detect import CHANCE, detect_scene, score_image_to_text, score_text_to_image
-    from tessera.generate.config import GenerationConfig, SamplingParams
+    from tessera.data.detect import CHANCE, score_image_to_text, score_text_to_image
     from tessera.generate.engine import GenerationEngine
     from tessera.tokenizers.image import ImageTokenizer
     from tessera.tokenizers.text import TextTokenizer
-    from tessera.tokenizers.vocab import ImageSegment, TextSegment, Vocabulary
+    from tessera.tokenizers.vocab import Vocabulary
 
     torch.manual_seed(cfg.seed)
+    proto = protocol_of(cfg)
     text_tok = TextTokenizer.load(paths.text_model)
     image_tok = ImageTokenizer.load(paths.image_tokenizer)
     model = tmodel.load(paths.run_dir)
     vocab = model.vocab or Vocabulary.load(paths.pretok_train)
     engine = GenerationEngine(model.module, vocab, context_length=model.config.seq_length)
-    pairs = heldout_pairs(paths.shards("heldout"), cfg.eval_prompts)
+    pairs = heldout_pairs(paths.shards("heldout"), proto.prompts)
+    t2i, i2t = pairs["t2i"], pairs["i2t"]
     samples: dict[str, list[dict]] = {"t2i": [], "i2t": [], "recon": []}
+    stats: dict[str, Any] = {}
 
-    # ---- text -> image
-    t2i = pairs["t2i"]
-    prompts = [vocab.encode_document([TextSegment(c)], text_tok.encode, add_eos=False) for c, _ in t2i]
-    gcfg = GenerationConfig(mode="image", max_new_tokens=vocab.image_span + 1, cfg_scale=cfg.cfg_scale,
-                            image=SamplingParams(temperature=cfg.image_temperature, top_k=cfg.image_top_k, top_p=1.0),
-                            seed=cfg.seed, batch_size=max(1, len(prompts)))
-    stats_all: dict[str, Any] = {}
-    with Progress("evaluate text->image", total=len(prompts), unit="prompts") as prog:
-        seqs, st = engine.generate(prompts, gcfg) if prompts else ([], None)
-        stats_all["t2i"] = st.as_dict() if st is not None else {}
-        for i, ((caption, real), seq) in enumerate(zip(t2i, seqs, strict=True)):
-            segs = vocab.decode_document(seq.prompt_ids + seq.new_ids, text_tok.decode, strict=False)
-            images = [s for s in segs if isinstance(s, ImageSegment)]
-            row: dict[str, Any] = {"caption": caption, "finish_reason": seq.finish_reason,
-                                   "real": _png(real, d / "t2i" / f"{i:03d}_real.png")}
-            if images:
-                gen = image_tok.decode(torch.tensor([images[0].codes]))[0]
+    # ---- by generation
+    with Progress("evaluate text->image", total=len(t2i), unit="prompts") as prog:
+        images, stats["t2i"] = generate_images(engine, vocab, text_tok, image_tok, [c for c, _ in t2i], proto)
+        for i, ((caption, real), gen) in enumerate(zip(t2i, images, strict=True)):
+            row: dict[str, Any] = {"caption": caption, "real": _png(real, d / "t2i" / f"{i:03d}_real.png")}
+            if gen is not None:
                 row["image"] = _png(gen, d / "t2i" / f"{i:03d}_generated.png")
                 row.update({k: v for k, v in score_text_to_image(caption, gen).items() if k in SCORE_KEYS})
             else:
@@ -93,51 +105,56 @@ def evaluate(cfg: DemoConfig, paths, d: Path) -> dict:
             samples["t2i"].append(row)
             prog.update(1)
 
-    # ---- image -> text
-    i2t = pairs["i2t"]
-    codes = image_tok.encode([img for _, img in i2t]) if i2t else torch.empty(0, vocab.image_tokens_per_image)
-    prompts = [vocab.encode_document([ImageSegment.from_tensor(c)], text_tok.encode, add_eos=False) for c in codes]
-    gcfg = GenerationConfig(mode="text", max_new_tokens=cfg.max_caption_tokens,
-                            text=SamplingParams(temperature=cfg.text_temperature, top_k=0, top_p=1.0),
-                            seed=cfg.seed, batch_size=max(1, len(prompts)))
-    with Progress("evaluate image->text", total=len(prompts), unit="prompts") as prog:
-        seqs, st = engine.generate(prompts, gcfg) if prompts else ([], None)
-        stats_all["i2t"] = st.as_dict() if st is not None else {}
-        for i, ((truth, real), seq) in enumerate(zip(i2t, seqs, strict=True)):
-            segs = vocab.decode_document(seq.new_ids, text_tok.decode, strict=False)
-            text = " ".join(s.text for s in segs if isinstance(s, TextSegment)).strip()
-            row = {"truth": truth, "text": text, "finish_reason": seq.finish_reason,
+    i2t_codes = image_tok.encode([img for _, img in i2t]).tolist() if i2t else []
+    prompt = corpus_caption_prompt(vocab, text_tok, proto.caption_prefix)
+    with Progress("evaluate image->text", total=len(i2t), unit="prompts") as prog:
+        texts, reasons, stats["i2t"] = generate_captions(engine, vocab, text_tok, i2t_codes, proto, prompt)
+        for i, ((truth, real), text, why) in enumerate(zip(i2t, texts, reasons, strict=True)):
+            row = {"truth": truth, "text": text, "finish_reason": why,
                    "image": _png(real, d / "i2t" / f"{i:03d}_prompt.png")}
             row.update({k: v for k, v in score_image_to_text(real, text).items() if k in SCORE_KEYS})
             samples["i2t"].append(row)
             prog.update(1)
 
-    # ---- the tokenizer's ceiling: what the detector reads from VQ reconstructions of real images
-    reals = [img for _, img in t2i + i2t][: max(cfg.recon_images, cfg.eval_prompts)]
-    recon = image_tok.decode(image_tok.encode(reals)) if reals else []
-    captions = [c for c, _ in t2i + i2t]
-    for i, (real, rec, cap) in enumerate(zip(reals, recon, captions, strict=False)):
-        row = {"caption": cap, "real": _png(real, d / "recon" / f"{i:03d}_real.png"),
-               "recon": _png(rec, d / "recon" / f"{i:03d}_recon.png"),
-               "psnr": _psnr(real, rec), "detected": _scene_text(detect_scene(rec))}
-        row.update({k: v for k, v in score_text_to_image(cap, rec).items() if k in SCORE_KEYS})
+    # ---- by likelihood (the same held-out pairs; distractors from the same direction's pool)
+    t2i_codes = image_tok.encode([img for _, img in t2i]).tolist() if t2i else []
+    ranking = {
+        "image_to_text": rank_captions(model.logits, vocab, text_tok, i2t_codes, [c for c, _ in i2t], proto),
+        "text_to_image": rank_images(model.logits, vocab, text_tok, t2i_codes, [c for c, _ in t2i], proto),
+    }
+
+    # ---- the tokenizer's ceiling on the same real images
+    for i, row in enumerate(reconstruction_rows(image_tok, t2i + i2t)):
+        row["real"] = _png(row.pop("_real"), d / "recon" / f"{i:03d}_real.png") if i < cfg.recon_images else None
+        recon = row.pop("_recon")
+        row["recon"] = _png(recon, d / "recon" / f"{i:03d}_recon.png") if i < cfg.recon_images else None
         samples["recon"].append(row)
 
     scores = {
         "text_to_image": mean_scores(samples["t2i"]),
         "image_to_text": mean_scores(samples["i2t"]),
-        "vq_reconstruction": {**mean_scores(samples["recon"]),
-                              "psnr": _mean([r["psnr"] for r in samples["recon"]])},
+        "ranking": ranking,
+        "vq_reconstruction": ceiling_scores(samples["recon"]),
         "chance": dict(CHANCE),
+        "protocol": {"caption_prompt": f"<bos> <boi> codes <eoi> {proto.caption_prefix!r}",
+                     "image_prompt": "<bos> caption <boi> (forced)", "distractors": proto.distractors,
+                     "text_temperature": proto.text_temperature, "image_temperature": proto.image_temperature,
+                     "cfg_scale": proto.cfg_scale},
         "headline": "colour_shape: colour AND shape of every described object right",
-        "generation": stats_all,
+        "generation": stats,
+        "empty_captions": sum(1 for r in samples["i2t"] if not r["text"]),
     }
     write_json_atomic(d / "samples.json", samples)
     write_json_atomic(d / "scores.json", scores)
     write_json_atomic(paths.out / "scores.json", scores)
     return {"text_to_image_colour_shape": scores["text_to_image"]["colour_shape"],
             "image_to_text_colour_shape": scores["image_to_text"]["colour_shape"],
-            "chance_colour_shape": CHANCE["colour_shape"], "prompts": {k: len(v) for k, v in pairs.items()}}
+            "caption_recall_at_1": ranking["image_to_text"]["recall_at_1"],
+            "image_recall_at_1": ranking["text_to_image"]["recall_at_1"],
+            "image_recall_at_1_pmi": ranking["text_to_image"]["pmi"]["recall_at_1"],
+            "vq_ceiling_colour_shape": scores["vq_reconstruction"]["colour_shape"],
+            "chance_colour_shape": CHANCE["colour_shape"], "chance_recall_at_1": ranking["image_to_text"]["chance"],
+            "prompts": {k: len(v) for k, v in pairs.items()}}
 
 
 def _mean(xs: list[float]) -> float:

@@ -85,8 +85,8 @@ def stage_synth(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
     from tessera.data.synth import write_synth
 
     m = write_synth(d, docs=cfg.train_docs, image_size=cfg.image_size, seed=cfg.seed, shard_size=cfg.shard_size,
-                    heldout_docs=cfg.heldout_docs)
-    return {"train_docs": m["docs"], "heldout_docs": m["heldout_docs"], "image_size": m["image_size"],
+                    heldout_docs=cfg.heldout_docs, mix=cfg.doc_mix or None)
+    return {"train_docs": m["docs"], "heldout_docs": m["heldout_docs"], "image_size": m["image_size"], "mix": m["mix"],
             "train_shards": len(m["train_shards"]), "heldout_shards": len(m["heldout_shards"])}
 
 
@@ -106,8 +106,18 @@ def stage_image_tokenizer(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
     tcfg.out = str(d)
     save_config(tcfg, d / "train_config.yaml")
     r = train_image_tokenizer(tcfg)
-    return {"steps": r.steps, "train_seconds": r.seconds, "psnr": r.psnr, "codebook_usage": r.codebook_usage,
-            "tokens_per_image": tcfg.vq.tokens_per_image, "codebook_size": tcfg.vq.codebook_size}
+    facts = {"steps": r.steps, "train_seconds": r.seconds, "psnr": r.psnr, "codebook_usage": r.codebook_usage,
+             "tokens_per_image": tcfg.vq.tokens_per_image, "codebook_size": tcfg.vq.codebook_size}
+    # the ceiling right away (the evaluate stage measures it again beside the model's scores): a tokenizer
+    # that loses the shapes shows here, before minutes of pretraining
+    from tessera.data.synth import caption_image_pairs
+    from tessera.demo.evaluate import ceiling_scores, reconstruction_rows
+    from tessera.tokenizers.image import ImageTokenizer
+
+    pairs = caption_image_pairs(paths.shards("heldout"), limit=2 * cfg.eval_prompts)
+    ceiling = ceiling_scores(reconstruction_rows(ImageTokenizer.load(d), pairs))
+    facts["heldout_ceiling"] = {k: ceiling[k] for k in ("n", "colour", "shape", "colour_shape", "size", "psnr")}
+    return facts
 
 
 def stage_pretokenize(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
@@ -128,6 +138,9 @@ def train_command(cfg: DemoConfig, paths: Paths) -> list[str]:
         "data.path": str(paths.pretok_train),
         "data.eval_path": str(paths.pretok_heldout),  # held-out loss / perplexity during training
         "train.run_dir": str(paths.run_dir),
+        # the demo's seed is the training seed too (initialisation, data order): --seeds varies all of them
+        "train.seed": str(cfg.seed),
+        "data.seed": str(cfg.seed),
         **cfg.train_overrides,
     }
     argv = [sys.executable, "-m", "tessera", "train", "--config", str(config)]
@@ -193,7 +206,10 @@ STAGE_FUNCS = {
 }
 
 
-def run_demo(cfg: DemoConfig, out: str | Path) -> dict:
+def run_demo(cfg: DemoConfig, out: str | Path, stop_after: str | None = None) -> dict:
+    """Run (or finish) the demo into ``out``; ``stop_after`` ends it after that stage (experiments)."""
+    if stop_after is not None and stop_after not in STAGES:
+        raise DemoError(f"--stop-after {stop_after!r}: not a stage; stages: {', '.join(STAGES)}")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "demo_config.yaml"
@@ -211,6 +227,8 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict:
     for i, name in enumerate(STAGES, 1):
         fn, resumable, desc = STAGE_FUNCS[name]
         runner.run(Stage(name, lambda d, fn=fn: fn(cfg, paths, d), resumable, desc), i, len(STAGES))
+        if name == stop_after:
+            break
     summary = {"out": str(out), "stages": runner.results}
     write_json_atomic(out / "demo_summary.json", summary)
     return summary

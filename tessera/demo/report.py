@@ -76,6 +76,13 @@ def _pct(x: Any) -> str:
     return "-" if not isinstance(x, (int, float)) or x != x else f"{100 * x:.1f}%"
 
 
+def _pct_se(x: Any, se: Any) -> str:
+    """'41.4% +- 4.4' (the binomial standard error in points) or just the percentage."""
+    if not isinstance(se, (int, float)) or se != se:
+        return _pct(x)
+    return f"{_pct(x)} &plusmn; {100 * se:.1f}"
+
+
 def scores_table(scores: dict) -> str:
     chance = scores.get("chance", {})
     cols = [("text_to_image", "text &rarr; image"), ("image_to_text", "image &rarr; text"),
@@ -83,13 +90,35 @@ def scores_table(scores: dict) -> str:
     rows = [("colour_shape", "colour AND shape (headline)"), ("colour", "colour"), ("shape", "shape"),
             ("size", "size"), ("layout", "position / relation"), ("exact", "whole scene exact"),
             ("parsed", "caption in the grammar")]
-    h = ["<table><tr><th>metric</th>" + "".join(f"<th>{c}</th>" for _, c in cols) + "<th>chance</th></tr>"]
+    h = ["<table><tr><th>by generation</th>" + "".join(f"<th>{c}</th>" for _, c in cols) + "<th>chance</th></tr>"]
     for key, label in rows:
-        cells = "".join(f'<td class="num">{_pct(scores.get(c, {}).get(key))}</td>' for c, _ in cols)
+        cells = "".join(f'<td class="num">{_pct_se(scores.get(c, {}).get(key), scores.get(c, {}).get(key + "_stderr"))}</td>'
+                        for c, _ in cols)
         h.append(f"<tr><td>{label}</td>{cells}<td class=\"num\">{_pct(chance.get(key))}</td></tr>")
     n = " / ".join(str(scores.get(c, {}).get("n", 0)) for c, _ in cols)
-    h.append(f'</table><p class="muted">prompts: {n} (held-out split). Chance = uniform guessing over the '
-             "corpus's attribute values.</p>")
+    h.append(f'</table><p class="muted">prompts: {n} (held-out split); &plusmn; is the binomial standard error. '
+             "Chance = uniform guessing over the corpus's attribute values.</p>")
+    ranking = scores.get("ranking", {})
+    if ranking:
+        h.append("<table><tr><th>by likelihood (no sampling)</th><th>recall@1: log p</th>"
+                 "<th>recall@1: log p gain over no condition</th><th>mean rank (log p)</th>"
+                 "<th>candidates</th><th>chance</th></tr>")
+        for key, label in (("image_to_text", "image &rarr; text: the true caption among other captions"),
+                           ("text_to_image", "text &rarr; image: the true image among other images")):
+            r = ranking.get(key, {})
+            pmi = r.get("pmi", {})
+            h.append(f"<tr><td>{label}</td><td class='num'>{_pct_se(r.get('recall_at_1'), r.get('recall_at_1_stderr'))}</td>"
+                     f"<td class='num'>{_pct_se(pmi.get('recall_at_1'), pmi.get('recall_at_1_stderr'))}</td>"
+                     f"<td class='num'>{r.get('mean_rank', float('nan')):.2f}</td><td class='num'>{r.get('candidates', '-')}</td>"
+                     f"<td class='num'>{_pct(r.get('chance'))}</td></tr>")
+        h.append("</table><p class='muted'>The gain over no condition (log p(x | condition) - log p(x)) is the fair "
+                 "ranking of images: by plain log p a typical image (white background) beats the matching one.</p>")
+    proto = scores.get("protocol")
+    if proto:
+        h.append(f"<p class='muted'>protocol: image &rarr; text prompt <code>{escape(str(proto.get('caption_prompt')))}</code> "
+                 f"(greedy), text &rarr; image prompt <code>{escape(str(proto.get('image_prompt')))}</code> "
+                 f"(temperature {proto.get('image_temperature')}, guidance {proto.get('cfg_scale')}); "
+                 "docs/benchmarks.md, \"The demo\".</p>")
     return "\n".join(h)
 
 
