@@ -74,10 +74,11 @@ def transformer_config(cfg: ModelConfig, *, sequence_parallel: bool = False, gra
         kv_channels=cfg.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,
-        # The spec builds our per-head QK-norm from cfg.qk_norm. megatron's flag only adds, in
-        # finalize_model_grads, a SUM over TP ranks of every q/k_layernorm grad (right for its one shared
-        # [head_dim] weight, wrong for ours, which is split across TP with the heads).
-        qk_layernorm=False,
+        # The spec builds our per-head QK-norm from cfg.qk_norm; megatron-core >= 0.18 refuses a spec with
+        # q/k_layernorm unless this flag is set. build_model clears it once the layers exist: its only
+        # other effect is a SUM over TP ranks of every q/k_layernorm grad in finalize_model_grads (right
+        # for megatron's one shared [head_dim] weight, wrong for ours, split across TP with the heads).
+        qk_layernorm=cfg.qk_norm,
         add_bias_linear=False,
         gated_linear_unit=True,  # SwiGLU: linear_fc1 = [gate; up]
         activation_func=F.silu,
@@ -215,6 +216,7 @@ def build_model(
         rotary_base=cfg.rotary_base,
         vp_stage=vp_stage,
     )
+    config.qk_layernorm = False  # see transformer_config: per-head norm weights are TP-sharded, never summed
     if config.use_te_activation_func:  # a spec without the activation module would get silu of [gate; up]
         for layer in model.decoder.layers:
             if not isinstance(getattr(layer.mlp, "activation_func", None), SwiGLU):

@@ -106,6 +106,10 @@ def _make_cuda_proxy() -> _CudaProxy:
         max_memory_allocated=lambda *a, **k: 0,
         reset_peak_memory_stats=lambda *a, **k: None,
         nvtx=types.SimpleNamespace(range_push=lambda *a, **k: None, range_pop=lambda *a, **k: None),
+        # DDP waits on CUDA-graph events on the current stream: CPU ops are synchronous, nothing to wait for
+        current_stream=lambda *a, **k: types.SimpleNamespace(wait_event=lambda *a, **k: None,
+                                                              wait_stream=lambda *a, **k: None,
+                                                              synchronize=lambda *a, **k: None),
     )
 
 

@@ -72,10 +72,12 @@ def patch_rope_without_copies() -> None:
         return
 
     @functools.wraps(original)
-    def apply_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
-        if multi_latent_attention or rotary_interleaved or t.shape[-1] != freqs.shape[-1] or t.shape[-1] % 2:
+    def apply_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0, **other):
+        # ``other``: flags of newer megatron-core releases (mla_rotary_interleaved): any set one is not our case
+        if (multi_latent_attention or rotary_interleaved or any(other.values()) or t.shape[-1] != freqs.shape[-1]
+                or t.shape[-1] % 2):
             return original(t, freqs, rotary_interleaved=rotary_interleaved,
-                            multi_latent_attention=multi_latent_attention, mscale=mscale)
+                            multi_latent_attention=multi_latent_attention, mscale=mscale, **other)
         cos_, sin_ = _rope_cos_sin(freqs, mscale, t.dtype)
         return _RotateHalfRope.apply(t, cos_, sin_)
 
