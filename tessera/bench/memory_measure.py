@@ -32,6 +32,7 @@ import torch
 
 from tessera.pretrain.config import TrainConfig
 from tessera.pretrain.layout import RECOMPUTE_MODES, ParallelLayout
+from tessera.utils import atomic_write_json
 
 
 # ---- state ----------------------------------------------------------------------------------------
@@ -327,7 +328,6 @@ def _measure_step(cfg: TrainConfig, model_cfg, layout: ParallelLayout, bf16: boo
 def main(argv: list[str] | None = None) -> int:
     """Worker entry (under torchrun): ``python -m tessera.bench.memory_measure CONFIG.yaml OUT.json MODES``;
     rank 0 writes every rank's measurement to OUT.json."""
-    import json
     import sys
 
     from tessera.pretrain.config import load_train_config
@@ -339,10 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     ranks = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(ranks, mine)
     if torch.distributed.get_rank() == 0:
-        tmp = f"{args[1]}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(ranks, f)
-        os.replace(tmp, args[1])
+        atomic_write_json(args[1], ranks, indent=None)
     torch.distributed.barrier()
     return 0
 

@@ -36,7 +36,6 @@ after checking that ``train.init_from`` is the recorded base (same SHA-256) and 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -63,6 +62,7 @@ from tessera.model.checkpoint import (
     step_dir_name,
     write_latest,
 )
+from tessera.utils import atomic_write_text
 
 TRAIN_STATE_VERSION = 1
 # megatron's reshardable layout for the distributed optimizer (a checkpoint loads under any TP / PP / DP);
@@ -494,9 +494,7 @@ def trim_metrics(path: str | Path, last_step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(x + "\n" for x in kept))
-        tmp.replace(path)
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
     return dropped
 
 

@@ -61,6 +61,7 @@ from tessera.pretrain.step import (
     stage_roles,
 )
 from tessera.pretrain.syncs import HostSyncCounter, NullCounter, counting_enabled
+from tessera.utils import atomic_write_text
 
 
 def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
@@ -280,10 +281,7 @@ def _save_run_config(path: Path, cfg: TrainConfig, resolved: ResolvedRun) -> Non
     """RUN/config.yaml: the run config as asked, and beside it (``resolved:``) what the run resolved."""
     import yaml
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump({**to_dict(cfg), "resolved": to_dict(resolved)}, sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump({**to_dict(cfg), "resolved": to_dict(resolved)}, sort_keys=False))
 
 
 if __name__ == "__main__":
