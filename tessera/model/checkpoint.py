@@ -33,7 +33,7 @@ import yaml
 
 from tessera.config import to_dict
 from tessera.model.config import ModelConfig
-from tessera.utils import atomic_write_text, rank, swap_in_dir
+from tessera.utils import atomic_write_text, rank, swap_in_dir, world_size
 
 FORMAT = 1
 META_FILE = "tessera.json"
@@ -170,7 +170,7 @@ def adapter_meta(meta: dict) -> dict | None:
 def _shared_tmp_name(ckpt_dir: Path) -> Path:
     """Every rank must write into the same temporary directory: rank 0's pid names it."""
     pid = [os.getpid()]
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.broadcast_object_list(pid, src=0)
     return ckpt_dir.with_name(f"{ckpt_dir.name}.tmp-{pid[0]}")
 

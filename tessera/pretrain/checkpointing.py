@@ -62,7 +62,7 @@ from tessera.model.checkpoint import (
     step_dir_name,
     write_latest,
 )
-from tessera.utils import atomic_write_text
+from tessera.utils import atomic_write_text, rank
 
 TRAIN_STATE_VERSION = 1
 # megatron's reshardable layout for the distributed optimizer (a checkpoint loads under any TP / PP / DP);
@@ -91,10 +91,6 @@ def _layout() -> dict[str, int]:
 
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
             "dp": ps.get_data_parallel_world_size()}
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -249,7 +245,7 @@ def save_checkpoint(run: str | Path, step: int, *, model: Any, optimizer: Any, s
                                  extra_config={**to_dict(cfg), "resolved": to_dict(resolved)},
                                  step=step, extra_state=extra, extra_meta=meta,
                                  before_commit=before_commit, save_strategy=strategy, part=part)
-    if _rank() == 0:
+    if rank() == 0:
         write_latest(checkpoints, name)  # updated last: `latest` never names a partial checkpoint
         rotate_checkpoints(checkpoints, cfg.train.keep_last_n)
     _barrier()
@@ -419,7 +415,7 @@ def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: 
         restore_rng_state(state["rng_state"])
     else:
         _reseed(cfg.train.seed, step)
-        if _rank() == 0:
+        if rank() == 0:
             print(f"resume: layout {ts['layout']} -> {_layout()}: RNG states not restored, reseeded from "
                   f"(train.seed, step {step})", flush=True)
     return ResumeState(step=step, bad_steps=int(ts.get("bad_steps", 0)), source=ckpt, rng_restored=same_layout)
@@ -468,7 +464,7 @@ def resume(cfg: Any, run: str | Path, *, model: Any, optimizer: Any, scheduler: 
         msg = f"initialised weights from {st.source}"
     else:
         st, msg = ResumeState(), ""
-    if _rank() == 0:
+    if rank() == 0:
         trim_metrics(Path(run) / "metrics.jsonl", st.step)
         if msg:
             print(msg, flush=True)
