@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +71,25 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, *, ens
     are written as numbers / strings."""
     text = json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii, default=default)
     return atomic_write_text(path, text + ("\n" if trailing_newline else ""))
+
+
+@contextlib.contextmanager
+def atomic_prefix(prefix: str | Path, suffixes: Sequence[str]) -> Iterator[str]:
+    """For writers that name their files by a prefix (sentencepiece's ``model_prefix``, megatron's
+    ``IndexedDatasetBuilder``: ``PREFIX.bin`` + ``PREFIX.idx``): yield a temporary prefix beside ``prefix``.
+    When the block succeeds, each ``tmp + suffix`` the block wrote is renamed to ``prefix + suffix`` in the
+    order given (put last the file whose presence marks a finished write); when it raises, they are removed."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(prefix.with_name(f".{prefix.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"))
+    try:
+        yield tmp
+        for suffix in suffixes:
+            if os.path.exists(tmp + suffix):
+                os.replace(tmp + suffix, str(prefix) + suffix)
+    finally:
+        for suffix in suffixes:
+            Path(tmp + suffix).unlink(missing_ok=True)
 
 
 def swap_in_dir(tmp: str | Path, target: str | Path) -> Path:

@@ -49,6 +49,21 @@ def test_atomic_dir_swaps_whole_directories(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_atomic_prefix_publishes_what_the_writer_wrote_or_nothing(tmp_path):
+    """sentencepiece / megatron's indexed dataset write PREFIX.<suffix> files: all renamed on success, in
+    order; none published (and no temporary left) when the writer raises."""
+    prefix = tmp_path / "sub" / "data"
+    with pytest.raises(ValueError), utils.atomic_prefix(prefix, (".bin", ".idx")) as tmp:
+        open(tmp + ".bin", "w").write("half")
+        raise ValueError("crash")
+    assert list((tmp_path / "sub").iterdir()) == []
+    with utils.atomic_prefix(prefix, (".bin", ".idx", ".mask")) as tmp:
+        open(tmp + ".bin", "w").write("b")
+        open(tmp + ".idx", "w").write("i")  # no .mask written: none published
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["data.bin", "data.idx"]
+    assert (tmp_path / "sub" / "data.idx").read_text() == "i"
+
+
 def test_dtype_names_one_table():
     for spelling in ("fp32", "float32", "torch.float32", torch.float32):
         assert utils.dtype_name(spelling) == "float32" and utils.short_dtype_name(spelling) == "fp32"

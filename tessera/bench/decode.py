@@ -21,7 +21,7 @@ from tessera.bench.machine import cpu_model, measure_copy_gbps
 from tessera.generate.config import GenerationConfig, SamplingParams
 from tessera.generate.engine import GenerationEngine, GenerationStats
 from tessera.tokenizers.vocab import Modality, Vocabulary
-from tessera.utils import dtype_name
+from tessera.utils import dtype_name, torch_dtype
 
 
 def _vocab_for(vocab_size: int) -> Vocabulary:
@@ -125,7 +125,7 @@ def _benchmark_decode(preset, batches, prompt_len, new_tokens, dtypes, hf_dtypes
         if dt != "float32":
             hfs[dt] = build_hf_chameleon(model, vocab, swin_norm=cfg.swin_norm,
                                          max_position_embeddings=cfg.seq_length,
-                                         dtype=getattr(torch, dt)).to(device)
+                                         dtype=torch_dtype(dt)).to(device)
 
     def ours(dt: str, b: int, n: int, engine: GenerationEngine | None = None) -> tuple[float, dict]:
         c = dataclasses.replace(gen_cfg, max_new_tokens=n)
@@ -404,7 +404,7 @@ def benchmark_decode_step(
         vocab = _vocab_for(cfg.vocab_size)
         decoders = {dt: GenerationEngine(model, vocab, cfg.seq_length, dtype=dt).decoder for dt in dtypes}
         hfs = {dt: build_hf_chameleon(model, vocab, swin_norm=cfg.swin_norm, max_position_embeddings=cfg.seq_length,
-                                      dtype=getattr(torch, dt)) for dt in dtypes}
+                                      dtype=torch_dtype(dt)) for dt in dtypes}
         prompt = torch.randint(vocab.text_offset, vocab.image_offset, (batch, context),
                                generator=torch.Generator().manual_seed(seed))
         tok = torch.full((batch,), vocab.text_offset)

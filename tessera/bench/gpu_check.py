@@ -45,6 +45,7 @@ from tessera.bench.gpu_check_harness import (
     rel_err,
     run_part,
 )
+from tessera.utils import atomic_write_text
 
 EXIT_NO_CUDA = 3
 TOTAL_BUDGET_S = 470.0  # the whole run must fit in 8 minutes on one H100
@@ -424,9 +425,7 @@ def _write(out: Path, report: dict) -> None:
     from tessera.bench.report import write_json
 
     write_json(out / "gpu_check.json", report)
-    tmp = out / ".gpu_check.md.tmp"
-    tmp.write_text(format_report(report, markdown=True) + "\n")
-    tmp.replace(out / "gpu_check.md")
+    atomic_write_text(out / "gpu_check.md", format_report(report, markdown=True) + "\n")
 
 
 def format_report(report: dict, markdown: bool = False) -> str:

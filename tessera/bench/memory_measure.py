@@ -32,6 +32,7 @@ import torch
 
 from tessera.pretrain.config import TrainConfig
 from tessera.pretrain.layout import RECOMPUTE_MODES, ParallelLayout
+from tessera.utils import atomic_write_json, rank, world_size
 
 
 # ---- state ----------------------------------------------------------------------------------------
@@ -265,13 +266,13 @@ def measure(cfg: TrainConfig, modes: tuple[str, ...] = RECOMPUTE_MODES) -> dict[
     from tessera.model.parallel import init_distributed, initialize_parallel
 
     init_distributed()
-    world = torch.distributed.get_world_size()
+    world = world_size()
     bf16 = cfg.precision == "bf16"
     model_cfg = dataclasses.replace(cfg.model, params_dtype="bfloat16" if bf16 else "float32")
     layout = ParallelLayout.from_train_config(cfg, world, model_cfg, precision="bf16" if bf16 else "fp32")
     initialize_parallel(layout.tp, layout.pp, layout.vp, cfg.train.seed)
     out: dict[str, Any] = {
-        "rank": torch.distributed.get_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "rank": rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
         "pp_rank": ps.get_pipeline_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(), "modes": {}}
     for mode in modes:
         m = dataclasses.replace(model_cfg, recompute=mode,
@@ -327,7 +328,6 @@ def _measure_step(cfg: TrainConfig, model_cfg, layout: ParallelLayout, bf16: boo
 def main(argv: list[str] | None = None) -> int:
     """Worker entry (under torchrun): ``python -m tessera.bench.memory_measure CONFIG.yaml OUT.json MODES``;
     rank 0 writes every rank's measurement to OUT.json."""
-    import json
     import sys
 
     from tessera.pretrain.config import load_train_config
@@ -336,13 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_train_config(args[0])
     modes = tuple(args[2].split(",")) if len(args) > 2 else RECOMPUTE_MODES
     mine = measure(cfg, modes)
-    ranks = [None] * torch.distributed.get_world_size()
+    ranks = [None] * world_size()
     torch.distributed.all_gather_object(ranks, mine)
-    if torch.distributed.get_rank() == 0:
-        tmp = f"{args[1]}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(ranks, f)
-        os.replace(tmp, args[1])
+    if rank() == 0:
+        atomic_write_json(args[1], ranks, indent=None)
     torch.distributed.barrier()
     return 0
 

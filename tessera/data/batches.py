@@ -28,6 +28,7 @@ import torch
 from tessera.data.blend import BlendSchedule, consumed_before, plan, slot_indices
 from tessera.data.pretokenize import DATA_PREFIX, MASK_PREFIX, load_stats
 from tessera.tokenizers.vocab import Vocabulary
+from tessera.utils import rank
 
 log = logging.getLogger("tessera.data")
 
@@ -109,10 +110,10 @@ class PackedSource:
         # megatron's index caches: rank 0 builds and saves them, the others load after a barrier
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
-            if dist.get_rank() == 0:
+            if rank() == 0:
                 self.dataset = build()
             dist.barrier()
-            if dist.get_rank() != 0:
+            if rank() != 0:
                 self.dataset = build()
         else:
             self.dataset = build()

@@ -51,7 +51,7 @@ from tessera.data.formats import (
 from tessera.data.raw import expand_urls, explain_empty, resolve_format, to_document
 from tessera.progress import Progress
 from tessera.tokenizers.preprocess import fit_image, pixels
-from tessera.utils import atomic_write_json
+from tessera.utils import atomic_write_json, swap_in_dir
 
 STATS_FILE = "stats.json"
 REPORT_FILE = "report.md"
@@ -474,9 +474,7 @@ def curate(inputs: str | Sequence[str], out: str | Path, cfg: CurateConfig = DEF
     (partial / STATS_FILE).write_text(json.dumps(stats, indent=2))
     (partial / REPORT_FILE).write_text(format_report(stats))
     shutil.rmtree(partial / "parts")
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    swap_in_dir(partial, out)  # --overwrite: a crash leaves the old output or the new one, never neither
     return stats
 
 

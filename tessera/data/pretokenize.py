@@ -53,6 +53,7 @@ from tessera.data.tokenizers import (
 from tessera.progress import Progress
 from tessera.tokenizers.preprocess import fit_image
 from tessera.tokenizers.vocab import Vocabulary
+from tessera.utils import atomic_prefix, atomic_write_text, swap_in_dir
 
 log = logging.getLogger("tessera.data")
 
@@ -144,72 +145,68 @@ def pretokenize_shard(
     """One shard -> ``part_prefix``.{bin,idx} and its stats ``part_prefix``.json (written last)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
-    tmp = part_prefix + ".tmp"
-    builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=token_dtype(vocab))
-    mask_tmp = part_prefix + "-mask.tmp"
-    mask_builder = None  # opened at the first document with a mask (every earlier one: all ones)
-    lengths: list[int] = []
-    stats = SkipStats()
-    totals = {"documents": 0, "images": 0, "text_tokens": 0, "image_tokens": 0, "special_tokens": 0, "tokens": 0,
-              "target_tokens": 0, "conversations": 0}
-    sources: dict[str, int] = {}
-    limits = DocumentLimits(opts.max_images, opts.max_text_chars)
-    template = ChatTemplate.for_vocabulary(vocab, text_tok)
+    # Written under temporary prefixes, renamed when finished (the mask only if a document had one); the
+    # part's .json, written after, marks it done.
+    with atomic_prefix(part_prefix, (".bin", ".idx")) as tmp, \
+            atomic_prefix(part_prefix + "-mask", (".bin", ".idx")) as mask_tmp:
+        builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=token_dtype(vocab))
+        mask_builder = None  # opened at the first document with a mask (every earlier one: all ones)
+        lengths: list[int] = []
+        stats = SkipStats()
+        totals = {"documents": 0, "images": 0, "text_tokens": 0, "image_tokens": 0, "special_tokens": 0, "tokens": 0,
+                  "target_tokens": 0, "conversations": 0}
+        sources: dict[str, int] = {}
+        limits = DocumentLimits(opts.max_images, opts.max_text_chars)
+        template = ChatTemplate.for_vocabulary(vocab, text_tok)
 
-    def flush(batch: list[Document]) -> None:
-        nonlocal mask_builder
-        encoded = _encode_batch(batch, text_tok, image_tok, vocab, opts.image_batch, template)
-        for doc, (ids, flags) in zip(batch, encoded, strict=True):
-            where = f"{url}:{doc.key}"
-            if opts.max_doc_tokens is not None and ids.size > opts.max_doc_tokens:
-                stats.skip("too_long", where, f"{ids.size} tokens > {opts.max_doc_tokens}")
-                continue
-            mask = _loss_mask(doc, flags, opts.loss_on, where)
-            if mask is not None and not mask.any():
-                stats.skip("no_targets", where, f"--loss-on {opts.loss_on} selects none of its {ids.size} tokens")
-                continue
-            if mask is not None and mask_builder is None:
-                mask_builder = IndexedDatasetBuilder(get_bin_path(mask_tmp), dtype=np.uint8)
-                for n in lengths:
-                    mask_builder.add_document(np.ones(n, dtype=np.uint8), [n])
-            builder.add_document(ids, [ids.size])  # accepts any array-like
-            if mask_builder is not None:
-                mask_builder.add_document(np.ones(ids.size, np.uint8) if mask is None else mask, [ids.size])
-            lengths.append(int(ids.size))
-            c = count_modalities(ids, vocab)
-            for k, v in c.items():
-                totals[k] += v
-            totals["tokens"] += int(ids.size)
-            totals["target_tokens"] += int(ids.size) if mask is None else int(mask.sum())
-            totals["documents"] += 1
-            totals["conversations"] += doc.messages is not None
-            totals["images"] += len(doc.images)
-            sources[doc.source] = sources.get(doc.source, 0) + 1
+        def flush(batch: list[Document]) -> None:
+            nonlocal mask_builder
+            encoded = _encode_batch(batch, text_tok, image_tok, vocab, opts.image_batch, template)
+            for doc, (ids, flags) in zip(batch, encoded, strict=True):
+                where = f"{url}:{doc.key}"
+                if opts.max_doc_tokens is not None and ids.size > opts.max_doc_tokens:
+                    stats.skip("too_long", where, f"{ids.size} tokens > {opts.max_doc_tokens}")
+                    continue
+                mask = _loss_mask(doc, flags, opts.loss_on, where)
+                if mask is not None and not mask.any():
+                    stats.skip("no_targets", where, f"--loss-on {opts.loss_on} selects none of its {ids.size} tokens")
+                    continue
+                if mask is not None and mask_builder is None:
+                    mask_builder = IndexedDatasetBuilder(get_bin_path(mask_tmp), dtype=np.uint8)
+                    for n in lengths:
+                        mask_builder.add_document(np.ones(n, dtype=np.uint8), [n])
+                builder.add_document(ids, [ids.size])  # accepts any array-like
+                if mask_builder is not None:
+                    mask_builder.add_document(np.ones(ids.size, np.uint8) if mask is None else mask, [ids.size])
+                lengths.append(int(ids.size))
+                c = count_modalities(ids, vocab)
+                for k, v in c.items():
+                    totals[k] += v
+                totals["tokens"] += int(ids.size)
+                totals["target_tokens"] += int(ids.size) if mask is None else int(mask.sum())
+                totals["documents"] += 1
+                totals["conversations"] += doc.messages is not None
+                totals["images"] += len(doc.images)
+                sources[doc.source] = sources.get(doc.source, 0) + 1
 
-    batch: list[Document] = []
-    for doc in iter_documents([url], stats, limits, opts.reader):
-        batch.append(doc)
-        if len(batch) >= opts.batch_docs:
+        batch: list[Document] = []
+        for doc in iter_documents([url], stats, limits, opts.reader):
+            batch.append(doc)
+            if len(batch) >= opts.batch_docs:
+                flush(batch)
+                batch = []
+        if batch:
             flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
-    builder.finalize(get_idx_path(tmp))
-    os.replace(get_bin_path(tmp), get_bin_path(part_prefix))
-    os.replace(get_idx_path(tmp), get_idx_path(part_prefix))
-    if mask_builder is not None:
-        mask_builder.finalize(get_idx_path(mask_tmp))
-        os.replace(get_bin_path(mask_tmp), get_bin_path(part_prefix + "-mask"))
-        os.replace(get_idx_path(mask_tmp), get_idx_path(part_prefix + "-mask"))
+        builder.finalize(get_idx_path(tmp))
+        if mask_builder is not None:
+            mask_builder.finalize(get_idx_path(mask_tmp))
     result = {**totals, "skipped": stats.as_dict(), "sources": sources, "shard": url, "mask": mask_builder is not None}
     _write_json(Path(part_prefix + ".json"), result)
     return result
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 # ---- worker processes -------------------------------------------------------------------------
@@ -354,15 +351,7 @@ def pretokenize(
     _write_json(partial / STATS_FILE, stats)
     shutil.rmtree(parts_dir)
     fp_file.unlink()
-    if out.exists():  # --overwrite: move the old one aside first so there is never a mix
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        partial.rename(out)
-        shutil.rmtree(old)
-    else:
-        partial.rename(out)
+    swap_in_dir(partial, out)  # --overwrite: the old one is moved aside first so there is never a mix
     return stats
 
 

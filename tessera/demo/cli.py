@@ -1,4 +1,4 @@
-"""``tessera demo [--out DIR] [--fast] [--demo.key value ...]``."""
+"""``tessera demo [--out DIR] [--size {full,fast} | --fast] [--demo.key value ...]``."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from tessera.cli_common import add_deprecated_alias
 from tessera.config import ConfigError, apply_overrides, from_dict, parse_overrides, to_dict
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default demo_out)")
-    parser.add_argument("--fast", action="store_true", help="the ~1-minute smoke version (tests use it)")
-    parser.add_argument("--preset", choices=("full", "fast"), default=None, help="same as --fast for 'fast'")
+    # --size, not --preset: --preset always names a model preset (tessera.cli_common)
+    parser.add_argument("--size", choices=("full", "fast"), default="full",
+                        help="full (default) or fast, the one-minute smoke version (tests use it)")
+    parser.add_argument("--fast", action="store_true", help="same as --size fast")
+    add_deprecated_alias(parser, "--preset", "--size", dest="size", choices=("full", "fast"))
     parser.add_argument("--seeds", default=None, metavar="0,1,2",
                         help="run the demo once per seed into OUT/seed-N and write the mean +- spread table "
                              "(OUT/seeds.md, OUT/seeds.json)")
@@ -50,7 +54,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tessera.demo.pipeline import DemoError, run_demo
     from tessera.demo.seeds import parse_seeds, run_seeds
 
-    preset = "fast" if args.fast else (args.preset or "full")
+    preset = "fast" if args.fast else args.size
     try:
         cfg = build_config(preset, getattr(args, "overrides", []) or [])
         if args.seeds is not None:

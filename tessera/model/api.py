@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from tessera.model.checkpoint import (
-    DIST_DIR,
     VOCAB_FILE,
     CheckpointError,
+    load_model_state,
+    load_sharded,
     model_sharded_state_dict,
     read_checkpoint_meta,
     read_model_config,
@@ -56,18 +57,7 @@ class TesseraModel:
 
 def _load_into(model: torch.nn.Module, path: Path, part: str) -> None:
     """``part`` of the dist checkpoint at ``path`` into ``model`` (the other part keeps its values)."""
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    if not (path / DIST_DIR).is_dir():
-        raise CheckpointError(f"{path / DIST_DIR}: missing (incomplete checkpoint)")
-    # megatron raises several types for missing / mismatched tensors; torch.distributed.checkpoint's
-    # CheckpointException is a BaseException
-    try:
-        state = dist_checkpointing.load(model_sharded_state_dict(model, part), str(path / DIST_DIR))
-    except (Exception, CheckpointException) as exc:
-        raise CheckpointError(f"{path / DIST_DIR}: cannot load the model weights: {exc}") from exc
-    model.load_state_dict(state["model"], strict=part == "all")
+    load_model_state(model, load_sharded(path, model_sharded_state_dict(model, part))["model"], part)
 
 
 # fields that change how the same weights are computed with, not the weights: a fine-tune may change them

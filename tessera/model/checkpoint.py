@@ -1,4 +1,6 @@
-"""Checkpoint directories: save (atomic, any TP/PP layout) and locate.
+"""The checkpoint directory, all of it: its on-disk format, the atomic save, the load of its weights (any
+TP/PP layout), finding it (``latest``) and rotating old ones. What a training run adds inside it (optimizer,
+scheduler, RNG, data position) and resume: tessera.pretrain.checkpointing; SIGTERM: tessera.pretrain.preemption.
 
 Layout of one checkpoint ``CKPT/``::
 
@@ -6,7 +8,8 @@ Layout of one checkpoint ``CKPT/``::
     config.yaml    the run config; the model saved is its ``resolved: model:`` section (a training run: the
                    request and what the run resolved, kept apart) or else its ``model:`` section
     vocab.json     the unified Vocabulary (optional)
-    dist/          megatron dist_checkpointing save of {"model": model.sharded_state_dict(), ...}
+    dist/          megatron dist_checkpointing save of {"model": model.sharded_state_dict(), ...} (a training
+                   run's keys beside "model": tessera.pretrain.checkpointing)
 
 A run directory holds ``RUN/checkpoints/step_0000100/`` and ``RUN/checkpoints/latest`` (the dir name).
 
@@ -22,6 +25,7 @@ import dataclasses
 import json
 import os
 import queue
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +37,7 @@ import yaml
 
 from tessera.config import to_dict
 from tessera.model.config import ModelConfig
-from tessera.utils import atomic_write_text, rank, swap_in_dir
+from tessera.utils import atomic_write_text, rank, swap_in_dir, world_size
 
 FORMAT = 1
 META_FILE = "tessera.json"
@@ -170,7 +174,7 @@ def adapter_meta(meta: dict) -> dict | None:
 def _shared_tmp_name(ckpt_dir: Path) -> Path:
     """Every rank must write into the same temporary directory: rank 0's pid names it."""
     pid = [os.getpid()]
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.broadcast_object_list(pid, src=0)
     return ckpt_dir.with_name(f"{ckpt_dir.name}.tmp-{pid[0]}")
 
@@ -252,6 +256,48 @@ def save_model_checkpoint(
     return ckpt_dir
 
 
+# ---- load --------------------------------------------------------------------------------------
+def load_sharded(ckpt_dir: str | Path, sharded_state: dict, strategy: Any = None) -> dict:
+    """``dist_checkpointing.load`` of ``ckpt_dir/dist`` into the request ``sharded_state`` (the model's from
+    ``model_sharded_state_dict``, plus whatever a training run saved beside it); collective. ``strategy``: a
+    dist_checkpointing load strategy (e.g. megatron's fully parallel wrapper); None = the default one. Any
+    failure is a CheckpointError naming the directory."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    dist_dir = Path(ckpt_dir) / DIST_DIR
+    if not dist_dir.is_dir():
+        raise CheckpointError(f"{dist_dir}: missing (incomplete checkpoint)")
+    try:
+        return dist_checkpointing.load(sharded_state, str(dist_dir), strategy)
+    except CheckpointError:
+        raise
+    # megatron raises several types for missing / mismatched entries; torch.distributed.checkpoint's
+    # CheckpointException is a BaseException
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{dist_dir}: cannot load: {exc}") from exc
+
+
+def load_model_state(model: Any, state: dict, part: str = "all") -> None:
+    """Copy the loaded ``state["model"]`` into ``model`` (a module or a list of virtual-pipeline chunks);
+    ``part`` (``base`` / ``adapters``) loads a subset, and every key of that subset must be there (the
+    other part is left as it is)."""
+    from tessera.model.lora import is_adapter_key
+
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    states = [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
+    for c, st in zip(chunks, states, strict=True):  # virtual pipeline: nested under chunk{i}
+        if part == "all":
+            c.load_state_dict(st)
+            continue
+        res = c.load_state_dict(st, strict=False)
+        missing = [k for k in res.missing_keys if is_adapter_key(k) == (part == "adapters")
+                   and not k.endswith("_extra_state")]
+        if missing or res.unexpected_keys:
+            raise CheckpointError(f"loading the {part}: missing {missing[:4]}, unexpected {res.unexpected_keys[:4]}")
+
+
+# ---- locate, latest, rotation --------------------------------------------------------------------
 def write_latest(checkpoints_dir: str | Path, ckpt_name: str) -> None:
     """Point ``checkpoints_dir/latest`` at ``ckpt_name`` (atomic replace)."""
     atomic_write_text(Path(checkpoints_dir) / LATEST_FILE, ckpt_name + "\n")
@@ -279,6 +325,42 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(
         f"{path}: not a checkpoint (no {META_FILE}) and no checkpoints/{LATEST_FILE} or {LATEST_FILE} file to follow"
     )
+
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def latest_checkpoint(run: str | Path) -> Path | None:
+    """The checkpoint ``RUN/checkpoints/latest`` names, None when there is no ``latest`` file."""
+    if not (Path(run) / "checkpoints" / LATEST_FILE).is_file():
+        return None
+    return resolve_checkpoint(Path(run) / "checkpoints")  # raises if latest names an incomplete dir
+
+
+def _checkpoint_steps(checkpoints: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in checkpoints.iterdir() if checkpoints.is_dir() else []:
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def rotate_checkpoints(checkpoints: str | Path, keep_last_n: int) -> list[Path]:
+    """Delete all but the newest ``keep_last_n`` complete step dirs (0 = keep all), never the one ``latest``
+    names, and any leftover ``*.tmp-*`` / ``*.old-*`` dirs of killed saves. Call after ``latest`` is written.
+    Returns what was removed."""
+    checkpoints = Path(checkpoints)
+    latest = checkpoints / LATEST_FILE
+    keep = {latest.read_text().strip()} if latest.is_file() else set()
+    removed = []
+    complete = [p for _, p in _checkpoint_steps(checkpoints) if (p / META_FILE).is_file()]
+    if keep_last_n > 0:
+        removed += [p for p in complete[:-keep_last_n] if p.name not in keep]
+    removed += [p for p in checkpoints.iterdir() if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name)]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
 
 
 def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tessera.model.cpu import enable_cpu_compat
+from tessera.utils import launch_env
 
 
 def _free_port() -> int:
@@ -28,7 +29,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
     timeout = timedelta(seconds=timeout_s)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(launch_env()[2])  # the local rank
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     else:
         dist.init_process_group(

@@ -1,4 +1,7 @@
-"""Full-state training checkpoints: save, auto-resume, rotation (SIGTERM: preemption.py; test kills: faults.py).
+"""Full-state training checkpoints: what a training run saves beside the model, its load, and auto-resume.
+
+The directory itself (format, atomic save, weight load, ``latest``, rotation) is tessera.model.checkpoint's;
+this module adds the training state to its dist_checkpointing save. SIGTERM: preemption.py; test kills: faults.py.
 
 One checkpoint is a ``tessera.model.checkpoint`` directory (tessera.json, config.yaml, vocab.json, dist/)
 whose dist_checkpointing save holds, beside ``model``:
@@ -36,10 +39,7 @@ after checking that ``train.init_from`` is the recorded base (same SHA-256) and 
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,19 +50,22 @@ import torch
 from tessera.config import to_dict
 from tessera.model.checkpoint import (
     DIST_DIR,
-    LATEST_FILE,
-    META_FILE,
     BaseReference,
     CheckpointError,
     adapter_meta,
+    latest_checkpoint,
+    load_model_state,
+    load_sharded,
     model_sharded_state_dict,
     read_checkpoint_meta,
     read_model_config,
     resolve_checkpoint,
+    rotate_checkpoints,
     save_model_checkpoint,
     step_dir_name,
     write_latest,
 )
+from tessera.utils import atomic_write_text, rank
 
 TRAIN_STATE_VERSION = 1
 # megatron's reshardable layout for the distributed optimizer (a checkpoint loads under any TP / PP / DP);
@@ -72,7 +75,6 @@ OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_o
 _RESUME_FREE_FIELDS = frozenset({"recompute", "recompute_method", "recompute_num_layers"})
 # ... and init_from may also change the dropout
 _INIT_FROM_FREE_FIELDS = _RESUME_FREE_FIELDS | {"hidden_dropout", "attention_dropout"}
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 @dataclass
@@ -93,35 +95,9 @@ def _layout() -> dict[str, int]:
             "dp": ps.get_data_parallel_world_size()}
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _chunks(model: Any) -> list:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
-
-
-def _load_model_state(model: Any, state: dict, part: str = "all") -> None:
-    """Copy the loaded ``state`` into the chunks; ``part`` (base / adapters) loads a subset, and every key of
-    that subset must be there (the other part is left as it is)."""
-    from tessera.model.lora import is_adapter_key
-
-    chunks = _chunks(model)
-    states = [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
-    for c, st in zip(chunks, states, strict=True):  # virtual pipeline: nested under chunk{i}
-        if part == "all":
-            c.load_state_dict(st)
-            continue
-        res = c.load_state_dict(st, strict=False)
-        missing = [k for k in res.missing_keys if is_adapter_key(k) == (part == "adapters")
-                   and not k.endswith("_extra_state")]
-        if missing or res.unexpected_keys:
-            raise CheckpointError(f"loading the {part}: missing {missing[:4]}, unexpected {res.unexpected_keys[:4]}")
 
 
 def _run_part(model: Any) -> str:
@@ -249,37 +225,11 @@ def save_checkpoint(run: str | Path, step: int, *, model: Any, optimizer: Any, s
                                  extra_config={**to_dict(cfg), "resolved": to_dict(resolved)},
                                  step=step, extra_state=extra, extra_meta=meta,
                                  before_commit=before_commit, save_strategy=strategy, part=part)
-    if _rank() == 0:
+    if rank() == 0:
         write_latest(checkpoints, name)  # updated last: `latest` never names a partial checkpoint
         rotate_checkpoints(checkpoints, cfg.train.keep_last_n)
     _barrier()
     return path
-
-
-def _checkpoint_steps(checkpoints: Path) -> list[tuple[int, Path]]:
-    out = []
-    for p in checkpoints.iterdir() if checkpoints.is_dir() else []:
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def rotate_checkpoints(checkpoints: str | Path, keep_last_n: int) -> list[Path]:
-    """Delete all but the newest ``keep_last_n`` complete step dirs (0 = keep all), never the one ``latest``
-    names, and any leftover ``*.tmp-*`` / ``*.old-*`` dirs of killed saves. Call after ``latest`` is written.
-    Returns what was removed."""
-    checkpoints = Path(checkpoints)
-    latest = checkpoints / LATEST_FILE
-    keep = {latest.read_text().strip()} if latest.is_file() else set()
-    removed = []
-    complete = [p for _, p in _checkpoint_steps(checkpoints) if (p / META_FILE).is_file()]
-    if keep_last_n > 0:
-        removed += [p for p in complete[:-keep_last_n] if p.name not in keep]
-    removed += [p for p in checkpoints.iterdir() if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name)]
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return removed
 
 
 # ---- load --------------------------------------------------------------------------------------
@@ -291,18 +241,6 @@ def check_model_config(ckpt: Path, model_cfg: Any, ignore: frozenset[str] = froz
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {mine.get(k)!r}" for k in diff)
         raise CheckpointError(f"{ckpt}: the checkpoint's model config differs from this run's ({detail})")
-
-
-def _load(ckpt: Path, sharded: dict, fully_parallel: bool = False) -> dict:
-    from megatron.core import dist_checkpointing
-
-    strategy = _fully_parallel_load_strategy(ckpt / DIST_DIR) if fully_parallel else None
-    try:
-        return dist_checkpointing.load(sharded, str(ckpt / DIST_DIR), strategy)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # megatron raises several types for missing / mismatched entries
-        raise CheckpointError(f"{ckpt / DIST_DIR}: cannot load: {exc}") from exc
 
 
 def _torch_adam_distributed(optimizer: Any):
@@ -406,8 +344,9 @@ def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: 
                                                         metadata=_optim_metadata(ts.get("optim_metadata")))
     if same_layout:
         sharded["rng_state"] = _rng_sharded(None)
-    state = _load(ckpt, sharded, fully_parallel=cfg.train.ckpt_fully_parallel_load)
-    _load_model_state(model, state["model"], part)
+    strategy = _fully_parallel_load_strategy(ckpt / DIST_DIR) if cfg.train.ckpt_fully_parallel_load else None
+    state = load_sharded(ckpt, sharded, strategy)
+    load_model_state(model, state["model"], part)
     _load_optimizer_state(optimizer, state["optimizer"])
     # the run's schedule settings win (train.steps may be extended on resume); the position comes from the file
     scheduler.override_opt_param_scheduler = True
@@ -419,7 +358,7 @@ def load_checkpoint(ckpt: str | Path, *, model: Any, optimizer: Any, scheduler: 
         restore_rng_state(state["rng_state"])
     else:
         _reseed(cfg.train.seed, step)
-        if _rank() == 0:
+        if rank() == 0:
             print(f"resume: layout {ts['layout']} -> {_layout()}: RNG states not restored, reseeded from "
                   f"(train.seed, step {step})", flush=True)
     return ResumeState(step=step, bad_steps=int(ts.get("bad_steps", 0)), source=ckpt, rng_restored=same_layout)
@@ -436,16 +375,10 @@ def load_weights(ckpt: str | Path, model: Any, model_cfg: Any, fully_parallel: b
                               "(tessera.model.load merges adapters; docs/finetuning.md)")
     check_model_config(ckpt, model_cfg, ignore=_INIT_FROM_FREE_FIELDS)
     part = "base" if _run_part(model) == "adapters" else "all"
-    state = _load(ckpt, model_sharded_state_dict(model, part), fully_parallel=fully_parallel)
-    _load_model_state(model, state["model"], part)
+    strategy = _fully_parallel_load_strategy(ckpt / DIST_DIR) if fully_parallel else None
+    state = load_sharded(ckpt, model_sharded_state_dict(model, part), strategy)
+    load_model_state(model, state["model"], part)
     return ckpt
-
-
-def latest_checkpoint(run: str | Path) -> Path | None:
-    """The checkpoint ``RUN/checkpoints/latest`` names, None when there is no ``latest`` file."""
-    if not (Path(run) / "checkpoints" / LATEST_FILE).is_file():
-        return None
-    return resolve_checkpoint(Path(run) / "checkpoints")  # raises if latest names an incomplete dir
 
 
 def resume(cfg: Any, run: str | Path, *, model: Any, optimizer: Any, scheduler: Any, model_cfg: Any,
@@ -468,7 +401,7 @@ def resume(cfg: Any, run: str | Path, *, model: Any, optimizer: Any, scheduler: 
         msg = f"initialised weights from {st.source}"
     else:
         st, msg = ResumeState(), ""
-    if _rank() == 0:
+    if rank() == 0:
         trim_metrics(Path(run) / "metrics.jsonl", st.step)
         if msg:
             print(msg, flush=True)
@@ -494,9 +427,7 @@ def trim_metrics(path: str | Path, last_step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(x + "\n" for x in kept))
-        tmp.replace(path)
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
     return dropped
 
 

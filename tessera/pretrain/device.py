@@ -8,13 +8,13 @@ from collections.abc import Mapping
 
 import torch
 
+from tessera.utils import default_device
+
 
 def training_device() -> torch.device:
     """The device this process trains on: its CUDA device (``init_distributed`` sets it from LOCAL_RANK), else
     the CPU. Collectives use it too (NCCL reduces only CUDA tensors, gloo CPU ones)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return default_device()
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

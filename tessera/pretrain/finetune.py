@@ -17,6 +17,7 @@ import torch
 from tessera.config import ConfigError
 from tessera.model.freeze import FreezeError, FreezeSpec, RowGradMask, apply_freeze
 from tessera.pretrain.config import TrainConfig
+from tessera.utils import rank
 
 
 def lora_spec(cfg: TrainConfig):
@@ -142,7 +143,7 @@ def _broadcast_base(init_from: str):
     from tessera.model.checkpoint import BaseReference, CheckpointError
 
     box: list = [None]
-    if torch.distributed.get_rank() == 0:
+    if rank() == 0:
         try:
             box[0] = BaseReference.of(init_from)
         except CheckpointError as exc:  # every rank raises it, none waits for a broadcast that never comes

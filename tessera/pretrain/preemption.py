@@ -17,10 +17,7 @@ from typing import Any
 import torch
 
 from tessera.model.checkpoint import step_dir_name
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+from tessera.utils import rank, world_size
 
 
 class Preempted(SystemExit):
@@ -32,7 +29,7 @@ class Preempted(SystemExit):
         self.step = step
         self.message = (f"SIGTERM: saved {Path(run) / 'checkpoints' / step_dir_name(step)} after step {step}; "
                         f"exiting 0 (a restart with train.resume: auto continues at step {step + 1})")
-        if _rank() == 0:
+        if rank() == 0:
             print(self.message, flush=True)
 
 
@@ -74,6 +71,6 @@ class StopSignal:
         """Collective when a process group of several ranks exists: did ANY rank receive the signal?
         One all-reduce and one read (the trainer packs the flag into its step reduction instead)."""
         flag = torch.full((1,), 1.0 if self.pending else 0.0, device=device)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)

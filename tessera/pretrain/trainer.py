@@ -61,6 +61,7 @@ from tessera.pretrain.step import (
     stage_roles,
 )
 from tessera.pretrain.syncs import HostSyncCounter, NullCounter, counting_enabled
+from tessera.utils import atomic_write_text, rank, world_size
 
 
 def _open_data(cfg: TrainConfig, dp_rank: int, dp_size: int):
@@ -133,7 +134,7 @@ def train(cfg: TrainConfig) -> list[float]:
     deterministic = resolve_deterministic(cfg.train.deterministic, cuda)
     apply_determinism(deterministic, cuda)  # before NCCL and cuBLAS start: they read its environment variables
     init_distributed("nccl" if cfg.parallel.backend == "nccl" else None)
-    world = torch.distributed.get_world_size()
+    world = world_size()
     vocab = None
     sources = cfg.data.train_sources()
     if sources:
@@ -179,7 +180,7 @@ def train(cfg: TrainConfig) -> list[float]:
                            mfu_peak_flops=peak, mfu_peak=peak_basis,
                            rope_fusion=bool(chunks[0].config.apply_rope_fusion))
     run = Path(cfg.train.run_dir)
-    is_logger = torch.distributed.get_rank() == 0
+    is_logger = rank() == 0
     if is_logger:
         _save_run_config(run / "config.yaml", cfg, resolved)
     fb = get_forward_backward_func()
@@ -280,10 +281,7 @@ def _save_run_config(path: Path, cfg: TrainConfig, resolved: ResolvedRun) -> Non
     """RUN/config.yaml: the run config as asked, and beside it (``resolved:``) what the run resolved."""
     import yaml
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump({**to_dict(cfg), "resolved": to_dict(resolved)}, sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump({**to_dict(cfg), "resolved": to_dict(resolved)}, sort_keys=False))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from tessera.tokenizers.image import (
     VQModel,
     preprocess,
 )
-from tessera.utils import atomic_path, atomic_write_text, launch_env
+from tessera.utils import atomic_path, atomic_write_text, launch_env, world_size
 
 log = logging.getLogger(__name__)
 
@@ -526,7 +526,7 @@ def _checkpoint(
 ) -> None:
     rng = _rng_state()
     if distributed:  # every rank's RNG (dead-code replacement samples from the local batch)
-        gathered: list = [None] * dist.get_world_size()
+        gathered: list = [None] * world_size()
         dist.all_gather_object(gathered, rng)
         rng = gathered
     if not is_main:

@@ -7,13 +7,13 @@ below the data layer, its training above it (tests/test_import_layers.py).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
 from tessera.tokenizers.text import MODEL_SUFFIX, TextTokenizer, TextTokenizerError
+from tessera.utils import atomic_prefix
 
 log = logging.getLogger(__name__)
 
@@ -84,42 +84,37 @@ def train_text_tokenizer(
     if not sentences:
         raise TextTokenizerError(f"empty corpus: no text found in {[str(p) for p in inputs]}")
     out_prefix = Path(out_prefix)
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = out_prefix.with_name(f".{out_prefix.name}.tmp{os.getpid()}")
-    spm.set_random_generator_seed(seed)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_prefix=str(tmp_prefix),
-            model_type="bpe",
-            vocab_size=vocab_size,
-            hard_vocab_limit=False,
-            byte_fallback=True,
-            split_digits=True,
-            normalization_rule_name="identity",
-            add_dummy_prefix=False,
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            split_by_whitespace=True,
-            character_coverage=character_coverage,
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=max_sentences > 0,
-            max_sentence_length=4 * _MAX_CHARS,
-            max_sentencepiece_length=max_piece_length,
-            unk_id=0,
-            bos_id=-1,
-            eos_id=-1,
-            pad_id=-1,
-            num_threads=num_threads,
-            minloglevel=2,
-        )
-    except RuntimeError as exc:
-        for suffix in (".model", ".vocab"):
-            Path(str(tmp_prefix) + suffix).unlink(missing_ok=True)
-        raise TextTokenizerError(f"sentencepiece training failed for {out_prefix}: {exc}") from exc
     # .vocab first, .model last: the .model file is what marks a finished tokenizer.
-    for suffix in (".vocab", ".model"):
-        os.replace(str(tmp_prefix) + suffix, str(out_prefix) + suffix)
+    with atomic_prefix(out_prefix, (".vocab", ".model")) as tmp_prefix:
+        spm.set_random_generator_seed(seed)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences),
+                model_prefix=str(tmp_prefix),
+                model_type="bpe",
+                vocab_size=vocab_size,
+                hard_vocab_limit=False,
+                byte_fallback=True,
+                split_digits=True,
+                normalization_rule_name="identity",
+                add_dummy_prefix=False,
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                split_by_whitespace=True,
+                character_coverage=character_coverage,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=max_sentences > 0,
+                max_sentence_length=4 * _MAX_CHARS,
+                max_sentencepiece_length=max_piece_length,
+                unk_id=0,
+                bos_id=-1,
+                eos_id=-1,
+                pad_id=-1,
+                num_threads=num_threads,
+                minloglevel=2,
+            )
+        except RuntimeError as exc:
+            raise TextTokenizerError(f"sentencepiece training failed for {out_prefix}: {exc}") from exc
     if stats["corrupt"]:
         log.warning("skipped %d corrupt sample(s) while training %s", stats["corrupt"], out_prefix)
     return TextTokenizer.load(str(out_prefix) + MODEL_SUFFIX)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from tessera.utils import atomic_write_json
+
 VOCAB_FILE = "vocab.json"
 
 
@@ -249,11 +251,7 @@ class Vocabulary:
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path = path / VOCAB_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, self.to_dict(), indent=2, default=None)
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
