@@ -10,6 +10,9 @@ from tessera.config import ConfigError, apply_overrides, from_dict, parse_overri
 
 
 def register(parser: argparse.ArgumentParser) -> None:
+    # overrides are free-form (--seed 1, --train_docs 2000): without this argparse would read `--seed 1` as an
+    # abbreviation of --seeds and run the several-seeds command instead
+    parser.allow_abbrev = False
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default demo_out)")
     parser.add_argument("--fast", action="store_true", help="the ~1-minute smoke version (tests use it)")
     parser.add_argument("--preset", choices=("full", "fast"), default=None, help="same as --fast for 'fast'")
