@@ -160,3 +160,14 @@ def test_seeds_table_from_each_seed_directory(tmp_path, monkeypatch):
         seeds.parse_seeds("0,0")
     with pytest.raises(ConfigError):
         seeds.parse_seeds("zero")
+
+
+def test_seed_override_is_one_demo_not_an_abbreviation_of_seeds():
+    from tessera.cli import build_parser
+    from tessera.demo.cli import build_config
+
+    args, extra = build_parser().parse_known_args(["demo", "--seed", "3", "--out", "x"])
+    assert args.seeds is None and extra == ["--seed", "3"]
+    assert build_config("fast", extra).seed == 3
+    args, extra = build_parser().parse_known_args(["demo", "--seeds", "0,1,2"])
+    assert args.seeds == "0,1,2" and extra == []

@@ -11,6 +11,9 @@ from tessera.config import ConfigError, apply_overrides, from_dict, parse_overri
 
 
 def register(parser: argparse.ArgumentParser) -> None:
+    # overrides are free-form (--seed 1, --train_docs 2000): without this argparse would read `--seed 1` as an
+    # abbreviation of --seeds and run the several-seeds command instead
+    parser.allow_abbrev = False
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default demo_out)")
     # --size, not --preset: --preset always names a model preset (tessera.cli_common)
     parser.add_argument("--size", choices=("full", "fast"), default="full",

@@ -67,24 +67,29 @@ FULL = DemoConfig(
     # 8 x 8 = 64 codes (the `demo` VQ preset), so the LM's sequences and the VQ's convolutions are 4x cheaper
     # than at 64 px. Sizes below are from measured runs (docs/benchmarks.md, "The demo").
     image_size=32,
-    # the `demo` VQ preset: 800 fp32 steps, foreground-weighted loss (keeps the palette colours), no GAN
-    vq_overrides={"train.ckpt_every": "200"},
-    # the `demo` model preset (4 x 256, 4.27M params) in fp32 (faster than bf16 on this CPU at this size):
-    # 16 x 256 tokens per step, 600 steps ~ 2.5M tokens ~ 4.3 passes over the ~575k-token corpus (image CE
-    # was still falling at 400 steps; ~1.07 s/step on a quiet machine keeps the whole demo near 14 minutes)
-    train_overrides={"train.steps": "600", "data.seq_length": "256", "parallel.micro_batch_size": "8",
+    # enough documents that 1200 steps see each one ~3.5 times: at 6000 documents and ~4 passes the held-out
+    # image loss had already stopped following the training loss
+    train_docs=16000,
+    # every document teaches one direction, half of them each: caption then image (text -> image) and image
+    # then caption (image -> text); documents that end with their image no longer teach "no caption"
+    doc_mix={"caption_image": 0.5, "image_caption": 0.5},
+    # the `demo` VQ preset, foreground-weighted loss (keeps the palette colours), no GAN; the shapes' ceiling
+    # is bought with steps (small shapes are ~8 px and blur into blobs until late in training)
+    vq_overrides={"train.steps": "3200", "train.ckpt_every": "400"},
+    # the `demo` model preset (4 x 256, 4.27M params) in bf16 (faster than fp32 on this CPU since the CPU
+    # attention kernel): 16 x 256 tokens per step, 1200 steps ~ 4.9M tokens
+    train_overrides={"train.steps": "1200", "data.seq_length": "256", "parallel.micro_batch_size": "8",
                      "parallel.global_batch_size": "16", "optim.lr": "2e-3", "optim.min_lr": "2e-4",
-                     "optim.warmup": "20", "train.save_interval": "100", "train.eval_interval": "100",
-                     "precision": "fp32"},
+                     "optim.warmup": "20", "train.save_interval": "200", "train.eval_interval": "200",
+                     "precision": "bf16"},
     # images: low temperature + classifier-free guidance give the clean, typical picture the caption names
-    # generation is cheap (~3 s for 32 prompts each way): 128 prompts each way keep the accuracies' standard
-    # error near 3 points
+    # generation is cheap: 128 prompts each way keep the accuracies' standard error near 3-4 points
     eval_prompts=128,
     image_temperature=0.5,
     image_top_k=0,
     cfg_scale=3.0,
-    # per stage on a quiet 2-core machine: the quiet run in docs/benchmarks.md ("The demo") plus ~30-40%
-    budget_s={"synth": 15, "text_tokenizer": 15, "image_tokenizer": 200, "pretokenize": 60, "train": 780,
+    # per stage on a quiet 2-core machine: the estimate in docs/benchmarks.md ("The demo") plus ~30%
+    budget_s={"synth": 30, "text_tokenizer": 15, "image_tokenizer": 400, "pretokenize": 60, "train": 950,
               "evaluate": 60, "report": 15},
 )
 
