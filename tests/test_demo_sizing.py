@@ -65,5 +65,5 @@ def test_full_preset_train_overrides_validate():
     argv = [x for k, v in full.train_overrides.items() for x in (f"--{k}", v)]
     cfg = load_train_config(resolve_path(full.train_config), argv)
     assert validate_layout(cfg, 1) == 1
-    assert cfg.data.seq_length <= cfg.model.seq_length and cfg.precision == "fp32"
+    assert cfg.data.seq_length <= cfg.model.seq_length and cfg.precision == "bf16"
     assert cfg.train.steps > cfg.optim.warmup
