@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            # A subpackage still being built is left out of the listing rather than breaking the CLI.
+            # A subcommand whose package is absent from the install is left out of the listing rather than
+            # breaking every other command; any other missing module is a real error.
             if exc.name == module_name:
                 continue
             raise

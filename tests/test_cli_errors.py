@@ -15,6 +15,7 @@ def files(tmp_path):
     (tmp_path / "bad.yaml").write_text(BAD_YAML)
     (tmp_path / "a_file").write_text("not a directory")
     (tmp_path / "bad.json").write_text('{"images": ')
+    (tmp_path / "ok.yaml").write_text("model:\n  preset: tiny\n")
     return tmp_path
 
 
@@ -56,6 +57,18 @@ CASES = {
     "convert": [
         (["convert", "from-hf", "{d}/missing", "{d}/out"], "tessera convert", ("missing: not a directory",)),
         (["convert", "to-hf", "{d}/missing", "{d}/out"], "tessera convert", ("missing: no such checkpoint",)),
+    ],
+    "train": [
+        (["train", "--config", "{d}/missing.yaml"], "tessera train", ("missing.yaml: config file not found",)),
+        (["train", "--config", "{d}/bad.yaml"], "tessera train", ("bad.yaml: invalid YAML",)),
+        (["train", "--config", "{d}/ok.yaml", "--model.preset", "nope"],
+         "tessera train", ("unknown model preset 'nope'",)),
+        (["train", "--config", "{d}/ok.yaml", "--train.nonsense", "1"], "tessera train", ("--train.nonsense",)),
+    ],
+    "demo": [
+        (["demo", "--size", "fast", "--out", "{d}/o", "--stop-after", "nope"], "tessera demo", ("--stop-after 'nope'",)),
+        (["demo", "--size", "fast", "--out", "{d}/o", "--train_docs", "x"], "tessera demo", ("train_docs",)),
+        (["demo", "--size", "fast", "--out", "{d}/a_file/sub", "--stop-after", "synth"], "tessera demo", ("a_file",)),
     ],
     "bench": [
         (["bench", "plan", "--preset", "nope"], "tessera bench", ("unknown model preset 'nope'",)),
@@ -103,3 +116,33 @@ def test_deprecated_flag_alias_warns_and_stores(capsys):
     assert "tessera x: warning: --seq is deprecated and will be removed: use --seq-length" in err
     assert "--dtype bfloat16 is deprecated and will be removed: use --dtype bf16" in err
     assert "--seq" not in p.format_help().replace("--seq-length", "")  # hidden from --help
+
+
+def test_train_help_shows_overrides_and_every_section(capsys):
+    import dataclasses
+
+    from tessera.pretrain.cli import SECTIONS
+    from tessera.pretrain.config import TrainConfig
+
+    assert list(SECTIONS) == [f.name for f in dataclasses.fields(TrainConfig)]
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--section.key value" in out
+    for name in SECTIONS:
+        assert f"\n  {name} " in out, name
+
+
+def test_demo_preset_is_a_deprecated_alias_of_size(capsys):
+    """--preset names model presets everywhere; the demo's size switch is --size (old spelling: a warning)."""
+    import argparse
+
+    from tessera.demo.cli import register
+
+    p = argparse.ArgumentParser(prog="tessera demo")
+    register(p)
+    assert p.parse_args([]).size == "full" and p.parse_args(["--size", "fast"]).size == "fast"
+    assert "deprecated" not in capsys.readouterr().err
+    assert p.parse_args(["--preset", "fast"]).size == "fast"
+    assert "--preset is deprecated and will be removed: use --size" in capsys.readouterr().err
+    assert "--preset" not in p.format_help()

@@ -220,7 +220,7 @@ def part_train(p: Part) -> None:
 
     # A: n steps from scratch
     log = p.ctx.out / "train_a.log"
-    rc = _train(p, base, log, timeout=max(30.0, p.time_left() - 70))  # leave the resume and SIGTERM runs ~35 s each
+    rc = _train(p, base, log, timeout=max(30.0, p.time_left() - 70))  # leave time for the resume and SIGTERM runs
     rows = _metrics(run)
     if not p.check(f"{n} steps run ({'fp32 on the CPU' if p.ctx.dry_run else 'bf16'})", rc == 0 and len(rows) == n,
                    exit=rc, rows=len(rows),

@@ -94,7 +94,7 @@ class PackedSource:
             reset_attention_mask=packing.reset_attention_mask,
             eod_mask_loss=packing.eod_mask_loss,
             # megatron builds the dense mask as a float s x s matrix with a Python loop over documents
-            # (~20 ms a sample at s=2048); _attention_mask below gives the same bool mask vectorised
+            # (its cost: docs/benchmarks.md); _attention_mask below gives the same bool mask vectorised
             create_attention_mask=False,
         )
         indexed = IndexedDataset(prefix, multimodal=False, mmap=True)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from tessera.cli_common import add_deprecated_alias
+from tessera.cli_common import add_deprecated_alias, fail
 from tessera.config import ConfigError, apply_overrides, from_dict, parse_overrides, to_dict
 
 
@@ -68,9 +67,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"table: {Path(args.out) / 'seeds.md'} ({len(report['seeds'])} seeds)")
             return 0
         summary = run_demo(cfg, args.out, stop_after=args.stop_after)
-    except (ConfigError, DemoError) as exc:
-        print(f"tessera demo: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, DemoError, OSError) as exc:
+        return fail("tessera demo", exc)
     if "report" not in summary["stages"]:
         print(f"stopped after {args.stop_after}: {summary['out']} (each stage's facts in <stage>/stage.json)")
         return 0

@@ -103,9 +103,9 @@ def transformer_config(cfg: ModelConfig, *, sequence_parallel: bool = False, gra
         gradient_accumulation_fusion=gradient_accumulation_fusion,
         persist_layer_norm=False,
         deterministic_mode=deterministic_mode,
-        # megatron's torch.cuda.synchronize() after every batched pipeline send/recv worked around a
-        # batch_isend_irecv race that PyTorch fixed long before the torch >= 2.6 this project needs (the
-        # work objects now wait on the coalesced NCCL streams); it would stall the host per micro-batch
+        # megatron's torch.cuda.synchronize() after every batched pipeline send/recv works around a
+        # batch_isend_irecv race that the torch this project requires (>= 2.6) does not have (its work
+        # objects wait on the coalesced NCCL streams); it would stall the host per micro-batch
         batch_p2p_sync=False,
         **recompute_settings(cfg, cfg.num_layers // (pp * (vp or 1))),
     )
