@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_data_standins import ByteTokenizer, PatchColourTokenizer
 
 from tessera.data.detect import detect
@@ -38,27 +39,43 @@ def _truth_from_pixels(image) -> dict[str, object]:
             "shape_of": {o.colour: o.shape for o in objs}}
 
 
-def test_qa_answers_equal_what_the_detector_reads_from_the_written_images(tmp_path):
-    path, rows = write_qa_split(tmp_path, "train", scenes(0, TRAIN_OFFSET, 60), 32, seed=0)
-    docs = list(iter_documents([str(path)]))
-    assert len(docs) == len(rows) > 60  # up to three questions an image
-    kinds = {k: 0 for k in KINDS}
-    for doc, row in zip(docs, rows, strict=True):
-        user, assistant = doc.messages
-        image, question = user.content
-        assert question == row["question"] and assistant.content == [row["answer"]]
+def _check_answer(truth: dict, kind: str, question: str, answer: str) -> None:
+    if kind == "count":
+        assert answer == ("one", "two")[truth["count"] - 1]
+    elif kind == "colour":
+        assert truth["colour_of"][question.removeprefix("What colour is the ").removesuffix("?")] == answer
+    else:
+        assert truth["shape_of"][question.removeprefix("What shape is the ").removesuffix(" one?")] == answer
+    assert answer in CANDIDATES[kind]
+
+
+@pytest.mark.parametrize("multi_turn", [True, False])
+def test_qa_answers_equal_what_the_detector_reads_from_the_written_images(tmp_path, multi_turn):
+    n = 60
+    path, rows = write_qa_split(tmp_path, "qa", scenes(0, TRAIN_OFFSET, n), 32, seed=0, multi_turn=multi_turn)
+    docs = list(iter_documents([str(path)]))  # read back by the conversations reader pretokenize uses
+    assert len(docs) == (n if multi_turn else len(rows)) and len(rows) > 2 * n
+    turns = []
+    for doc in docs:
+        image = doc.messages[0].content[0]
         truth = _truth_from_pixels(image)
-        kinds[row["kind"]] += 1
-        if row["kind"] == "count":
-            assert row["answer"] == ("one", "two")[truth["count"] - 1]
-        elif row["kind"] == "colour":
-            shape = question.removeprefix("What colour is the ").removesuffix("?")
-            assert truth["colour_of"][shape] == row["answer"]
-        else:
-            colour = question.removeprefix("What shape is the ").removesuffix(" one?")
-            assert truth["shape_of"][colour] == row["answer"]
-        assert row["answer"] in CANDIDATES[row["kind"]]
-    assert all(kinds.values())
+        assert [m.role for m in doc.messages] == ["user", "assistant"] * (len(doc.messages) // 2)
+        for user, assistant in zip(doc.messages[::2], doc.messages[1::2], strict=True):
+            question = user.content[-1]
+            turns.append((question, assistant.content))
+            # the row's kind is the question's; the answer is what the pixels show
+            row = rows[len(turns) - 1]
+            assert row["question"] == question and [row["answer"]] == assistant.content
+            _check_answer(truth, row["kind"], question, row["answer"])
+        # only the first user turn holds the image
+        assert sum(isinstance(c, Image.Image) for m in doc.messages for c in m.content) == 1
+    kinds = {r["kind"] for r in rows}
+    assert kinds == set(KINDS) and len(turns) == len(rows)
+    if not multi_turn:  # evaluation: one question of each kind an image answers
+        per_image: dict[str, list[str]] = {}
+        for r in rows:
+            per_image.setdefault(r["image"], []).append(r["kind"])
+        assert all(len(k) == len(set(k)) and "count" in k for k in per_image.values())
 
 
 def test_ambiguous_questions_are_never_asked():
@@ -91,8 +108,6 @@ def test_ranking_prompts_and_candidates_are_the_training_documents(tmp_path):
     vocab, text_tok, image_tok = Vocabulary(256, 512, 16), ByteTokenizer(), PatchColourTokenizer()
     path, rows = write_qa_split(tmp_path, "eval", scenes(0, EVAL_OFFSET, 8), 32, seed=1)
     docs, masks = _pretokenized(tmp_path, path)
-    from PIL import Image
-
     codes = {r["image"]: ImageSegment.from_tensor(image_tok.encode([Image.open(tmp_path / r["image"])])[0])
              for r in rows}
     inputs = answer_ranking_inputs(rows, codes, vocab, text_tok)
@@ -111,8 +126,6 @@ def test_ranking_prompts_and_candidates_are_the_training_documents(tmp_path):
 def test_scores_an_oracle_perfectly_and_a_uniform_model_at_zero(tmp_path):
     vocab, text_tok, image_tok = Vocabulary(256, 512, 16), ByteTokenizer(), PatchColourTokenizer()
     _, rows = write_qa_split(tmp_path, "eval", scenes(0, EVAL_OFFSET, 10), 32, seed=1)
-    from PIL import Image
-
     codes = {r["image"]: ImageSegment.from_tensor(image_tok.encode([Image.open(tmp_path / r["image"])])[0])
              for r in rows}
     inputs = answer_ranking_inputs(rows, codes, vocab, text_tok)
@@ -142,3 +155,26 @@ def test_scores_an_oracle_perfectly_and_a_uniform_model_at_zero(tmp_path):
     assert perfect["all"]["chance"] == pytest.approx(sum(n[k] / len(CANDIDATES[k]) for k in KINDS) / len(rows))
     table = markdown_table({"scores": {"pretrained": flat, "full": perfect, "lora": perfect}})
     assert "| full fine-tuning | 100.0% +- 0.0 |" in table and table.count("100.0% +- 0.0") == 8
+
+
+def test_multi_turn_training_documents_train_on_every_answer_and_nothing_else(tmp_path):
+    vocab, text_tok = Vocabulary(256, 512, 16), ByteTokenizer()
+    path, rows = write_qa_split(tmp_path, "train", scenes(0, TRAIN_OFFSET, 6), 32, seed=0, multi_turn=True)
+    docs, masks = _pretokenized(tmp_path, path)
+    from tessera.data.chat import ChatTemplate
+
+    (end,) = ChatTemplate.for_vocabulary(vocab, text_tok).turn_end  # Tessera's vocabulary: one special id
+    answers = []
+    for doc, mask in zip(docs, masks, strict=True):
+        targets = [t for t, m in zip(doc, mask, strict=True) if m]
+        assert targets[-1] == end and doc[-1] == vocab.eos_id
+        # the targets are the answers, each followed by END
+        words, cur = [], []
+        for t in targets:
+            if t == end:
+                words.append(text_tok.decode(vocab.id_to_text_piece(cur)))
+                cur = []
+            else:
+                cur.append(t)
+        answers += words
+    assert answers == [r["answer"] for r in rows]
