@@ -49,33 +49,22 @@ def _check_answer(truth: dict, kind: str, question: str, answer: str) -> None:
     assert answer in CANDIDATES[kind]
 
 
-@pytest.mark.parametrize("multi_turn", [True, False])
-def test_qa_answers_equal_what_the_detector_reads_from_the_written_images(tmp_path, multi_turn):
+def test_qa_answers_equal_what_the_detector_reads_from_the_written_images(tmp_path):
     n = 60
-    path, rows = write_qa_split(tmp_path, "qa", scenes(0, TRAIN_OFFSET, n), 32, seed=0, multi_turn=multi_turn)
+    path, rows = write_qa_split(tmp_path, "qa", scenes(0, TRAIN_OFFSET, n), 32, seed=0)
     docs = list(iter_documents([str(path)]))  # read back by the conversations reader pretokenize uses
-    assert len(docs) == (n if multi_turn else len(rows)) and len(rows) > 2 * n
-    turns = []
-    for doc in docs:
-        image = doc.messages[0].content[0]
-        truth = _truth_from_pixels(image)
-        assert [m.role for m in doc.messages] == ["user", "assistant"] * (len(doc.messages) // 2)
-        for user, assistant in zip(doc.messages[::2], doc.messages[1::2], strict=True):
-            question = user.content[-1]
-            turns.append((question, assistant.content))
-            # the row's kind is the question's; the answer is what the pixels show
-            row = rows[len(turns) - 1]
-            assert row["question"] == question and [row["answer"]] == assistant.content
-            _check_answer(truth, row["kind"], question, row["answer"])
-        # only the first user turn holds the image
-        assert sum(isinstance(c, Image.Image) for m in doc.messages for c in m.content) == 1
-    kinds = {r["kind"] for r in rows}
-    assert kinds == set(KINDS) and len(turns) == len(rows)
-    if not multi_turn:  # evaluation: one question of each kind an image answers
-        per_image: dict[str, list[str]] = {}
-        for r in rows:
-            per_image.setdefault(r["image"], []).append(r["kind"])
-        assert all(len(k) == len(set(k)) and "count" in k for k in per_image.values())
+    assert len(docs) == len(rows) > 2 * n  # one conversation per question, up to three an image
+    for doc, row in zip(docs, rows, strict=True):
+        user, assistant = doc.messages
+        image, question = user.content
+        assert isinstance(image, Image.Image) and question == row["question"] and assistant.content == [row["answer"]]
+        _check_answer(_truth_from_pixels(image), row["kind"], question, row["answer"])
+    per_image: dict[str, list[str]] = {}
+    for r in rows:
+        per_image.setdefault(r["image"], []).append(r["kind"])
+    # one question of each kind an image answers; every image is asked how many shapes it holds
+    assert len(per_image) == n and all(len(k) == len(set(k)) and "count" in k for k in per_image.values())
+    assert {r["kind"] for r in rows} == set(KINDS)
 
 
 def test_ambiguous_questions_are_never_asked():
@@ -156,25 +145,3 @@ def test_scores_an_oracle_perfectly_and_a_uniform_model_at_zero(tmp_path):
     table = markdown_table({"scores": {"pretrained": flat, "full": perfect, "lora": perfect}})
     assert "| full fine-tuning | 100.0% +- 0.0 |" in table and table.count("100.0% +- 0.0") == 8
 
-
-def test_multi_turn_training_documents_train_on_every_answer_and_nothing_else(tmp_path):
-    vocab, text_tok = Vocabulary(256, 512, 16), ByteTokenizer()
-    path, rows = write_qa_split(tmp_path, "train", scenes(0, TRAIN_OFFSET, 6), 32, seed=0, multi_turn=True)
-    docs, masks = _pretokenized(tmp_path, path)
-    from tessera.data.chat import ChatTemplate
-
-    (end,) = ChatTemplate.for_vocabulary(vocab, text_tok).turn_end  # Tessera's vocabulary: one special id
-    answers = []
-    for doc, mask in zip(docs, masks, strict=True):
-        targets = [t for t, m in zip(doc, mask, strict=True) if m]
-        assert targets[-1] == end and doc[-1] == vocab.eos_id
-        # the targets are the answers, each followed by END
-        words, cur = [], []
-        for t in targets:
-            if t == end:
-                words.append(text_tok.decode(vocab.id_to_text_piece(cur)))
-                cur = []
-            else:
-                cur.append(t)
-        answers += words
-    assert answers == [r["answer"] for r in rows]

@@ -6,10 +6,9 @@ never saw.
   questions whose answers the scene itself fixes (``qa_pairs``): ``How many shapes are there?`` ->
   ``one`` / ``two``; ``What colour is the <shape>?`` (asked only when one object has that shape) -> the
   colour; ``What shape is the <colour> one?`` (only when one object has that colour) -> the shape. They are
-  written as conversations (``OUT/finetune/qa/train.jsonl`` + PNGs, docs/finetuning.md; training: one
-  multi-turn conversation per image, its questions in a random order) and pretokenized with
-  ``--loss-on assistant`` by ``tessera.data.pretokenize``: only the one-word answers and their ENDs are
-  targets.
+  written as conversations, one question each (``OUT/finetune/qa/{train,eval}.jsonl`` + PNGs,
+  docs/finetuning.md), and the training split is pretokenized with ``--loss-on assistant`` by
+  ``tessera.data.pretokenize``: only the one-word answer and its END are targets.
 * Training: the pretrained checkpoint fine-tuned twice by ``tessera train`` (the pretraining run's saved
   config, ``train.init_from`` = that run, document-masked packing): all parameters, and LoRA.
   Budgets are in steps (``FinetuneSettings``).
@@ -62,7 +61,7 @@ class QA:
 class FinetuneSettings:
     """Sizes and budgets (in optimizer steps) of the stage, per demo preset."""
 
-    train_images: int = 1500  # one conversation each, asking every question the image answers
+    train_images: int = 1500  # one conversation per question, up to 3 an image
     eval_images: int = 100  # ~270 questions: standard errors of about 3 points
     steps: int = 100  # per fine-tune (full and LoRA); rows of the model's sequence length
     global_batch_size: int = 8
@@ -116,38 +115,27 @@ def pick_questions(scene: Scene, rng: random.Random) -> list[QA]:
     return [rng.choice(by_kind[k]) for k in KINDS if k in by_kind]
 
 
-def conversation(image_ref: Any, qas: Sequence[QA], key: str) -> dict:
-    """A record of the conversations format: the first user turn is the image and a question, every
-    assistant turn a one-word answer, later user turns the image's other questions."""
-    messages: list[dict] = []
-    for k, qa in enumerate(qas):
-        user: list[dict] = [{"type": "image", "image": image_ref}] if k == 0 else []
-        messages += [{"role": "user", "content": [*user, {"type": "text", "text": qa.question}]},
-                     {"role": "assistant", "content": [{"type": "text", "text": qa.answer}]}]
-    return {"id": key, "source": "qa", "messages": messages}
+def conversation(image_ref: Any, qa: QA, key: str) -> dict:
+    """A record of the conversations format: user = image + question, assistant = the one-word answer."""
+    return {"id": key, "source": f"qa/{qa.kind}", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": image_ref}, {"type": "text", "text": qa.question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": qa.answer}]}]}
 
 
-def write_qa_split(d: Path, name: str, scene_list: Sequence[Scene], image_size: int, seed: int,
-                   multi_turn: bool = False) -> tuple[Path, list[dict]]:
+def write_qa_split(d: Path, name: str, scene_list: Sequence[Scene], image_size: int, seed: int) -> tuple[Path, list[dict]]:
     """``d/NAME.jsonl`` (conversations, images as ``NAME/IIIIII.png`` beside it) and the rows
-    ``{image, kind, question, answer}`` it holds. ``multi_turn`` (training): one conversation per image
-    asking every question it answers, in a random order (the image is encoded and attended to once for
-    all of them); otherwise (evaluation) one conversation per question, one question of each kind."""
+    ``{image, kind, question, answer}`` it holds: one conversation per question, one question of each kind
+    an image answers. Never several questions about one image in one conversation: the questions name the
+    attributes the others ask for (``What colour is the square?`` answers ``What shape is the red one?``)."""
     rng = random.Random(seed)
     (d / name).mkdir(parents=True, exist_ok=True)
     lines, rows = [], []
     for i, scene in enumerate(scene_list):
         rel = f"{name}/{i:06d}.png"
         render_scene(scene, image_size).save(d / rel)
-        if multi_turn:
-            qas = qa_pairs(scene)
-            rng.shuffle(qas)
-            groups = [(f"{name}-{i:06d}", qas)]
-        else:
-            groups = [(f"{name}-{i:06d}-{qa.kind}", [qa]) for qa in pick_questions(scene, rng)]
-        for key, group in groups:
-            lines.append(json.dumps(conversation(rel, group, key)) + "\n")
-            rows += [{"image": rel, "kind": qa.kind, "question": qa.question, "answer": qa.answer} for qa in group]
+        for qa in pick_questions(scene, rng):
+            lines.append(json.dumps(conversation(rel, qa, f"{name}-{i:06d}-{qa.kind}")) + "\n")
+            rows.append({"image": rel, "kind": qa.kind, "question": qa.question, "answer": qa.answer})
     path = d / f"{name}.jsonl"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(lines))
@@ -277,7 +265,7 @@ def stage_finetune(cfg, paths, d: Path) -> dict:
     s = settings_for(cfg.preset)
     qa_dir = d / "qa"
     train_jsonl, train_rows = write_qa_split(qa_dir, "train", scenes(cfg.seed, TRAIN_OFFSET, s.train_images),
-                                             cfg.image_size, cfg.seed, multi_turn=True)
+                                             cfg.image_size, cfg.seed)
     _, eval_rows = write_qa_split(qa_dir, "eval", scenes(cfg.seed, EVAL_OFFSET, s.eval_images), cfg.image_size,
                                   cfg.seed + 1)
     data = d / "data"
@@ -309,7 +297,7 @@ def stage_finetune(cfg, paths, d: Path) -> dict:
         "trainable_parameters": {"full": params, "lora": _trainable(d / "lora.log")},
         "train_seconds": seconds,
         "settings": dataclasses.asdict(s),
-        "data": {"train_conversations": s.train_images, "train_questions": len(train_rows),
+        "data": {"train_conversations": len(train_rows), "train_images": s.train_images,
                  "eval_questions": len(eval_rows), "eval_images": s.eval_images,
                  "target_tokens": stats.get("target_tokens"), "documents": stats.get("documents")},
         "protocol": "likelihood ranking of the candidate answers after the chat template's open assistant turn; "
@@ -319,7 +307,7 @@ def stage_finetune(cfg, paths, d: Path) -> dict:
     (d / "table.md").write_text(markdown_table(result))
     return {"accuracy": {m: scores[m]["all"]["accuracy"] for m in MODELS},
             "chance": scores["pretrained"]["all"]["chance"], "eval_questions": len(eval_rows),
-            "train_questions": len(train_rows), "train_seconds": seconds}
+            "train_conversations": len(train_rows), "train_seconds": seconds}
 
 
 def _trainable(log: Path) -> int | None:
@@ -377,8 +365,8 @@ def report_section(out: Path) -> str:
         f"<td class='num'>{100 * first[k]['chance']:.1f}%</td>" if k in first else "<td>-</td>"
         for k in (*KINDS, "all")) + "<td></td></tr>")
     d = result.get("data", {})
-    h.append(f"</table><p class='muted'>{d.get('train_questions')} training questions in {d.get('train_conversations')} "
-             f"conversations (one per image), {d.get('eval_questions')} questions on {d.get('eval_images')} held-out "
+    h.append(f"</table><p class='muted'>{d.get('train_conversations')} training conversations (one question each) on "
+             f"{d.get('train_images')} images, {d.get('eval_questions')} questions on {d.get('eval_images')} held-out "
              f"images; {result['settings']['steps']} steps per fine-tune; questions: "
              "<code>How many shapes are there?</code>, <code>What colour is the SHAPE?</code>, "
              "<code>What shape is the COLOUR one?</code>.</p>")
