@@ -87,7 +87,7 @@ def test_fast_demo_finetunes_and_reports_the_table(demo_out):
     meta = read_checkpoint_meta(resolve_checkpoint(out / "finetune" / "lora"))
     assert meta["lora"]["rank"] == res["settings"]["lora_rank"]
     assert meta["base"]["path"] == str(resolve_checkpoint(out / "train" / "run").resolve())
-    assert 0 < res["trainable_parameters"]["lora"] < res["trainable_parameters"]["full"] / 5
+    assert 0 < res["trainable_parameters"]["lora"] < res["trainable_parameters"]["full"] / 2  # rank 16 of a 64-wide model
     html = (out / "report.html").read_text()
     assert "Fine-tuning: questions about held-out images" in html and "full fine-tuning" in html
     assert (out / "finetune" / "table.md").read_text().count("\n") == 7  # header, rule, 3 models, chance, n
