@@ -178,16 +178,19 @@ def finetune_command(cfg, paths, s: FinetuneSettings, data: Path, run_dir: Path,
     return argv
 
 
-def run_finetune(argv: list[str], log: Path) -> None:
-    from tessera.demo.pipeline import DemoError, repo_root
+class FinetuneError(RuntimeError):
+    """A fine-tune failed (``tessera demo`` reports it as its one-line DemoError)."""
 
+
+def run_finetune(argv: list[str], log: Path) -> None:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    repo = Path(__file__).resolve().parents[2]  # where `tessera demo` runs `tessera train` from too
     with log.open("w") as f:
-        proc = subprocess.run(argv, env=env, cwd=str(repo_root()), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(argv, env=env, cwd=str(repo), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log.read_text()[-2000:]
-        raise DemoError(f"fine-tuning failed with exit code {proc.returncode} (log {log}): {' '.join(argv)}\n{tail}")
+        raise FinetuneError(f"fine-tuning failed with exit code {proc.returncode} (log {log}): {' '.join(argv)}\n{tail}")
 
 
 # ---- evaluation ----------------------------------------------------------------------------------

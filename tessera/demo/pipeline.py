@@ -191,9 +191,13 @@ def stage_evaluate(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
 
 
 def stage_finetune(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
+    from tessera.demo.finetune import FinetuneError
     from tessera.demo.finetune import stage_finetune as run
 
-    return run(cfg, paths, d)
+    try:
+        return run(cfg, paths, d)
+    except FinetuneError as exc:
+        raise DemoError(str(exc)) from exc
 
 
 def stage_report(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
