@@ -68,6 +68,31 @@ def test_fast_demo_scores_and_report(demo_out):
     assert ceiling["n"] == 8 and 0.0 <= ceiling["colour_shape"] <= 1.0
 
 
+def test_fast_demo_finetunes_and_reports_the_table(demo_out):
+    from tessera.data.pretokenize import load_stats
+    from tessera.model.checkpoint import read_checkpoint_meta, resolve_checkpoint
+
+    out, _ = demo_out
+    res = json.loads((out / "finetune" / "scores.json").read_text())
+    n = res["data"]["eval_questions"]
+    for model in ("pretrained", "full", "lora"):
+        sc = res["scores"][model]
+        assert sc["all"]["n"] == n > 0 and 0.0 <= sc["all"]["accuracy"] <= 1.0
+        assert sc["count"]["chance"] == 0.5 and sc["colour"]["chance"] == sc["shape"]["chance"] == pytest.approx(1 / 6)
+    # the training data: one conversation per question, targets only in the assistant turns
+    stats = load_stats(out / "finetune" / "data")
+    assert stats["loss_on"] == "assistant" and stats["conversations"] == res["data"]["train_conversations"]
+    assert 0 < stats["target_tokens"] < stats["tokens"] / 10
+    # LoRA trained its adapters only, on the pretrained checkpoint it names
+    meta = read_checkpoint_meta(resolve_checkpoint(out / "finetune" / "lora"))
+    assert meta["lora"]["rank"] == res["settings"]["lora_rank"]
+    assert meta["base"]["path"] == str(resolve_checkpoint(out / "train" / "run").resolve())
+    assert 0 < res["trainable_parameters"]["lora"] < res["trainable_parameters"]["full"] / 2  # rank 16 of a 64-wide model
+    html = (out / "report.html").read_text()
+    assert "Fine-tuning: questions about held-out images" in html and "full fine-tuning" in html
+    assert (out / "finetune" / "table.md").read_text().count("\n") == 7  # header, rule, 3 models, chance, n
+
+
 def test_rerun_skips_finished_stages(demo_out, capsys):
     out, _ = demo_out
     before = {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
@@ -76,7 +101,9 @@ def test_rerun_skips_finished_stages(demo_out, capsys):
     assert main(["demo", "--fast", "--out", str(out)]) == 0
     assert time.perf_counter() - t0 < 60
     err = capsys.readouterr().err
-    assert err.count("done already") == 6
+    from tessera.demo.pipeline import STAGES
+
+    assert err.count("done already") == len(STAGES) - 1
     after = {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
     changed = [p.parent.name for p in after if after[p] != before.get(p)]
     assert changed == ["report"]

@@ -59,3 +59,30 @@ def test_measured_state_bytes_follow_the_trainable_parameters(megatron_1proc, ca
     else:
         assert n == r["parameters"]
     assert r["peak_step_bytes"] > 0
+
+
+def test_bench_finetune_command_prints_the_table_and_writes_json(monkeypatch, tmp_path, capsys):
+    import json
+
+    import tessera.bench.finetune as bf
+    from tessera.cli import main
+
+    row = {"parameters": 100, "trainable_parameters": 100, "weight_bytes": 200, "grad_buffer_bytes": 400,
+           "optimizer_state_bytes": 1200, "peak_step_bytes": 4096, "lora_rank": 0, "case": "full",
+           "peak_basis": "test"}
+    lora = {**row, "case": "lora", "lora_rank": 4, "trainable_parameters": 10, "grad_buffer_bytes": 40,
+            "optimizer_state_bytes": 120, "peak_step_bytes": 2048}
+    seen = {}
+
+    def fake_run(preset, **kw):
+        seen.update(preset=preset, **kw)
+        return {"rows": [row, lora], "ratios": {"trainable_parameters": 0.1}}
+
+    monkeypatch.setattr(bf, "run", fake_run)
+    out = tmp_path / "ft.json"
+    assert main(["bench", "finetune", "--preset", "tiny", "--lora-rank", "4", "--json", str(out)]) == 0
+    assert seen["preset"] == "tiny" and seen["rank"] == 4
+    printed = capsys.readouterr().out
+    assert "trainable parameters" in printed and "optimizer state" in printed
+    payload = json.loads(out.read_text())
+    assert [r["case"] for r in payload["results"]["rows"]] == ["full", "lora"]

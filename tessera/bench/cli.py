@@ -406,8 +406,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     res = run(args.preset, seq=args.seq, micro_batch=args.micro_batch, rank=args.lora_rank,
               targets=tuple(t for t in args.lora_targets.split(",") if t), precision=args.dtype, steps=args.steps,
               shape=shape)
-    emit(format_table(res))
-    return _finish(args, "finetune", res, _machine(args, measure=False))
+    return _finish(args, "finetune", res, _machine(args, measure=False), format_table(res))
 
 
 def cmd_all(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """``tessera demo``: the whole system end to end on the built-in synthetic corpus.
 
 synth corpus -> text tokenizer -> VQ image tokenizer -> pretokenize -> pretrain (``tessera train``,
-same code path, in a subprocess) -> generate from held-out prompts and score them -> report.html.
+same code path, in a subprocess) -> generate from held-out prompts and score them -> fine-tune it on
+question answering, full and LoRA (tessera.demo.finetune) -> report.html.
 
 Each stage lives in ``OUT/<stage>/`` and is skipped on re-run once its ``stage.json`` marker exists
 (``tessera.demo.stages``). The stage functions only call the other packages' public APIs.
@@ -21,7 +22,7 @@ from tessera.config import save_config, to_dict
 from tessera.demo.config import DemoConfig
 from tessera.demo.stages import Stage, StageRunner, write_json_atomic
 
-STAGES = ("synth", "text_tokenizer", "image_tokenizer", "pretokenize", "train", "evaluate", "report")
+STAGES = ("synth", "text_tokenizer", "image_tokenizer", "pretokenize", "train", "evaluate", "finetune", "report")
 
 
 class DemoError(RuntimeError):
@@ -189,6 +190,16 @@ def stage_evaluate(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
     return evaluate(cfg, paths, d)
 
 
+def stage_finetune(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
+    from tessera.demo.finetune import FinetuneError
+    from tessera.demo.finetune import stage_finetune as run
+
+    try:
+        return run(cfg, paths, d)
+    except FinetuneError as exc:
+        raise DemoError(str(exc)) from exc
+
+
 def stage_report(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
     from tessera.demo.report import write_report
 
@@ -202,6 +213,7 @@ STAGE_FUNCS = {
     "pretokenize": (stage_pretokenize, False, "documents -> unified-vocabulary indexed datasets"),
     "train": (stage_train, True, "pretraining with `tessera train` (resumes from its latest checkpoint)"),
     "evaluate": (stage_evaluate, False, "generate from held-out prompts and score text->image / image->text"),
+    "finetune": (stage_finetune, False, "question answering: full and LoRA fine-tuning of the pretrained model"),
     "report": (stage_report, False, "report.html"),
 }
 

@@ -141,6 +141,9 @@ def write_report(cfg: DemoConfig, paths, d: Path) -> dict:
                  f"{cfg.image_size}px images). Made by <code>tessera demo --out {escape(str(out))}</code>.</p>")
 
     parts.append("<h2>Scores</h2>" + scores_table(scores))
+    from tessera.demo.finetune import report_section
+
+    parts.append(report_section(out))
 
     parts.append("<h2>Loss curves</h2>")
     for split in ("train", "eval"):
@@ -179,7 +182,7 @@ def write_report(cfg: DemoConfig, paths, d: Path) -> dict:
                  "the 1-minute load average at the stage's start and end tell a busy machine from a slow stage.</p>"
                  "<table><tr><th>stage</th><th>seconds</th><th>CPU s</th><th>load avg</th><th>budget</th><th>facts</th></tr>")
     total = 0.0
-    for name in ("synth", "text_tokenizer", "image_tokenizer", "pretokenize", "train", "evaluate"):
+    for name in ("synth", "text_tokenizer", "image_tokenizer", "pretokenize", "train", "evaluate", "finetune"):
         mpath = paths.stage(name) / MARKER
         if not mpath.is_file():
             continue
