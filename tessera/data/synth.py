@@ -16,7 +16,6 @@ Everything here is deterministic given a seed and small enough for a tiny model 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from PIL import Image, ImageDraw
 from tessera.data.document import Document, document_to_tar_members, write_tar
 from tessera.data.raw import iter_documents
 from tessera.progress import Progress
+from tessera.utils import atomic_write_json
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -325,9 +325,7 @@ def write_synth(
         "train_pattern": _brace_pattern(out, "train", len(train)),
         "heldout_pattern": _brace_pattern(out, "heldout", len(heldout)) if heldout else None,
     }
-    tmp = out / "synth.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / "synth.json")
+    atomic_write_json(out / "synth.json", manifest)
     return manifest
 
 

@@ -76,8 +76,8 @@ FULL = DemoConfig(
     # the `demo` VQ preset, foreground-weighted loss (keeps the palette colours), no GAN; the shapes' ceiling
     # is bought with steps (small shapes are ~8 px and blur into blobs until late in training)
     vq_overrides={"train.steps": "3200", "train.ckpt_every": "400"},
-    # the `demo` model preset (4 x 256, 4.27M params) in bf16 (faster than fp32 on this CPU since the CPU
-    # attention kernel): 16 x 256 tokens per step, 1200 steps ~ 4.9M tokens
+    # the `demo` model preset (4 x 256, 4.27M params) in bf16 where the CPU has native bf16 (the cost per
+    # step of each precision: docs/benchmarks.md, "The demo"): 16 x 256 tokens per step, 1200 steps ~ 4.9M tokens
     train_overrides={"train.steps": "1200", "data.seq_length": "256", "parallel.micro_batch_size": "8",
                      "parallel.global_batch_size": "16", "optim.lr": "2e-3", "optim.min_lr": "2e-4",
                      "optim.warmup": "20", "train.save_interval": "200", "train.eval_interval": "200",

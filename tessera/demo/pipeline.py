@@ -21,6 +21,7 @@ from pathlib import Path
 from tessera.config import save_config, to_dict
 from tessera.demo.config import DemoConfig
 from tessera.demo.stages import Stage, StageRunner, write_json_atomic
+from tessera.utils import atomic_path
 
 STAGES = ("synth", "text_tokenizer", "image_tokenizer", "pretokenize", "train", "evaluate", "finetune", "report")
 
@@ -160,9 +161,8 @@ def install_tokenizers(paths: Paths) -> Path:
     for src, to in ((paths.text_model, dst / "text.model"),
                     (paths.image_tokenizer / CONFIG_FILE, dst / "image" / CONFIG_FILE),
                     (paths.image_tokenizer / WEIGHTS_FILE, dst / "image" / WEIGHTS_FILE)):
-        tmp = to.with_name(f".{to.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(to)
+        with atomic_path(to) as tmp:
+            shutil.copyfile(src, tmp)
     return dst
 
 

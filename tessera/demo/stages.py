@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from tessera.bench.report import write_json
 from tessera.progress import format_seconds
+from tessera.utils import atomic_write_json, atomic_write_text
 
 MARKER = "stage.json"
 
@@ -98,10 +98,8 @@ def _loadavg() -> float | None:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    write_json(path, payload)
+    atomic_write_json(path, payload, trailing_newline=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
