@@ -88,3 +88,14 @@ def expected_errors(prog: str, *errors: type[BaseException]) -> Callable:
         return run
 
     return wrap
+
+
+def named_dirs(items: Iterable[str]) -> dict[str, str]:
+    """``NAME=DIR`` or ``DIR`` arguments as ``{name: dir}`` (a bare DIR is named after its last component)."""
+    out = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep:
+            name, path = it.rstrip("/").split("/")[-1], it
+        out[name] = path
+    return out

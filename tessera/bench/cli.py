@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from tessera.bench.report import emit, format_table, write_json
-from tessera.cli_common import add_deprecated_alias, add_dtype, expected_errors
+from tessera.cli_common import add_deprecated_alias, add_dtype, expected_errors, named_dirs
 
 BENCHMARKS = ("train", "decode", "kernels", "vq", "data", "plan", "memory")
 PROG = "tessera bench"
@@ -290,14 +290,10 @@ def _vq(args: argparse.Namespace) -> int:
 
 
 def _named_dirs(items: list[str]) -> dict[str, str]:
-    out = {}
-    for it in items:
-        name, sep, path = it.partition("=")
-        if not sep:
-            name, path = it.rstrip("/").split("/")[-1], it
+    out = named_dirs(items)
+    for path in out.values():
         if not Path(path).is_dir():
             raise BenchError(f"{path}: not a directory (a pretokenized dataset, from tessera data pretokenize)")
-        out[name] = path
     return out
 
 

@@ -316,7 +316,7 @@ def benchmark_decode_latency(
     result: dict[str, Any] = {
         "preset": preset, "dtype": dtype, "cfg_scale": cfg_scale, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "copy_gbps": gbps, "weight_bytes": weight_bytes, "cuda_graphs_off": off, "rows": [],
     }
 
@@ -347,10 +347,6 @@ def benchmark_decode_latency(
                 "step_backend": engine.decoder.step_backend, "graph_stats": engine.decoder.graph_stats(),
             })
     return result
-
-
-def _cpu_name() -> str:
-    return cpu_model()
 
 
 def format_latency_table(result: dict) -> str:

@@ -7,7 +7,7 @@ import argparse
 import json
 import logging
 
-from tessera.cli_common import expected_errors, fail
+from tessera.cli_common import expected_errors, fail, named_dirs
 from tessera.config import ConfigError
 
 PROG = "tessera data"
@@ -99,16 +99,6 @@ def _add_reader_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default=None, help="parquet: the caption column (default: text, caption, ...)")
 
 
-def _named_dirs(items: list[str]) -> dict[str, str]:
-    out = {}
-    for it in items:
-        name, sep, path = it.partition("=")
-        if not sep:
-            name, path = it.rstrip("/").split("/")[-1], it
-        out[name] = path
-    return out
-
-
 def _batch_sizes(args: argparse.Namespace) -> tuple[int, int]:
     """--global-batch / --micro-batch, else the training config's parallel section, else 64 / 8."""
     from tessera.data.config import batch_sizes
@@ -134,7 +124,7 @@ def _report(args: argparse.Namespace) -> int:
                 weights = it.schedule.weights_dict(args.start_step)
                 blend = blend_balance(it, args.steps)
         else:
-            dirs = _named_dirs(args.dirs)
+            dirs = named_dirs(args.dirs)
         if not dirs:
             return _fail("give pretokenized directories or --config DATA.yaml")
         per = {n: source_balance(p) for n, p in dirs.items()}
