@@ -145,6 +145,10 @@ def test_seeds_table_from_each_seed_directory(tmp_path, monkeypatch):
             "chance": {"colour_shape": 1 / 36}}))
         (out / "train").mkdir()
         (out / "train" / "stage.json").write_text(json.dumps({"seconds": 100.0, "cpu_seconds": 180.0}))
+        (out / "finetune").mkdir()
+        (out / "finetune" / "stage.json").write_text(json.dumps({"seconds": 50.0, "cpu_seconds": 90.0}))
+        (out / "finetune" / "scores.json").write_text(json.dumps({"scores": {
+            m: {"all": {"accuracy": acc + v, "chance": 0.25}} for m, acc in (("pretrained", 0.2), ("full", 0.5))}}))
         return {}
 
     monkeypatch.setattr(pipeline, "run_demo", fake_demo)
@@ -152,8 +156,13 @@ def test_seeds_table_from_each_seed_directory(tmp_path, monkeypatch):
     s = report["summary"]
     assert s["t2i_colour_shape"]["mean"] == pytest.approx(0.2) and s["t2i_colour_shape"]["std"] == pytest.approx(0.1)
     assert s["i2t_colour_shape"]["max"] == pytest.approx(0.6)
-    assert s["quiet_estimate_s"]["mean"] == pytest.approx(180.0 / report["machine"]["cores"])
+    # every stage counts towards the time, the fine-tuning one included, and its accuracies are tabled
+    assert s["quiet_estimate_s"]["mean"] == pytest.approx(270.0 / report["machine"]["cores"])
+    assert s["wall_s"]["mean"] == pytest.approx(150.0)
+    assert s["ft_full_all"]["mean"] == pytest.approx(0.7) and s["ft_pretrained_all"]["min"] == pytest.approx(0.3)
+    assert s["ft_lora_all"]["n"] == 0  # no LoRA scores: no row
     md = (tmp_path / "seeds.md").read_text()
+    assert "fine-tuning QA all: full fine-tuning" in md and "LoRA" not in md and "/ 25.0% |" in md
     assert "20.0% +- 10.0" in md and report["machine"]["cpu"] in md
     assert json.loads((tmp_path / "seeds.json").read_text())["seeds"]["2"]["t2i_colour_shape"] == pytest.approx(0.3)
     with pytest.raises(ConfigError):

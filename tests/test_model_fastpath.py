@@ -175,3 +175,33 @@ def test_single_rank_linears_equal_megatron_linears(monkeypatch, dtype):
     assert torch.equal(fast, ref)
     for name in g_ref:
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_batch_one_forward_gives_f_linear_row_major_inputs(monkeypatch):
+    """A batch of one, weights and input without gradients (LoRA's base layers, generation): megatron's
+    [b, s, h] -> [s, b, h] transpose leaves a stride of s * h on the size-1 dim; every F.linear the single-rank
+    path calls gets row-major strides instead (bf16 CPU linears outside autograd are far slower otherwise)
+    and the logits are unchanged."""
+    from tessera.model import build_model
+    from tessera.model import linear as layers
+
+    model = build_model(dataclasses.replace(TINY, params_dtype="bfloat16"), init_seed=3).eval()
+    ids = _ids(b=1)
+    with torch.no_grad():
+        ref = model(ids, torch.arange(ids.shape[1])[None], None)
+    seen, plain = [], F.linear
+
+    def recording_linear(x, w, b=None):
+        seen.append((tuple(x.shape), x.stride()))
+        return plain(x, w, b)
+
+    monkeypatch.setattr(layers.F, "linear", recording_linear)
+    with torch.no_grad():
+        out = model(ids, torch.arange(ids.shape[1])[None], None)
+    assert len(seen) >= 4 * TINY.num_layers
+    for shape, stride in seen:
+        expect = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            expect[i] = expect[i + 1] * shape[i + 1]
+        assert list(stride) == expect, (shape, stride)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

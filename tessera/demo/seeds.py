@@ -35,7 +35,12 @@ METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("i2t_shape", "image -> text shape", ("image_to_text", "shape")),
     ("i2t_parsed", "image -> text caption in the grammar", ("image_to_text", "parsed")),
 )
-STAGE_ORDER = ("synth", "text_tokenizer", "image_tokenizer", "pretokenize", "train", "evaluate", "report")
+# the fine-tuning stage's accuracies (finetune/scores.json: scores -> model -> kind -> accuracy)
+FINETUNE_METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = tuple(
+    (f"ft_{model}_{kind}", f"fine-tuning QA {kind}: {label}", ("scores", model, kind, "accuracy"))
+    for model, label in (("pretrained", "pretrained"), ("full", "full fine-tuning"), ("lora", "LoRA"))
+    for kind in ("count", "colour", "shape", "all"))
+STAGE_ORDER = ("synth", "text_tokenizer", "image_tokenizer", "pretokenize", "train", "evaluate", "finetune", "report")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -73,6 +78,10 @@ def seed_row(out: Path) -> dict:
     """One seed's table row: its scores, stage wall and CPU seconds, from its output directory."""
     scores = json.loads((out / "scores.json").read_text())
     row: dict[str, Any] = {key: _get(scores, path) for key, _, path in METRICS}
+    ft_path = out / "finetune" / "scores.json"
+    ft = json.loads(ft_path.read_text()) if ft_path.is_file() else {}
+    row.update({key: _get(ft, path) for key, _, path in FINETUNE_METRICS})
+    row["chance_finetune_all"] = _get(ft, ("scores", "pretrained", "all", "chance"))
     stages = {}
     for name in STAGE_ORDER:
         marker = out / name / "stage.json"
@@ -89,7 +98,7 @@ def seed_row(out: Path) -> dict:
 
 
 def summarize(rows: dict[int, dict], cores: int) -> dict:
-    keys = [k for k, _, _ in METRICS] + ["wall_s", "cpu_s"]
+    keys = [k for k, _, _ in METRICS + FINETUNE_METRICS] + ["wall_s", "cpu_s"]
     summary = {k: seed_summary([r[k] for r in rows.values()]) for k in keys}
     # on a shared machine wall time overstates the cost: CPU seconds / cores is what a quiet machine takes
     summary["quiet_estimate_s"] = seed_summary([r["cpu_s"] / max(1, cores) for r in rows.values()])
@@ -109,13 +118,15 @@ def markdown(report: dict) -> str:
     def pct(x: float) -> str:
         return "-" if x != x else f"{100 * x:.1f}%"
 
-    for key, label, _ in METRICS:
+    for key, label, _ in METRICS + FINETUNE_METRICS:
         st = s[key]
+        if st["n"] == 0:
+            continue  # a demo without the fine-tuning stage
         lines.append(f"| {label} | " + " | ".join(pct(rows[k][key]) for k in seeds)
                      + f" | **{pct(st['mean'])} +- {100 * st['std']:.1f}** ({pct(st['min'])}-{pct(st['max'])}) |")
     first = next(iter(rows.values()))
-    lines.append(f"| chance (colour+shape / recall@1) | {pct(first['chance_colour_shape'])} / "
-                 f"{pct(first['chance_recall_at_1'])} |" + " |" * len(seeds))
+    lines.append(f"| chance (colour+shape / recall@1 / fine-tuning QA all) | {pct(first['chance_colour_shape'])} / "
+                 f"{pct(first['chance_recall_at_1'])} / {pct(first['chance_finetune_all'])} |" + " |" * len(seeds))
     lines.append("| wall seconds | " + " | ".join(f"{rows[k]['wall_s']:.0f}" for k in seeds)
                  + f" | {s['wall_s']['mean']:.0f} |")
     lines.append(f"| CPU seconds / {m['cores']} (quiet estimate) | "

@@ -144,7 +144,7 @@ class ChameleonGPTModel(GPTModel):
         if (weight is None and linear.single_rank_plain(self.output_layer)
                 and not self.output_layer._forward_pre_hooks
                 and type(self.output_layer).forward is tensor_parallel.ColumnParallelLinear.forward):
-            return F.linear(hidden_states, self.output_layer.weight)
+            return F.linear(linear.row_major(hidden_states), self.output_layer.weight)
         logits, _ = self.output_layer(hidden_states, weight=weight,
                                       runtime_gather_output=kwargs.get("runtime_gather_output"))
         return logits

@@ -7,8 +7,17 @@ CPU; with one TP rank and nothing else that needs them, the same matmuls run thr
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+
+
+def row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a view with the row-major strides of its shape. megatron's ``[b, s, h] -> [s, b, h]``
+    transpose with ``b = 1`` leaves a contiguous tensor whose size-1 dim keeps a stride of ``s * h``
+    (``.contiguous()`` keeps it too); bf16 ``F.linear`` outside autograd (frozen weights and input: LoRA's
+    base layers, generation) takes a far slower CPU kernel for such strides. A view: no copy."""
+    return x.view(x.shape) if x.is_contiguous() else x
 
 
 def single_rank_plain(linear) -> bool:
@@ -27,7 +36,7 @@ class SingleRankColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if weight is None and single_rank_plain(self):
-            return F.linear(input_, self.weight), None
+            return F.linear(row_major(input_), self.weight), None
         return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
 
 
@@ -36,5 +45,5 @@ class SingleRankRowParallelLinear(tensor_parallel.RowParallelLinear):
 
     def forward(self, input_):
         if single_rank_plain(self):
-            return F.linear(input_, self.weight), None
+            return F.linear(row_major(input_), self.weight), None
         return super().forward(input_)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import mappings
 
+from tessera.model.linear import row_major
+
 # the linears LoRA may adapt, by their name in megatron's GPTModel
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer")
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -122,7 +124,7 @@ class LoRALinear(torch.nn.Module):
         if self.training and self.lora_dropout > 0:
             x = self._lora_dropout(x)
         group = _tp_group(self)
-        h = F.linear(x, self.lora_a)
+        h = F.linear(row_major(x), self.lora_a)
         if self.lora_mode == "column":
             if self.lora_sequence_parallel:
                 h = mappings.gather_from_sequence_parallel_region(h, group=group)
