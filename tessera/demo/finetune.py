@@ -63,7 +63,7 @@ class FinetuneSettings:
 
     train_images: int = 1500  # one conversation per question, up to 3 an image
     eval_images: int = 100  # ~270 questions: standard errors of about 3 points
-    steps: int = 120  # per fine-tune (full and LoRA); rows of the model's sequence length
+    steps: int = 110  # per fine-tune (full and LoRA); rows of the model's sequence length
     global_batch_size: int = 8
     micro_batch_size: int = 8
     # a fine-tune starts from a model that never saw the chat markers (answer CE ~14 at step 1); the
