@@ -90,7 +90,7 @@ FULL = DemoConfig(
     cfg_scale=3.0,
     # per stage on a quiet 2-core machine: the estimate in docs/benchmarks.md ("The demo") plus ~30%
     budget_s={"synth": 30, "text_tokenizer": 15, "image_tokenizer": 400, "pretokenize": 60, "train": 950,
-              "evaluate": 60, "report": 15},
+              "evaluate": 60, "finetune": 260, "report": 15},
 )
 
 FAST = DemoConfig(
@@ -115,7 +115,7 @@ FAST = DemoConfig(
     report_documents=4,
     recon_images=4,
     budget_s={"synth": 10, "text_tokenizer": 10, "image_tokenizer": 20, "pretokenize": 15, "train": 30,
-              "evaluate": 20, "report": 5},
+              "evaluate": 20, "finetune": 90, "report": 5},
 )
 
 PRESETS: dict[str, DemoConfig] = {"full": FULL, "fast": FAST}
