@@ -35,7 +35,7 @@ from typing import Any
 
 from tessera.data.synth import COLOURS, SHAPES, Scene, random_scene, render_scene
 from tessera.demo.protocol import rank_continuations, stderr
-from tessera.demo.stages import write_json_atomic
+from tessera.demo.stages import write_json_atomic, write_text_atomic
 
 COUNT_WORDS = ("one", "two")
 KINDS = ("count", "colour", "shape")
@@ -140,9 +140,7 @@ def write_qa_split(d: Path, name: str, scene_list: Sequence[Scene], image_size: 
             lines.append(json.dumps(conversation(rel, qa, f"{name}-{i:06d}-{qa.kind}")) + "\n")
             rows.append({"image": rel, "kind": qa.kind, "question": qa.question, "answer": qa.answer})
     path = d / f"{name}.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(lines))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(lines))
     return path, rows
 
 
@@ -310,7 +308,7 @@ def stage_finetune(cfg, paths, d: Path) -> dict:
                     "accuracy = true answer ranked strictly first",
     }
     write_json_atomic(d / "scores.json", result)
-    (d / "table.md").write_text(markdown_table(result))
+    write_text_atomic(d / "table.md", markdown_table(result))
     return {"accuracy": {m: scores[m]["all"]["accuracy"] for m in MODELS},
             "chance": scores["pretrained"]["all"]["chance"], "eval_questions": len(eval_rows),
             "train_conversations": len(train_rows), "train_seconds": seconds}
