@@ -276,3 +276,15 @@ def test_transformer_engine_fused_norm_names_translate_both_ways():
     assert set(te) == te_keys
     assert to_local_names(te) == local
     assert to_model_names(local, set(local)) == local  # the local spec keeps its names
+
+
+def test_hf_vq_config_refuses_what_transformers_cannot_express() -> None:
+    from tessera.convert.vq import hf_vq_config
+    from tessera.tokenizers.image import VQConfig
+
+    base = {**VQConfig.preset("tiny").__dict__, "base_channels": 32, "num_groups": 32}
+    assert hf_vq_config(VQConfig(**base))["embed_dim"] == base["embed_dim"]
+    with pytest.raises(ConvertError, match="'patch' encoder"):
+        hf_vq_config(VQConfig(**{**base, "encoder": "patch"}))
+    with pytest.raises(ConvertError, match="GroupNorm"):
+        hf_vq_config(VQConfig(**{**base, "num_groups": 16}))

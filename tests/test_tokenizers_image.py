@@ -299,3 +299,30 @@ def test_ddp_two_processes_under_torchrun(shapes_dir: Path, tmp_path: Path) -> N
     ck = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000004.pt", weights_only=False)
     assert ck["step"] == 4 and isinstance(ck["rng"], list) and len(ck["rng"]) == 2
     assert ImageTokenizer.load(tmp_path / "ddp").tokens_per_image == 64
+
+
+def test_patch_encoder_codes_see_only_their_own_patch(tmp_path: Path) -> None:
+    """A "patch" encoder's latent at (i, j) is a function of pixel patch (i, j) alone (the conv encoder's
+    3x3 convolutions and GroupNorm spread every pixel over all positions), and it saves and loads."""
+    torch.manual_seed(0)
+    cfg = VQConfig(**{**VQConfig.preset("tiny").__dict__, "encoder": "patch", "patch_hidden": 32})
+    model = VQModel(cfg).eval()
+    d = cfg.downsample
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    y = x.clone()
+    y[:, :, d : 2 * d, 2 * d : 3 * d] = -x[:, :, d : 2 * d, 2 * d : 3 * d]  # change patch (1, 2) only
+    with torch.no_grad():
+        changed = (model.encoder(x) - model.encoder(y)).abs().amax(dim=(0, 1)) > 0
+        conv = VQModel(VQConfig.preset("tiny")).encoder
+        conv_changed = (conv(x) - conv(y)).abs().amax(dim=(0, 1)) > 0
+    expected = torch.zeros(cfg.latent_size, cfg.latent_size, dtype=torch.bool)
+    expected[1, 2] = True
+    assert torch.equal(changed, expected)
+    assert int(conv_changed.sum()) == cfg.latent_size**2  # the conv encoder: every position moves
+    tok = ImageTokenizer(cfg, model)
+    imgs = shape_images(4, size=32)
+    tok.save(tmp_path / "vq")
+    loaded = ImageTokenizer.load(tmp_path / "vq")
+    assert loaded.config.encoder == "patch" and torch.equal(loaded.encode(imgs), tok.encode(imgs))
+    with pytest.raises(Exception, match="vq.encoder"):
+        VQConfig(encoder="mlp")

@@ -46,6 +46,8 @@ def vq_config_from_hf(vq: dict, where: str = "vq_config") -> VQConfig:
 
 def hf_vq_config(cfg: VQConfig) -> dict:
     """transformers ``ChameleonVQVAEConfig`` fields for a Tessera VQ config (checks it is expressible)."""
+    if cfg.encoder != "conv":
+        raise ConvertError(f"image tokenizer uses the {cfg.encoder!r} encoder; transformers has only the conv encoder")
     if cfg.num_groups != HF_GROUPS:
         raise ConvertError(f"image tokenizer uses GroupNorm({cfg.num_groups}); transformers hard-codes GroupNorm(32)")
     if cfg.attn_resolutions and not cfg.mid_attention:

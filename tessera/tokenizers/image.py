@@ -37,6 +37,13 @@ class ImageTokenizerError(ValueError):
 class VQConfig:
     image_size: int = 512
     in_channels: int = 3
+    # "conv": taming's VQGAN encoder (every code sees the whole image: 3x3 convolutions and GroupNorm);
+    # "patch": each code sees only its own downsample x downsample patch (a strided convolution and
+    # per-position MLP blocks), so equal patches get equal codes wherever they are and whatever else
+    # the image holds. The decoder is the same for both.
+    encoder: str = "conv"
+    patch_hidden: int = 256  # "patch" encoder: width of its per-position MLP blocks
+    patch_margin: int = 0  # "patch" encoder: pixels beyond its own patch, on each side, that a code sees
     base_channels: int = 128
     channel_mults: tuple[int, ...] = (1, 1, 2, 2, 4)  # one level each; downsampling = 2 ** (levels - 1)
     num_res_blocks: int = 2
@@ -64,6 +71,8 @@ class VQConfig:
         self.attn_resolutions = tuple(self.attn_resolutions)
         if not self.channel_mults:
             raise ConfigError("vq.channel_mults: need at least one level")
+        if self.encoder not in ("conv", "patch"):
+            raise ConfigError(f"vq.encoder must be 'conv' or 'patch', got {self.encoder!r}")
         if self.image_size % self.downsample:
             raise ConfigError(f"vq.image_size {self.image_size} is not divisible by the downsampling {self.downsample}")
         for c in {self.base_channels * m for m in self.channel_mults}:
@@ -93,12 +102,14 @@ class VQConfig:
 
 VQ_PRESETS: dict[str, dict] = {
     "chameleon": {},
-    # CPU demo (`tessera demo`): 32 px -> 8 x 8 = 64 codes from a 512-code codebook. Small and without the
+    # CPU demo (`tessera demo`): 32 px -> 8 x 8 = 64 codes from a 1024-code codebook. Small and without the
     # middle attention block so the CPU demo can train it (its time: docs/benchmarks.md, "The demo"); the
-    # synthetic corpus' detector reads shapes and colours back at 32 px as well as at 64 px.
+    # synthetic corpus' detector reads shapes and colours back at 32 px as well as at 64 px. The patch
+    # encoder gives a background patch one code and a shape's patches codes that vary only with what the
+    # patch shows, so the language model learns images with far less to predict than through the conv encoder.
     "demo": dict(
-        image_size=32, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=1, num_groups=8,
-        mid_attention=False, z_channels=32, embed_dim=32, codebook_size=512,
+        image_size=32, encoder="patch", patch_hidden=256, base_channels=16, channel_mults=(1, 2, 4),
+        num_res_blocks=1, num_groups=8, mid_attention=False, z_channels=32, embed_dim=32, codebook_size=1024,
     ),
     # Unit tests: 32 px -> 8 x 8 codes, 64-code codebook, a few thousand parameters per layer.
     "tiny": dict(
@@ -225,6 +236,29 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class PatchEncoder(nn.Module):
+    """Codes that are functions of their own patch (plus ``patch_margin`` pixels around it) only: a
+    ``downsample``-strided patch embedding, then residual per-position MLPs (1x1 convolutions, no
+    normalisation across positions). Replicate padding: a border patch sees its own edge, not black."""
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        d, w = cfg.downsample, cfg.patch_hidden
+        m = cfg.patch_margin
+        self.embed = nn.Conv2d(cfg.in_channels, w, d + 2 * m, stride=d, padding=m, padding_mode="replicate")
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Conv2d(w, w, 1), nn.SiLU(), nn.Conv2d(w, w, 1))
+            for _ in range(max(cfg.num_res_blocks, 1))
+        )
+        self.conv_out = nn.Conv2d(w, cfg.z_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.conv_out(F.silu(h))
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
@@ -259,7 +293,7 @@ class VQModel(nn.Module):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = PatchEncoder(cfg) if cfg.encoder == "patch" else Encoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.quantizer = VectorQuantize(
             dim=cfg.embed_dim,
