@@ -180,3 +180,27 @@ def test_seed_override_is_one_demo_not_an_abbreviation_of_seeds():
     assert build_config("fast", extra).seed == 3
     args, extra = build_parser().parse_known_args(["demo", "--seeds", "0,1,2"])
     assert args.seeds == "0,1,2" and extra == []
+
+
+def test_code_entropy_sums_per_position_entropy_over_jittered_renderings():
+    from collections import Counter
+
+    from tessera.demo.evaluate import code_entropy
+
+    class Constant:  # every image the same codes: nothing to predict
+        def encode(self, images):
+            return torch.zeros(len(images), 64, dtype=torch.long)
+
+    seen: list[list[bytes]] = []
+
+    class PerImage:  # a distinct code per distinct picture at every position: all of the jitter shows
+        def encode(self, images):
+            keys = [im.tobytes() for im in images]
+            seen.append(keys)
+            ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+            return torch.tensor([[ids[k]] * 64 for k in keys])
+
+    assert code_entropy(Constant(), 32, scenes=3, renders=8) == 0.0
+    got = code_entropy(PerImage(), 32, scenes=3, renders=8)
+    want = sum(-64 * sum(c / 8 * math.log(c / 8) for c in Counter(keys).values()) for keys in seen) / 3
+    assert got == pytest.approx(want) and got > 64 * math.log(4)  # the renderings do differ

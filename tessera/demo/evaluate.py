@@ -65,6 +65,29 @@ def ceiling_scores(rows: list[dict]) -> dict:
     return {**mean_scores(rows), "psnr": _mean([r["psnr"] for r in rows])}
 
 
+def code_entropy(image_tok, image_size: int, seed: int = 0, scenes: int = 8, renders: int = 32) -> float:
+    """How much a language model must predict about an image beyond its caption, through this tokenizer:
+    for each of ``scenes`` random scenes, ``renders`` renderings differing only in the corpus' sub-pixel
+    jitter are encoded, and the entropy (nats) of the code at each grid position is summed over the grid
+    (an upper bound on the codes' entropy given the scene); the mean over the scenes."""
+    import random
+    from collections import Counter
+    from dataclasses import replace
+
+    from tessera.data.synth import JITTER, random_scene, render_scene
+
+    rng = random.Random(seed)
+    total = 0.0
+    for _ in range(scenes):
+        scene = random_scene(rng)
+        images = [render_scene(replace(scene, jitter=tuple(rng.uniform(-JITTER, JITTER) for _ in range(4))), image_size)
+                  for _ in range(renders)]
+        codes = image_tok.encode(images)
+        for column in codes.T.tolist():
+            total -= sum(c / renders * math.log(c / renders) for c in Counter(column).values())
+    return total / scenes
+
+
 def _png(img: Image.Image, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

@@ -113,12 +113,15 @@ def stage_image_tokenizer(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
     # the ceiling right away (the evaluate stage measures it again beside the model's scores): a tokenizer
     # that loses the shapes shows here, before minutes of pretraining
     from tessera.data.synth import caption_image_pairs
-    from tessera.demo.evaluate import ceiling_scores, reconstruction_rows
+    from tessera.demo.evaluate import ceiling_scores, code_entropy, reconstruction_rows
     from tessera.tokenizers.image import ImageTokenizer
 
     pairs = caption_image_pairs(paths.shards("heldout"), limit=2 * cfg.eval_prompts)
-    ceiling = ceiling_scores(reconstruction_rows(ImageTokenizer.load(d), pairs))
+    tok = ImageTokenizer.load(d)
+    ceiling = ceiling_scores(reconstruction_rows(tok, pairs))
     facts["heldout_ceiling"] = {k: ceiling[k] for k in ("n", "colour", "shape", "colour_shape", "size", "psnr")}
+    # and how predictable its codes are: what the language model must learn beyond the caption
+    facts["code_entropy_nats"] = code_entropy(tok, cfg.image_size, seed=cfg.seed)
     return facts
 
 
