@@ -102,14 +102,14 @@ class VQConfig:
 
 VQ_PRESETS: dict[str, dict] = {
     "chameleon": {},
-    # CPU demo (`tessera demo`): 32 px -> 8 x 8 = 64 codes from a 1024-code codebook. Small and without the
+    # CPU demo (`tessera demo`): 32 px -> 8 x 8 = 64 codes from a 512-code codebook. Small and without the
     # middle attention block so the CPU demo can train it (its time: docs/benchmarks.md, "The demo"); the
     # synthetic corpus' detector reads shapes and colours back at 32 px as well as at 64 px. The patch
     # encoder gives a background patch one code and a shape's patches codes that vary only with what the
     # patch shows, so the language model learns images with far less to predict than through the conv encoder.
     "demo": dict(
         image_size=32, encoder="patch", patch_hidden=256, base_channels=16, channel_mults=(1, 2, 4),
-        num_res_blocks=1, num_groups=8, mid_attention=False, z_channels=32, embed_dim=32, codebook_size=1024,
+        num_res_blocks=1, num_groups=8, mid_attention=False, z_channels=32, embed_dim=32, codebook_size=512,
     ),
     # Unit tests: 32 px -> 8 x 8 codes, 64-code codebook, a few thousand parameters per layer.
     "tiny": dict(
