@@ -326,3 +326,11 @@ def test_patch_encoder_codes_see_only_their_own_patch(tmp_path: Path) -> None:
     assert loaded.config.encoder == "patch" and torch.equal(loaded.encode(imgs), tok.encode(imgs))
     with pytest.raises(Exception, match="vq.encoder"):
         VQConfig(encoder="mlp")
+    with pytest.raises(Exception, match="patch_margin"):
+        VQConfig(encoder="patch", patch_margin=-1)
+    # a one-pixel margin reaches into the neighbouring patches, and no further
+    wide = VQModel(VQConfig(**{**cfg.__dict__, "patch_margin": 1})).eval()
+    with torch.no_grad():
+        reach = (wide.encoder(x) - wide.encoder(y)).abs().amax(dim=(0, 1)) > 0
+    expected[0:3, 1:4] = True
+    assert torch.equal(reach, expected)

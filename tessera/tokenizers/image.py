@@ -73,6 +73,9 @@ class VQConfig:
             raise ConfigError("vq.channel_mults: need at least one level")
         if self.encoder not in ("conv", "patch"):
             raise ConfigError(f"vq.encoder must be 'conv' or 'patch', got {self.encoder!r}")
+        if self.patch_hidden < 1 or self.patch_margin < 0:
+            raise ConfigError(f"vq.patch_hidden must be >= 1 and vq.patch_margin >= 0, got {self.patch_hidden}, "
+                              f"{self.patch_margin}")
         if self.image_size % self.downsample:
             raise ConfigError(f"vq.image_size {self.image_size} is not divisible by the downsampling {self.downsample}")
         for c in {self.base_channels * m for m in self.channel_mults}:
