@@ -120,7 +120,7 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=256, seq_length=64,
     ),
     # The CPU demo's model (`tessera demo`; its training time: docs/benchmarks.md, "The demo"): 4.27M params
-    # with the demo's 2048-entry (padded) vocabulary (32 px images = 64 codes); the demo trains it in fp32.
+    # with the demo's 2048-entry (padded) vocabulary (32 px images = 64 codes); the demo trains it in bf16.
     "demo": ModelConfig(
         num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4, num_query_groups=None,
         vocab_size=2048, seq_length=512, params_dtype="bfloat16",

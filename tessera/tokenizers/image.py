@@ -60,6 +60,10 @@ class VQConfig:
     kmeans_init: bool = True
     kmeans_iters: int = 10
     threshold_ema_dead_code: float = 2.0
+    # where a dead code restarts: "uniform" (the library: a random batch vector) or "error" (batch vectors
+    # drawn by their squared distance to the nearest code, tessera.tokenizers.vq_restart): with a uniform
+    # draw, codes for rare patterns (small shapes on a rare background) restart on the common ones and die
+    dead_code_restart: str = "uniform"
     use_cosine_sim: bool = False
     learnable_codebook: bool = False  # False: EMA codebook; True: codebook learned by the optimizer
     # False when the weights carry no decoder (a transformers Chameleon import: transformers drops
@@ -73,6 +77,8 @@ class VQConfig:
             raise ConfigError("vq.channel_mults: need at least one level")
         if self.encoder not in ("conv", "patch"):
             raise ConfigError(f"vq.encoder must be 'conv' or 'patch', got {self.encoder!r}")
+        if self.dead_code_restart not in ("uniform", "error"):
+            raise ConfigError(f"vq.dead_code_restart must be 'uniform' or 'error', got {self.dead_code_restart!r}")
         if self.patch_hidden < 1 or self.patch_margin < 0:
             raise ConfigError(f"vq.patch_hidden must be >= 1 and vq.patch_margin >= 0, got {self.patch_hidden}, "
                               f"{self.patch_margin}")
@@ -311,6 +317,11 @@ class VQModel(nn.Module):
             ema_update=not cfg.learnable_codebook,
             accept_image_fmap=True,
         )
+        if cfg.dead_code_restart == "error":
+            from tessera.tokenizers.vq_restart import error_weighted_sampler
+
+            codebook = self.quantizer._codebook  # the library's codebook: its dead-code draw is a plain attribute
+            codebook.replace_sample_fn = error_weighted_sampler(codebook)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
 
