@@ -66,9 +66,9 @@ class FinetuneSettings:
     steps: int = 110  # per fine-tune (full and LoRA); rows of the model's sequence length
     global_batch_size: int = 8
     micro_batch_size: int = 8
-    # a fine-tune starts from a model that never saw the chat markers (answer CE ~14 at step 1); the
-    # pretraining lr (2e-3) overwrites what the base reads from images: colour stays near chance, where
-    # 3e-4 learns it (docs/benchmarks.md, "The demo: fine-tuning")
+    # a fine-tune starts from a model that never saw the chat markers (answer CE ~14 at step 1); at 2e-3
+    # it overwrote what the base reads from images: colour stayed near chance, where 3e-4 learns it
+    # (docs/benchmarks.md, "The demo: fine-tuning")
     full_lr: float = 3e-4
     # Adam moves every element of A and B by about lr, and B A sums rank such terms times alpha / rank: at
     # this model's weight scale (~0.02) 3e-3 and more overwrite the base and stall. Rank 64 (a quarter of

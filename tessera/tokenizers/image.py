@@ -119,6 +119,8 @@ VQ_PRESETS: dict[str, dict] = {
     "demo": dict(
         image_size=32, encoder="patch", patch_hidden=256, base_channels=16, channel_mults=(1, 2, 4),
         num_res_blocks=1, num_groups=8, mid_attention=False, z_channels=32, embed_dim=32, codebook_size=512,
+        # most patches are plain background: uniform restarts left shapes on black and gray backgrounds few codes
+        dead_code_restart="error",
     ),
     # Unit tests: 32 px -> 8 x 8 codes, 64-code codebook, a few thousand parameters per layer.
     "tiny": dict(
