@@ -88,9 +88,10 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(100 + rank)  # ranks draw with different generators
     # rank 0's vectors sit on the codes (no error) but one; rank 1's are all far
-    x = torch.zeros(16, 2)
-    x[3] = torch.tensor([5.0, 5.0]) if rank == 0 else x[3]
-    if rank == 1:
+    if rank == 0:
+        x = torch.zeros(16, 2)
+        x[3] = torch.tensor([5.0, 5.0])
+    else:
         x = torch.randn(16, 2) + 20.0
     sample = error_weighted_sampler(_Codebook(), distributed=True)
     got = sample(x[None], 6)

@@ -34,15 +34,16 @@ def draw_by_error(x: torch.Tensor, err: torch.Tensor, num: int) -> torch.Tensor:
     if num <= 0:
         return x[:0]
     weights = err.clamp(min=0).nan_to_num(0.0, posinf=0.0)
-    positive = int((weights > 0).sum())
+    has_error = weights > 0
+    positive = int(has_error.sum())
     if num <= positive:
         return x[torch.multinomial(weights, num)]
     extra, others = num - positive, len(x) - positive
     if others > 0:
-        fill = torch.multinomial((weights <= 0).float(), extra, replacement=extra > others)
+        fill = torch.multinomial((~has_error).float(), extra, replacement=extra > others)
     else:
         fill = torch.randint(0, len(x), (extra,), device=x.device)
-    return torch.cat([x[weights > 0], x[fill]])
+    return torch.cat([x[has_error], x[fill]])
 
 
 def split_draws(num: int, totals: list[float]) -> list[int]:
@@ -61,8 +62,8 @@ def split_draws(num: int, totals: list[float]) -> list[int]:
 
 
 def error_weighted_sampler(codebook: torch.nn.Module, distributed: bool | None = None) -> SampleFn:
-    """A ``replace_sample_fn`` for vector-quantize-pytorch's ``EuclideanCodebook`` / ``CosineSimCodebook``
-    (one codebook head). ``distributed`` defaults to the codebook's own ``use_ddp``."""
+    """A ``replace_sample_fn`` for a vector-quantize-pytorch ``Codebook`` (``VectorQuantize._codebook``,
+    one codebook head). ``distributed`` defaults to the codebook's own ``use_ddp``."""
     if codebook.embed.shape[0] != 1:
         raise ValueError(f"error-weighted restarts support one codebook head, got {codebook.embed.shape[0]}")
     ddp = bool(getattr(codebook, "use_ddp", False)) if distributed is None else distributed
