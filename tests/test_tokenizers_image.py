@@ -210,6 +210,23 @@ def test_resume_continues_identically(shapes_dir: Path, tmp_path: Path) -> None:
     assert torch.equal(a["opt"]["state"][0]["exp_avg"], b["opt"]["state"][0]["exp_avg"])
 
 
+def test_training_step_reads_nothing_back_beyond_the_codebook_upkeep(
+        shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between log steps the trainer keeps its metrics on the device: a step's only host reads are the
+    vector-quantize-pytorch codebook's own (its `initted` flag and its dead-code check, then the restart's
+    count when codes expire), with the discriminator on and the error-weighted restarts."""
+    monkeypatch.setenv("TESSERA_COUNT_SYNCS", "1")
+    cfg = load_train_config(preset="tiny", overrides={
+        "data": str(shapes_dir), "out": str(tmp_path / "vq"), "train.steps": "6", "train.disc_start": "2",
+        "train.batch_size": "8", "train.log_every": "3", "vq.dead_code_restart": "error"})
+    result = train_image_tokenizer(cfg)
+    assert len(result.host_syncs) == 6
+    # library: initted (1) + any expired (1) + number replaced (1); tessera.tokenizers.vq_restart: draws (1)
+    assert max(result.host_syncs) <= 4, result.host_syncs
+    # the step's own metrics would add loss, l1, l2, commit, PSNR, grad norm, g/d loss and the code histogram
+    assert min(result.host_syncs) >= 1, "the counter saw nothing: it no longer counts this step"
+
+
 def test_step_batch_sampler_is_a_function_of_the_step() -> None:
     full = list(StepBatchSampler(10, 4, seed=1, start_step=0, steps=7))
     assert list(StepBatchSampler(10, 4, seed=1, start_step=3, steps=7)) == full[3:]

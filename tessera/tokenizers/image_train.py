@@ -42,6 +42,7 @@ from tessera.config import (
     to_dict,
 )
 from tessera.data.raw import FormatError, ImageRef, index_images, load_image_ref
+from tessera.pretrain.syncs import HostSyncCounter, NullCounter, counting_enabled
 from tessera.progress import Progress
 from tessera.tokenizers.image import (
     VQ_PRESETS,
@@ -274,10 +275,14 @@ class PerceptualLoss(nn.Module):
         return loss
 
 
+def psnr_tensor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB between images in [-1, 1] (peak = full range), as a 0-d tensor on their device."""
+    mse = ((x.float().clamp(-1, 1) - y.float().clamp(-1, 1)) / 2).pow(2).mean()
+    return -10 * torch.log10(mse.clamp_min(1e-12))
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR in dB between images in [-1, 1] (peak = full range)."""
-    mse = ((x.float().clamp(-1, 1) - y.float().clamp(-1, 1)) / 2).pow(2).mean().item()
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
+    return psnr_tensor(x, y).item()
 
 
 def image_grid(top: torch.Tensor, bottom: torch.Tensor, n: int = 8) -> torch.Tensor:
@@ -298,6 +303,8 @@ class TrainResult:
     psnr: float  # eval-mode reconstruction PSNR over (up to) the first 64 images
     codebook_usage: float  # fraction of codes used on those images
     corrupt: int
+    # host syncs of each training step (forward, backward, optimizer steps, metrics), with TESSERA_COUNT_SYNCS=1
+    host_syncs: list[int] = field(default_factory=list)
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -408,9 +415,13 @@ def train_image_tokenizer(cfg: ImageTokenizerTrainConfig) -> TrainResult:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     corrupt, warned = 0, False
-    hist = torch.zeros(vc.codebook_size, dtype=torch.long)
-    sums: dict[str, float] = {}
+    # The step's metrics stay on the device and are read back once per log interval: every read of a
+    # device value is a host sync that stalls the queue (the library's codebook upkeep already costs some).
+    hist = torch.zeros(vc.codebook_size, dtype=torch.long, device=device)
+    sums: dict[str, torch.Tensor] = {}
     nsum = 0
+    count_syncs = counting_enabled()
+    host_syncs: list[int] = []  # per step, with TESSERA_COUNT_SYNCS=1
     t0 = time.perf_counter()
     progress = Progress("train-image", total=tc.steps, unit="step", enabled=is_main and tc.progress)
     progress.count = start
@@ -426,69 +437,78 @@ def train_image_tokenizer(cfg: ImageTokenizerTrainConfig) -> TrainResult:
         if x.numel() == 0:
             step += 1
             continue
-        x = x.to(device, non_blocking=True)
-        use_disc = step >= tc.disc_start and tc.disc_weight > 0
-        # ---- generator / autoencoder step
-        for p in disc.parameters():
-            p.requires_grad_(False)
-        with autocast():
-            recon, commit, idx = ddp_model(x)
-            recon = recon.float()
-            if tc.fg_weight > 0:
-                w = foreground_weight(x, tc.fg_weight)
-                l1 = ((recon - x).abs() * w).mean()
-                l2 = ((recon - x).pow(2) * w).mean()
-            else:
-                l1 = (recon - x).abs().mean()
-                l2 = (recon - x).pow(2).mean()
-            loss = tc.l1_weight * l1 + tc.l2_weight * l2 + commit
-            p_loss = perceptual(x, recon) if perceptual is not None else None
-            if p_loss is not None:
-                loss = loss + tc.perceptual_weight * p_loss
-            g_loss = -disc(recon).float().mean() if use_disc else None  # unwrapped: no DDP sync needed
-            if g_loss is not None:
-                loss = loss + tc.disc_weight * g_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        for p in disc.parameters():
-            p.requires_grad_(True)
-        # ---- discriminator step
-        d_loss = None
-        if use_disc:
+        syncs = HostSyncCounter(device) if count_syncs else NullCounter()
+        with syncs:
+            x = x.to(device, non_blocking=True)
+            use_disc = step >= tc.disc_start and tc.disc_weight > 0
+            # ---- generator / autoencoder step
+            for p in disc.parameters():
+                p.requires_grad_(False)
             with autocast():
-                d_loss = hinge_d_loss(ddp_disc(x).float(), ddp_disc(recon.detach()).float())
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), tc.grad_clip)
-            opt_d.step()
-        step += 1
+                recon, commit, idx = ddp_model(x)
+                recon = recon.float()
+                if tc.fg_weight > 0:
+                    w = foreground_weight(x, tc.fg_weight)
+                    l1 = ((recon - x).abs() * w).mean()
+                    l2 = ((recon - x).pow(2) * w).mean()
+                else:
+                    l1 = (recon - x).abs().mean()
+                    l2 = (recon - x).pow(2).mean()
+                loss = tc.l1_weight * l1 + tc.l2_weight * l2 + commit
+                p_loss = perceptual(x, recon) if perceptual is not None else None
+                if p_loss is not None:
+                    loss = loss + tc.perceptual_weight * p_loss
+                g_loss = -disc(recon).float().mean() if use_disc else None  # unwrapped: no DDP sync needed
+                if g_loss is not None:
+                    loss = loss + tc.disc_weight * g_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            for p in disc.parameters():
+                p.requires_grad_(True)
+            # ---- discriminator step
+            d_loss = None
+            if use_disc:
+                with autocast():
+                    d_loss = hinge_d_loss(ddp_disc(x).float(), ddp_disc(recon.detach()).float())
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                torch.nn.utils.clip_grad_norm_(disc.parameters(), tc.grad_clip)
+                opt_d.step()
+            step += 1
 
-        # ---- metrics
-        hist += torch.bincount(idx.reshape(-1).cpu(), minlength=vc.codebook_size)
-        vals = {"loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "commit": float(commit.detach()),
-                "psnr": psnr(x, recon.detach()), "grad_norm": float(gnorm)}
-        if p_loss is not None:
-            vals["perceptual"] = p_loss.item()
-        if g_loss is not None and d_loss is not None:
-            vals["g_loss"], vals["d_loss"] = g_loss.item(), d_loss.item()
-        for k, v in vals.items():
-            sums[k] = sums.get(k, 0.0) + v
-        nsum += 1
+            # ---- metrics, on the device (index_add_, unlike CUDA bincount, needs no host read of the max)
+            flat = idx.reshape(-1)
+            hist.index_add_(0, flat, torch.ones_like(flat, dtype=hist.dtype))
+            vals = {"loss": loss, "l1": l1, "l2": l2, "commit": commit, "psnr": psnr_tensor(x, recon.detach()),
+                    "grad_norm": gnorm}
+            if p_loss is not None:
+                vals["perceptual"] = p_loss
+            if g_loss is not None and d_loss is not None:
+                vals["g_loss"], vals["d_loss"] = g_loss, d_loss
+            for k, v in vals.items():
+                v = v.detach().float()
+                sums[k] = sums[k] + v if k in sums else v
+            nsum += 1
+        if syncs.count is not None:
+            host_syncs.append(syncs.count)
         progress.count = step
         if step % tc.log_every == 0 or step == tc.steps:
-            probs = hist.float() / max(1, int(hist.sum()))
+            counts = hist.cpu()
+            probs = counts.float() / max(1, int(counts.sum()))
             nz = probs[probs > 0]
-            usage = (hist > 0).float().mean().item()
+            usage = (counts > 0).float().mean().item()
             perplexity = math.exp(-(nz * nz.log()).sum().item())
-            means = {k: v / nsum for k, v in sums.items()}
+            means = dict(zip(sums, (torch.stack(list(sums.values())) / nsum).tolist(), strict=True))
             if writer is not None:
                 for k, v in means.items():
                     writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("codebook/usage", usage, step)
                 writer.add_scalar("codebook/perplexity", perplexity, step)
                 writer.add_scalar("data/corrupt", corrupt, step)
+                if host_syncs:
+                    writer.add_scalar("perf/host_syncs", host_syncs[-1], step)
             progress.update(0, force=True, loss=means["loss"], psnr=means["psnr"], usage=usage, ppl=perplexity)
             sums, nsum = {}, 0
             hist.zero_()
@@ -501,7 +521,7 @@ def train_image_tokenizer(cfg: ImageTokenizerTrainConfig) -> TrainResult:
         writer.close()
 
     # ---- export the tokenizer and a reconstruction picture
-    result = TrainResult(out, step, time.perf_counter() - t0, float("nan"), float("nan"), corrupt)
+    result = TrainResult(out, step, time.perf_counter() - t0, float("nan"), float("nan"), corrupt, host_syncs)
     if is_main:
         tok = ImageTokenizer(vc, model, batch_size=max(tc.batch_size, 16), device=device)
         tok.save(out)
