@@ -77,8 +77,8 @@ def test_parts_after_the_budget_are_failed_not_run(tmp_path, monkeypatch):
 
 def test_dry_run_fast_parts(tmp_path):
     """A fast subset of the dry run, in this process (the interpreter is on): versions, the TE-vs-local
-    comparison code and generation latency at tiny sizes."""
-    report = gpu_check.run_gpu_check(tmp_path, dry_run=True, parts=("versions", "te_vs_local", "generate"),
+    comparison code, generation latency and the VQ training at tiny sizes."""
+    report = gpu_check.run_gpu_check(tmp_path, dry_run=True, parts=("versions", "te_vs_local", "generate", "vq"),
                                      log=lambda s: None)
     assert report["passed"], gpu_check.format_report(report)
     parts = {r["part"]: r for r in report["parts"]}
@@ -87,6 +87,10 @@ def test_dry_run_fast_parts(tmp_path):
     assert len(parts["te_vs_local"]["checks"]) == 6
     gen = parts["generate"]["checks"]
     assert len(gen) == 2 and all(c["per_token_ms"] > 0 for c in gen)
+    vq = {c["check"].split(" (")[0]: c for c in parts["vq"]["checks"]}
+    assert len(vq) == 4
+    assert vq["a step reads back only the codebook upkeep"]["host_syncs_max"] >= 1  # counted, not skipped
+    assert vq["the saved tokenizer gives the same codes on the GPU and the CPU"]["codes_equal"] == 1.0  # CPU == CPU
 
 
 @pytest.mark.slow  # every part on the CPU: ~4-6 minutes on 2 busy cores (training runs three times)

@@ -11,11 +11,12 @@ the later ones (each runs in try/except, within its own time budget):
    eager reference and torch.compile of it.
 3. ``te_vs_local`` .. 6. ``generate``: tessera/bench/gpu_check_model.py (the harness they share -- sizes, a
    part's record and budget -- is tessera/bench/gpu_check_harness.py).
-7. ``aot``: every kernel specialisation compiled for sm_80 and sm_90 (tessera.kernels.aot), last,
+7. ``vq``: the `demo` VQ preset trains in bf16 (tessera/bench/gpu_check_vq.py).
+8. ``aot``: every kernel specialisation compiled for sm_80 and sm_90 (tessera.kernels.aot), last,
    with what is left of the time budget.
 
 Writes DIR/gpu_check.json and DIR/gpu_check.md, and prints the table. Exit status: 0 when nothing
-failed, 1 when a part failed, 3 (one line) on a machine without CUDA. ``--compile-only`` runs part 7
+failed, 1 when a part failed, 3 (one line) on a machine without CUDA. ``--compile-only`` runs part 8
 anywhere. ``--dry-run-cpu`` (a developer check) runs every part's code on the CPU at tiny sizes,
 Triton through its interpreter, so the script's Python is exercised before GPU time is spent.
 """
@@ -324,7 +325,7 @@ def _sampling_cases(p: Part, dev: str) -> None:
         p.note(**{f"sampling_speedup_vs_eager[{name}]": timings["eager reference"] / timings["triton"]})
 
 
-# ---- part 7: ahead-of-time compilation -------------------------------------------------------------------
+# ---- part 8: ahead-of-time compilation -------------------------------------------------------------------
 def part_aot(p: Part) -> None:
     s = p.ctx.sizes
     left = p.time_left()
@@ -361,6 +362,7 @@ PARTS: tuple[tuple[str, str, float], ...] = (
     ("cpu_checkpoint", "a CPU-saved checkpoint loads on the GPU with the same logits", 60),
     ("train", "tessera train in bf16: loss, memory, speed, syncs, save / resume / SIGTERM", 170),
     ("generate", "generation latency at batch 1 and 8 with CFG vs the bandwidth floor", 60),
+    ("vq", "the demo VQ trains in bf16; its tokenizer reads the same codes on the GPU and the CPU", 45),
     ("aot", "every kernel specialisation compiles for sm_80 / sm_90", 60),
 )
 
@@ -368,6 +370,10 @@ PARTS: tuple[tuple[str, str, float], ...] = (
 def _part_fn(name: str) -> Callable[[Part], None]:
     if name in ("versions", "kernels", "aot"):
         return globals()[f"part_{name}"]
+    if name == "vq":
+        from tessera.bench.gpu_check_vq import part_vq
+
+        return part_vq
     from tessera.bench import gpu_check_model
 
     return getattr(gpu_check_model, f"part_{name}")

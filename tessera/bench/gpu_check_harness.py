@@ -36,6 +36,9 @@ class Sizes:
     gen_model: dict = field(default_factory=dict)
     gen_tokens: int = 64  # image codes per generated image (one image per prompt)
     gen_batches: tuple[int, ...] = (1, 8)
+    vq_images: int = 1024  # rendered synthetic scenes the `demo` VQ preset trains on
+    vq_steps: int = 300
+    vq_batch: int = 64
     aot_kernels: tuple[str, ...] | None = None  # None: every kernel
     aot_archs: tuple[int, ...] = (80, 90)
 
@@ -69,6 +72,7 @@ DRY_SIZES = Sizes(
     gen_model=dict(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,
                    vocab_size=2048, seq_length=128, qk_norm=True),
     gen_tokens=4, gen_batches=(1, 2),
+    vq_images=48, vq_steps=12, vq_batch=8,
     aot_kernels=("ce_forward_kernel",), aot_archs=(90,),
 )
 
