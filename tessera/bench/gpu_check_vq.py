@@ -53,7 +53,7 @@ def part_vq(p: Part) -> None:
 
     overrides = {
         "data": str(work / "train"), "out": str(work / "tokenizer"), "train.steps": str(s.vq_steps),
-        "train.batch_size": str(s.vq_batch), "train.device": device, "train.bf16": str(not dry).lower(),
+        "train.batch_size": str(s.vq_batch), "train.device": device, "train.bf16": "true",
         "train.log_every": str(max(1, s.vq_steps // 4)), "train.ckpt_every": str(s.vq_steps),
         "train.image_every": str(s.vq_steps), "train.progress": "false", "train.resume": "false",
     }
@@ -90,14 +90,17 @@ def part_vq(p: Part) -> None:
             host_syncs_median=statistics.median(steady) if steady else None, limit=MAX_SYNCS_PER_STEP,
             first_steps=result.host_syncs[:8])
 
-    # the saved tokenizer is device-agnostic: the CPU reads the same codes and draws the same pictures
+    # the saved tokenizer is device-agnostic: the CPU reads the same codes and draws the same pictures. In
+    # full fp32 (cuDNN's default TF32 convolutions would move latents by ~1e-3 and flip near-ties)
     cpu_tok = ImageTokenizer.load(cfg.out, device="cpu")
-    with torch.no_grad():
-        codes_gpu, codes_cpu = gpu_tok.encode(heldout).cpu(), cpu_tok.encode(heldout).cpu()
-        agree = (codes_gpu == codes_cpu).float().mean().item()
-        recon_gpu = gpu_tok.decode_tensor(codes_cpu).float().cpu()
-        recon_cpu = cpu_tok.decode_tensor(codes_cpu).float().cpu()
-    # the GPU's convolutions may run in TF32: a code whose two nearest entries are almost equally near can flip
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        codes_gpu, codes_cpu = gpu_tok.encode(heldout), cpu_tok.encode(heldout)
+        recon_gpu, recon_cpu = gpu_tok.decode_tensor(codes_cpu), cpu_tok.decode_tensor(codes_cpu)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    agree = (codes_gpu == codes_cpu).float().mean().item()
     p.check("the saved tokenizer gives the same codes on the GPU and the CPU", agree >= 0.99, codes_equal=agree,
             limit=0.99)
     err = rel_err(recon_gpu, recon_cpu)
