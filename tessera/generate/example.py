@@ -4,7 +4,7 @@
     python -m tessera.generate.example --run RUN --out DIR  # any run or checkpoint dir with its tokenizers
 
 It is ``tessera generate`` with the example's fixed prompt and settings (interleaved mode, image temperature
-0.5, classifier-free guidance 3, seed 0, one thread), so the page's files are reproducible from the checkpoint alone:
+0.5, classifier-free guidance 1.5, seed 0, one thread), so the page's files are reproducible from the checkpoint alone:
 ``tessera demo --out demo_out`` installs the tokenizers into ``demo_out/train/run/tokenizers/``.
 """
 
@@ -21,8 +21,8 @@ PROMPT = "a large red square on the right"
 # One thread: the example's tokens do not depend on it, but its reported tokens/s does, and one thread is the
 # steadiest on a shared machine.
 # interleaved: the model itself decides to open an image after the text, draws it, and ends the document;
-# image sampling as in the demo's evaluation (temperature 0.5, guidance 3)
-SETTINGS = ("--mode", "interleaved", "--image-temperature", "0.5", "--cfg-scale", "3", "--seed", "0", "--threads", "1",
+# image sampling as in the demo's evaluation (temperature 0.5, guidance 1.5)
+SETTINGS = ("--mode", "interleaved", "--image-temperature", "0.5", "--cfg-scale", "1.5", "--seed", "0", "--threads", "1",
             "--max-new-tokens", "200")
 
 
