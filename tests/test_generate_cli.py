@@ -213,6 +213,7 @@ def test_docs_example_regenerates_with_one_command(run_dir, tmp_path, capsys):
     """``python -m tessera.generate.example --run RUN --out DIR`` rebuilds docs/generation_example/:
     the documented prompt first, then whatever the model writes (interleaved mode: this untrained tiny
     model writes text; the demo model draws an image), and the same document again on a second run (seed 0)."""
+    from tessera.demo.config import FULL
     from tessera.generate import example
 
     threads = torch.get_num_threads()  # the example pins one thread (--threads 1): restore it for later tests
@@ -223,7 +224,9 @@ def test_docs_example_regenerates_with_one_command(run_dir, tmp_path, capsys):
         torch.set_num_threads(threads)
     doc = json.loads((out / "document.json").read_text())
     assert doc["segments"][0] == {"text": example.PROMPT} and doc["prompt_segments"] == 1
-    assert doc["config"]["seed"] == 0 and doc["config"]["cfg_scale"] == 3.0 and doc["config"]["mode"] == "interleaved"
+    # the example samples images as the demo's evaluation does
+    assert doc["config"]["seed"] == 0 and doc["config"]["mode"] == "interleaved"
+    assert doc["config"]["cfg_scale"] == FULL.cfg_scale and doc["config"]["image"]["temperature"] == FULL.image_temperature
     first = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".png"}
     try:
         assert example.main(["--run", str(run_dir / "run"), "--out", str(out)]) == 0

@@ -261,7 +261,7 @@ def test_document_masked_step_reads_the_host_once_where_rope_is_fused(megatron_1
         reduce_step,
         schedule_shape,
     )
-    from tessera.pretrain.syncs import HostSyncCounter
+    from tessera.syncs import HostSyncCounter
 
     it = DataConfig(path=str(tiny_pretok["train"]), seq_length=32, document_mask=True).iterator(4, 2)
     host = [attach_packed_seq_params(b) for b in it.next_step()]  # host side, before the step

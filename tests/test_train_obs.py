@@ -298,7 +298,7 @@ def obs_run(pretok, tmp_path_factory):
 
 
 def test_one_host_sync_per_step(obs_run):
-    """TESSERA_COUNT_SYNCS=1 counts the reads a step's device region makes (tessera.pretrain.syncs): one per
+    """TESSERA_COUNT_SYNCS=1 counts the reads a step's device region makes (tessera.syncs): one per
     step, monitor steps included (the attention max rides in the same read; evaluation and checkpoints
     are outside the region)."""
     _, recs, _ = obs_run

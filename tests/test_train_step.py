@@ -292,7 +292,7 @@ def test_update_with_the_packed_norm_equals_megatrons_step(megatron_1proc, bf16)
 
 
 def test_host_sync_counter_counts_reads_and_restores_torch():
-    from tessera.pretrain.syncs import HOST_READS, HostSyncCounter
+    from tessera.syncs import HOST_READS, HostSyncCounter
 
     before = {n: getattr(torch.Tensor, n) for n in HOST_READS}
     t, v = torch.tensor(2.5), torch.ones(3)

@@ -61,7 +61,7 @@ def part_vq(p: Part) -> None:
     p.note(vq_steps=s.vq_steps, vq_batch=s.vq_batch, vq_images=s.vq_images, bf16=cfg.train.bf16,
            dead_code_restart=cfg.vq.dead_code_restart)
     torch.manual_seed(cfg.train.seed)
-    untrained_psnr, _ = evaluate(ImageTokenizer.from_config(cfg.vq, device=device), heldout)
+    untrained_psnr, _ = evaluate(ImageTokenizer.from_config(cfg.vq, device=torch.device(device)), heldout)
 
     p.need(10, "the VQ training")
     before = os.environ.get("TESSERA_COUNT_SYNCS")

@@ -60,7 +60,7 @@ from tessera.pretrain.step import (
     schedule_shape,
     stage_roles,
 )
-from tessera.pretrain.syncs import HostSyncCounter, NullCounter, counting_enabled
+from tessera.syncs import HostSyncCounter, NullCounter, counting_enabled
 from tessera.utils import atomic_write_text, rank, world_size
 
 

@@ -42,8 +42,8 @@ from tessera.config import (
     to_dict,
 )
 from tessera.data.raw import FormatError, ImageRef, index_images, load_image_ref
-from tessera.pretrain.syncs import HostSyncCounter, NullCounter, counting_enabled
 from tessera.progress import Progress
+from tessera.syncs import HostSyncCounter, NullCounter, counting_enabled
 from tessera.tokenizers.image import (
     VQ_PRESETS,
     ImageTokenizer,
@@ -282,6 +282,7 @@ def psnr_tensor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``psnr_tensor`` read back as a float (a host sync on a GPU)."""
     return psnr_tensor(x, y).item()
 
 
