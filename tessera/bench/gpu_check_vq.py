@@ -15,7 +15,9 @@ import random
 import shutil
 import statistics
 from pathlib import Path
+from unittest import mock
 
+from tessera import syncs
 from tessera.bench.gpu_check_harness import Part, rel_err
 
 # A training step's host reads besides the metrics, which the trainer keeps on the device: the library's
@@ -64,17 +66,8 @@ def part_vq(p: Part) -> None:
     untrained_psnr, _ = evaluate(ImageTokenizer.from_config(cfg.vq, device=torch.device(device)), heldout)
 
     p.need(10, "the VQ training")
-    before = os.environ.get("TESSERA_COUNT_SYNCS")
-    os.environ["TESSERA_COUNT_SYNCS"] = "1"
-    try:
-        if device == "cuda":
-            torch.cuda.synchronize()
+    with mock.patch.dict(os.environ, {syncs.ENV_VAR: "1"}):  # the trainer counts each step's host reads
         result = train_image_tokenizer(cfg)
-    finally:
-        if before is None:
-            os.environ.pop("TESSERA_COUNT_SYNCS", None)
-        else:
-            os.environ["TESSERA_COUNT_SYNCS"] = before
     p.note(train_seconds=result.seconds, images_per_s=result.steps * s.vq_batch / max(result.seconds, 1e-9))
 
     gpu_tok = ImageTokenizer.load(cfg.out, device=device)
