@@ -151,3 +151,21 @@ def test_partial_from_a_different_run_is_discarded(corpus, tmp_path):
 def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(PretokenizeError, match="do not exist"):
         pretokenize(str(tmp_path / "nope-{000..001}.tar"), tmp_path / "o", ByteTokenizer(), PatchColourTokenizer())
+
+
+def test_make_vocab_size_divisible_by_pads_the_vocabulary_not_the_ids(corpus, tmp_path):
+    manifest, _ = corpus
+    text, image = ByteTokenizer(), PatchColourTokenizer(32, 4)  # 8 + 256 + 512 = 776 ids
+    pretokenize(manifest["train_pattern"], tmp_path / "d", text, image, progress=False)
+    pretokenize(manifest["train_pattern"], tmp_path / "p", text, image, progress=False,
+                options=PretokenizeOptions(make_vocab_size_divisible_by=128))
+    default, small = Vocabulary.load(tmp_path / "d"), Vocabulary.load(tmp_path / "p")
+    assert (default.padded_size, small.padded_size) == (1024, 896)
+    assert small.size == default.size and small.check_tensor_parallel(1) is None
+    with pytest.raises(ValueError, match="not divisible by 128 x TP = 256"):
+        small.check_tensor_parallel(2)  # 896 = 7 x 128 serves TP 1 only
+    # the ids are the same documents, only the embedding's padding rows differ
+    for f in ("data.bin", "data.idx"):
+        assert (tmp_path / "d" / f).read_bytes() == (tmp_path / "p" / f).read_bytes()
+    with pytest.raises(PretokenizeError, match="--make-vocab-size-divisible-by 100: expected a positive multiple of 128"):
+        PretokenizeOptions(make_vocab_size_divisible_by=100)

@@ -83,6 +83,12 @@ def test_fast_demo_finetunes_and_reports_the_table(demo_out):
     stats = load_stats(out / "finetune" / "data")
     assert stats["loss_on"] == "assistant" and stats["conversations"] == res["data"]["train_conversations"]
     assert 0 < stats["target_tokens"] < stats["tokens"] / 10
+    # the demo pads its vocabulary to a multiple of 128 (TP 1), and the QA data speaks the pretrained ids
+    from tessera.tokenizers.vocab import Vocabulary
+
+    base = Vocabulary.load(out / "pretokenize" / "train")
+    assert base.pad_to_multiple_of == 128 and base.padded_size - base.size < 128
+    assert Vocabulary.load(out / "finetune" / "data") == base
     # LoRA trained its adapters only, on the pretrained checkpoint it names
     meta = read_checkpoint_meta(resolve_checkpoint(out / "finetune" / "lora"))
     assert meta["lora"]["rank"] == res["settings"]["lora_rank"]

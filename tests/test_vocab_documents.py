@@ -72,3 +72,23 @@ def test_chameleon_sizing_rule() -> None:
     # docs/tokenizers.md: text vocab_size = 65536 - 8192 image codes - 8 specials fills 65536 exactly.
     v = Vocabulary(num_text_tokens=65536 - 8192 - 8)
     assert v.size == v.padded_size == 65536
+
+
+def test_vocabulary_for_pads_to_the_asked_multiple_and_keeps_an_imported_one(tok: TextTokenizer) -> None:
+    from types import SimpleNamespace
+
+    from tessera.data.tokenizers import vocabulary_for
+    from tessera.tokenizers.vocab import VocabularyError
+
+    image = SimpleNamespace(num_codes=512, tokens_per_image=64)
+    assert vocabulary_for(tok, image).pad_to_multiple_of == 1024
+    v = vocabulary_for(tok, image, 128)
+    assert v.padded_size % 128 == 0 and v.padded_size - v.size < 128
+    # an imported Chameleon's text tokenizer carries its vocabulary: its padding is the checkpoint's
+    own = SimpleNamespace(vocab=Vocabulary(num_text_tokens=100, num_image_codes=512, image_tokens_per_image=64),
+                          vocab_size=100)
+    assert vocabulary_for(own, image) is own.vocab and vocabulary_for(own, image, 1024) is own.vocab
+    with pytest.raises(VocabularyError, match="pads to a multiple of 1024"):
+        vocabulary_for(own, image, 128)
+    with pytest.raises(VocabularyError, match="pad_to_multiple_of must be positive"):
+        Vocabulary(num_text_tokens=10, pad_to_multiple_of=0)

@@ -43,7 +43,7 @@ def _pretokenize(args: argparse.Namespace) -> int:
         opts = PretokenizeOptions(
             max_doc_tokens=args.max_doc_tokens, max_images=args.max_images, max_text_chars=args.max_text_chars,
             batch_docs=args.batch_docs, image_batch=args.image_batch, device=args.device, reader=_reader_options(args),
-            loss_on=args.loss_on,
+            loss_on=args.loss_on, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         )
         st = pretokenize(args.input, args.out, args.text_tokenizer, args.image_tokenizer, args.workers, opts, args.overwrite)
     except (PretokenizeError, ConvertError, OSError, ValueError) as exc:
@@ -176,6 +176,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                    help="which tokens are training targets (written as OUT/loss_mask): assistant turns' content and "
                         "end marker, all, image codes only, text only (default auto: assistant for conversations, "
                         "all for other documents; docs/finetuning.md)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None, metavar="N",
+                   help="pad the vocabulary to a multiple of N (megatron's rule: 128 x the tensor-parallel size "
+                        "must divide it; default 1024, valid for TP up to 8; 128 gives a TP-1 model a smaller "
+                        "output layer). An imported Chameleon's tokenizer keeps its own padding")
     p.add_argument("--overwrite", action="store_true", help="replace a complete output directory")
     p.set_defaults(func=expected_errors(PROG)(_pretokenize))
 

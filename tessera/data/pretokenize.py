@@ -78,10 +78,16 @@ class PretokenizeOptions:
     reader: ReaderOptions = field(default_factory=ReaderOptions)  # --format, --caption-first, columns
     # --loss-on: auto (conversations: assistant, other documents: all), assistant, all, image, text
     loss_on: str = "auto"
+    # --make-vocab-size-divisible-by: the vocabulary's padded size is a multiple of this (None: 1024, which
+    # serves TP up to 8; 128 serves TP 1 with a smaller output layer). An imported Chameleon keeps its own.
+    make_vocab_size_divisible_by: int | None = None
 
     def __post_init__(self) -> None:
         if self.loss_on != "auto" and self.loss_on not in LOSS_ON:
             raise PretokenizeError(f"--loss-on {self.loss_on!r}: expected auto or one of {', '.join(LOSS_ON)}")
+        m = self.make_vocab_size_divisible_by
+        if m is not None and (m <= 0 or m % 128):
+            raise PretokenizeError(f"--make-vocab-size-divisible-by {m}: expected a positive multiple of 128")
 
 
 def token_dtype(vocab: Vocabulary) -> type[np.number]:
@@ -287,7 +293,7 @@ def pretokenize(
     image_tok = (
         load_image_tokenizer(image_tokenizer, options.device) if isinstance(image_tokenizer, str) else image_tokenizer
     )
-    vocab = vocabulary_for(text_tok, image_tok)
+    vocab = vocabulary_for(text_tok, image_tok, options.make_vocab_size_divisible_by)
 
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     parts_dir = partial / "parts"

@@ -51,12 +51,22 @@ def load_image_tokenizer(path: str, device: str | None = None) -> ImageTokenizer
     return ImageTokenizer.load(path, device=default_device(device))
 
 
-def vocabulary_for(text: TextTokenizerLike, image: ImageTokenizerLike) -> Vocabulary:
+def vocabulary_for(
+    text: TextTokenizerLike, image: ImageTokenizerLike, make_vocab_size_divisible_by: int | None = None
+) -> Vocabulary:
     """The unified vocabulary the pretokenized ids live in. A text tokenizer that carries its own
     (an imported Chameleon's: its specials, order and padding) fixes it, so the data speaks the
-    checkpoint's ids; its image sizes must then match the image tokenizer."""
+    checkpoint's ids; its image sizes must then match the image tokenizer.
+
+    ``make_vocab_size_divisible_by`` (megatron's name): the padded size's multiple, default
+    ``Vocabulary.pad_to_multiple_of`` (valid for TP up to 8); a small model may pad to 128 (TP 1)."""
     own = getattr(text, "vocab", None)
     if isinstance(own, Vocabulary):
+        if make_vocab_size_divisible_by not in (None, own.pad_to_multiple_of):
+            raise VocabularyError(
+                f"make_vocab_size_divisible_by {make_vocab_size_divisible_by}: the text tokenizer's own vocabulary "
+                f"pads to a multiple of {own.pad_to_multiple_of}, which the checkpoint's embedding fixes"
+            )
         got = (int(image.num_codes), int(image.tokens_per_image))
         if (own.num_image_codes, own.image_tokens_per_image) != got:
             raise VocabularyError(
@@ -64,8 +74,10 @@ def vocabulary_for(text: TextTokenizerLike, image: ImageTokenizerLike) -> Vocabu
                 f"per image, the image tokenizer {got[0]} x {got[1]}: not the same checkpoint's tokenizers"
             )
         return own
+    pad = {} if make_vocab_size_divisible_by is None else {"pad_to_multiple_of": int(make_vocab_size_divisible_by)}
     return Vocabulary(
         num_text_tokens=int(text.vocab_size),
         num_image_codes=int(image.num_codes),
         image_tokens_per_image=int(image.tokens_per_image),
+        **pad,
     )

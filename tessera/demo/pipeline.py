@@ -126,12 +126,13 @@ def stage_image_tokenizer(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
 
 
 def stage_pretokenize(cfg: DemoConfig, paths: Paths, d: Path) -> dict:
-    from tessera.data.pretokenize import pretokenize
+    from tessera.data.pretokenize import PretokenizeOptions, pretokenize
 
     out = {}
+    options = PretokenizeOptions(make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
     for split, target in (("train", paths.pretok_train), ("heldout", paths.pretok_heldout)):
         stats = pretokenize(paths.shards(split), target, str(paths.text_model), str(paths.image_tokenizer),
-                            workers=cfg.pretokenize_workers, overwrite=True)
+                            workers=cfg.pretokenize_workers, options=options, overwrite=True)
         out[split] = {k: stats.get(k) for k in ("documents", "text_tokens", "image_tokens", "special_tokens", "skipped")}
     return out
 

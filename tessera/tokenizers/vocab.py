@@ -76,6 +76,8 @@ class Vocabulary:
     def __post_init__(self) -> None:
         if self.num_text_tokens <= 0 or self.num_image_codes <= 0 or self.image_tokens_per_image <= 0:
             raise VocabularyError(f"vocabulary sizes must be positive: {self}")
+        if self.pad_to_multiple_of <= 0:
+            raise VocabularyError(f"pad_to_multiple_of must be positive, got {self.pad_to_multiple_of}")
         for name in ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>"):
             if name not in self.special_tokens:
                 raise VocabularyError(f"special token {name} missing from {self.special_tokens}")
