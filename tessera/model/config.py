@@ -119,12 +119,12 @@ PRESETS: dict[str, ModelConfig] = {
         num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,
         vocab_size=256, seq_length=64,
     ),
-    # The CPU demo's model (`tessera demo`; its training time: docs/benchmarks.md, "The demo"): 3.81M params
-    # with the demo's 1,152-entry vocabulary (1,032 ids padded to a multiple of 128; 32 px images = 64
-    # codes); the demo trains it in bf16.
+    # The CPU demo's model (`tessera demo`; its training time: docs/benchmarks.md, "The demo"): 4.27M params
+    # at this 2048-entry vocabulary (valid for TP up to 8), which mock-data and benchmark runs use. A run on
+    # data takes the data's padded size: the demo pads its 1,032 ids to 1,152 (3.81M params) and trains in bf16.
     "demo": ModelConfig(
         num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4, num_query_groups=None,
-        vocab_size=1152, seq_length=512, params_dtype="bfloat16",
+        vocab_size=2048, seq_length=512, params_dtype="bfloat16",
     ),
     # Chameleon paper / transformers ChameleonConfig: 7B uses QK-norm, dropout 0.1 and z-loss, no norm reordering.
     "chameleon-7b": ModelConfig(
