@@ -82,8 +82,9 @@ FULL = DemoConfig(
     # the `demo` VQ preset (patch encoder: codes the language model can predict), foreground-weighted loss
     # (keeps the palette colours), no GAN; the shapes' ceiling is bought with steps
     vq_overrides={"train.steps": "3200", "train.ckpt_every": "400"},
-    # the `demo` model preset (4 x 256; 3.81M params at the 1,152-entry vocabulary) in bf16 where the CPU has native bf16 (the cost per
-    # step of each precision: docs/benchmarks.md, "The demo"): 16 x 256 tokens per step, 1200 steps ~ 4.9M tokens.
+    # the `demo` model preset (4 x 256; 3.81M params at the 1,152-entry vocabulary) in bf16 where the CPU has
+    # native bf16 (the cost per step of each precision: docs/benchmarks.md, "The demo"): 16 x 256 tokens per
+    # step, 1200 steps ~ 4.9M tokens.
     # lr 7e-4: of 4e-3 / 2e-3 / 1e-3 / 5e-4, text -> image rose at every step down (image -> text peaked at 1e-3);
     # 7e-4 between the best two gave seed 0 more of both than 5e-4 (docs/benchmarks.md, "The demo")
     train_overrides={"train.steps": "1200", "data.seq_length": "256", "parallel.micro_batch_size": "8",

@@ -65,8 +65,8 @@ class FinetuneSettings:
     eval_images: int = 100  # ~270 questions: standard errors of about 3 points
     steps: int = 110  # per fine-tune (full and LoRA); rows of the model's sequence length
     global_batch_size: int = 8
-    # two micro-batches of 4 rows: the same update, ~15% less time per step than one of 8 at 512 tokens a
-    # row (docs/benchmarks.md, "The demo: fine-tuning")
+    # two micro-batches of 4 rows: the same update as one of 8, in less time per step at 512 tokens a row
+    # (docs/benchmarks.md, "The demo: fine-tuning")
     micro_batch_size: int = 4
     # a fine-tune starts from a model that never saw the chat markers (answer CE ~14 at step 1); at 2e-3
     # it overwrote what the base reads from images: colour stayed near chance, where 3e-4 learns it
