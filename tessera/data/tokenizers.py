@@ -74,10 +74,10 @@ def vocabulary_for(
                 f"per image, the image tokenizer {got[0]} x {got[1]}: not the same checkpoint's tokenizers"
             )
         return own
-    pad = {} if make_vocab_size_divisible_by is None else {"pad_to_multiple_of": int(make_vocab_size_divisible_by)}
+    m = make_vocab_size_divisible_by
     return Vocabulary(
         num_text_tokens=int(text.vocab_size),
         num_image_codes=int(image.num_codes),
         image_tokens_per_image=int(image.tokens_per_image),
-        **pad,
+        pad_to_multiple_of=Vocabulary.pad_to_multiple_of if m is None else int(m),
     )
